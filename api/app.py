@@ -1,0 +1,18 @@
+"""The FastAPI application."""
+from __future__ import annotations
+
+from fastapi import FastAPI
+
+from api import errors
+from api.routers import datasets, health, jobs, models
+from store.settings import Settings, get_settings
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the app; settings are injected (tests pass their own)."""
+    app = FastAPI(title="netcompress", version="1.0", description="Neural network compression as a job queue.")
+    app.state.settings = settings or get_settings()
+    errors.install(app)
+    for r in (health.router, models.router, datasets.router, jobs.router):
+        app.include_router(r)
+    return app

@@ -1,0 +1,83 @@
+"""Dependencies: settings, a DB session per request, the caller's team, fetch-or-404 lookups."""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import Depends, Request
+from sqlalchemy.orm import Session
+
+from api.errors import Problem, not_found
+from store.artifacts import LocalArtifactStore, get_artifact_store
+from store.auth import authenticate
+from store.db import session_factory
+from store.models import DatasetRecord, Job, ModelRecord, Team
+from store.settings import Settings, get_settings
+
+
+def settings_dep(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+SettingsDep = Annotated[Settings, Depends(settings_dep)]
+
+
+def session_dep(settings: SettingsDep) -> Iterator[Session]:
+    session = session_factory(settings)()
+    try:
+        yield session
+    finally:
+        session.close()
+
+
+SessionDep = Annotated[Session, Depends(session_dep)]
+
+
+def store_dep(settings: SettingsDep) -> LocalArtifactStore:
+    return get_artifact_store(settings)
+
+
+StoreDep = Annotated[LocalArtifactStore, Depends(store_dep)]
+
+
+def team_dep(request: Request, session: SessionDep) -> Team:
+    """The caller's team from ``Authorization: Bearer <key>``; 401 otherwise."""
+    header = request.headers.get("authorization", "")
+    scheme, _, key = header.partition(" ")
+    if scheme.lower() != "bearer" or not key.strip():
+        raise Problem(401, "unauthorized", "missing API key", "send Authorization: Bearer <key>",
+                      headers={"WWW-Authenticate": "Bearer"})
+    team = authenticate(session, key.strip())
+    if team is None:
+        raise Problem(401, "unauthorized", "invalid API key", "the key is unknown or revoked",
+                      headers={"WWW-Authenticate": "Bearer"})
+    return team
+
+
+TeamDep = Annotated[Team, Depends(team_dep)]
+
+
+def owned_model(model_id: str, team: TeamDep, session: SessionDep) -> ModelRecord:
+    m = session.get(ModelRecord, model_id)
+    if m is None or m.team_id != team.id:
+        raise not_found("model")  # another team's model is a 404, never a 403
+    return m
+
+
+def owned_dataset(dataset_id: str, team: TeamDep, session: SessionDep) -> DatasetRecord:
+    d = session.get(DatasetRecord, dataset_id)
+    if d is None or d.team_id != team.id:
+        raise not_found("dataset")
+    return d
+
+
+def owned_job(job_id: str, team: TeamDep, session: SessionDep) -> Job:
+    j = session.get(Job, job_id)
+    if j is None or j.team_id != team.id:
+        raise not_found("job")
+    return j
+
+
+ModelDep = Annotated[ModelRecord, Depends(owned_model)]
+DatasetDep = Annotated[DatasetRecord, Depends(owned_dataset)]
+JobDep = Annotated[Job, Depends(owned_job)]

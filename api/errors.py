@@ -1,0 +1,105 @@
+"""Domain errors -> RFC 9457 problem+json, in one place."""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DBAPIError, OperationalError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from compression.errors import (
+    CompressionError, InvalidDataset, InvalidModel, InvalidSpec, UnsupportedModelFormat,
+)
+from store.artifacts import UploadTooLarge
+
+log = logging.getLogger(__name__)
+PROBLEM = "application/problem+json"
+
+
+class Problem(Exception):
+    """An HTTP problem raised from a route or dependency."""
+
+    def __init__(self, status: int, code: str, title: str, detail: str = "", errors: list[dict] | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(detail or title)
+        self.status, self.code, self.title, self.detail = status, code, title, detail
+        self.errors = errors or []
+        self.headers = headers
+
+
+def not_found(kind: str) -> Problem:
+    return Problem(404, "not_found", f"{kind} not found", f"no {kind} with this id in your team")
+
+
+def problem_response(p: Problem) -> JSONResponse:
+    body: dict[str, Any] = {"type": f"/problems/{p.code}", "title": p.title, "status": p.status,
+                            "detail": p.detail, "code": p.code}
+    if p.errors:
+        body["errors"] = p.errors
+    return JSONResponse(body, status_code=p.status, media_type=PROBLEM, headers=p.headers)
+
+
+def _path(loc: list[Any]) -> str:
+    """JSON path like ``$.spec.steps[0].sparsity``."""
+    out = "$"
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else f".{part}"
+    return out
+
+
+def validation_errors(loc_prefix: list[Any], errors: list[dict]) -> list[dict]:
+    return [{"path": _path(loc_prefix + list(e.get("loc", []))), "loc": loc_prefix + list(e.get("loc", [])),
+             "message": e.get("msg", "")} for e in errors]
+
+
+def from_compression_error(e: CompressionError) -> Problem:
+    if isinstance(e, UnsupportedModelFormat):
+        return Problem(415, e.code, "unsupported model format", str(e))
+    if isinstance(e, InvalidModel):
+        return Problem(422, e.code, "invalid model", str(e))
+    if isinstance(e, InvalidDataset):
+        return Problem(422, e.code, "invalid dataset", str(e))
+    if isinstance(e, InvalidSpec):
+        return Problem(422, e.code, "invalid spec", str(e), validation_errors(["spec"], e.errors))
+    return Problem(422, e.code, "cannot process", str(e))
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(Problem)
+    async def _problem(_: Request, e: Problem) -> JSONResponse:
+        return problem_response(e)
+
+    @app.exception_handler(CompressionError)
+    async def _compression(_: Request, e: CompressionError) -> JSONResponse:
+        return problem_response(from_compression_error(e))
+
+    @app.exception_handler(UploadTooLarge)
+    async def _too_large(_: Request, e: UploadTooLarge) -> JSONResponse:
+        return problem_response(Problem(413, "too_large", "upload too large", str(e)))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, e: RequestValidationError) -> JSONResponse:
+        errs = [{"loc": [p for p in x["loc"] if p != "body"], "msg": x["msg"]} for x in e.errors()]
+        return problem_response(Problem(422, "validation_error", "invalid request", "the request did not validate",
+                                        validation_errors([], errs)))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, e: StarletteHTTPException) -> JSONResponse:
+        code = {401: "unauthorized", 404: "not_found", 405: "method_not_allowed"}.get(e.status_code, "http_error")
+        return problem_response(Problem(e.status_code, code, str(e.detail), str(e.detail),
+                                        headers=getattr(e, "headers", None)))
+
+    @app.exception_handler(OperationalError)
+    @app.exception_handler(DBAPIError)
+    async def _db_down(_: Request, e: Exception) -> JSONResponse:
+        log.warning("database unavailable: %s", e)
+        return problem_response(Problem(503, "unavailable", "database unavailable", "try again shortly",
+                                        headers={"Retry-After": "2"}))
+
+    @app.exception_handler(Exception)
+    async def _internal(_: Request, e: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        return problem_response(Problem(500, "internal_error", "internal error", type(e).__name__))

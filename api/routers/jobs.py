@@ -1,0 +1,76 @@
+"""/v1/jobs: create (validated, idempotent), list, detail, cancel, artifact download."""
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Query, Response
+from fastapi.responses import JSONResponse, StreamingResponse
+from sqlalchemy import select
+
+from api.deps import JobDep, SessionDep, SettingsDep, StoreDep, TeamDep
+from api.errors import Problem, not_found
+from api.pagination import paginate
+from api.schemas import JobCreate, JobList, JobPublic
+from api.services import create_job, enqueue
+from store.jobs import request_cancel
+from store.models import Artifact, Job, JobStatus
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+
+def _public(job: Job) -> dict:
+    return JobPublic.model_validate(job).model_dump(mode="json")
+
+
+@router.post("", status_code=202, response_model=JobPublic)
+def submit_job(body: JobCreate, team: TeamDep, session: SessionDep, settings: SettingsDep,
+               idempotency_key: Annotated[str | None, Header(max_length=200)] = None) -> JSONResponse:
+    """Validate and queue a job; 202 with ``Location``. The row is committed before the task is sent."""
+    job, created = create_job(session=session, team=team, body=body, idempotency_key=idempotency_key)
+    session.commit()
+    if created:
+        enqueue(session=session, job_id=job.id, settings=settings)
+    session.refresh(job)
+    return JSONResponse(_public(job), status_code=202, headers={"Location": f"/v1/jobs/{job.id}"})
+
+
+@router.get("", response_model=JobList)
+def list_jobs(team: TeamDep, session: SessionDep, limit: Annotated[int, Query(ge=1, le=100)] = 20,
+              cursor: str | None = None, status: JobStatus | None = None, model_id: str | None = None) -> dict:
+    """List the team's jobs, newest first; filter by status or model."""
+    stmt = select(Job).where(Job.team_id == team.id)
+    if status is not None:
+        stmt = stmt.where(Job.status == status.value)
+    if model_id is not None:
+        stmt = stmt.where(Job.model_id == model_id)
+    items, nxt = paginate(session, stmt, Job, limit, cursor)
+    return {"items": [_public(j) for j in items], "next_cursor": nxt}
+
+
+@router.get("/{job_id}", response_model=JobPublic)
+def get_job(job: JobDep) -> dict:
+    """Status, progress, attempts, error, metrics and artifacts."""
+    return _public(job)
+
+
+@router.post("/{job_id}/cancel", response_model=JobPublic, status_code=202)
+def cancel_job(job: JobDep, session: SessionDep) -> dict:
+    """Cancel: a queued job at once; a running one stops at its next step or epoch."""
+    if job.status not in (JobStatus.queued.value, JobStatus.running.value):
+        raise Problem(409, "conflict", "job already finished", f"the job is {job.status}")
+    request_cancel(session, job)
+    session.commit()
+    session.refresh(job)
+    return _public(job)
+
+
+@router.get("/{job_id}/artifacts/{name}")
+def download_artifact(job: JobDep, name: str, session: SessionDep, store: StoreDep) -> StreamingResponse:
+    """Download an artifact (``model.onnx``, ``report.json``, per-step models)."""
+    art = session.execute(select(Artifact).where(Artifact.job_id == job.id, Artifact.name == name)).scalar_one_or_none()
+    if art is None:
+        raise not_found("artifact")
+    media = "application/json" if name.endswith(".json") else "application/octet-stream"
+    return StreamingResponse(store.iter_bytes(art.storage_key), media_type=media,
+                             headers={"Content-Disposition": f'attachment; filename="{art.name}"',
+                                      "Content-Length": str(art.size_bytes), "ETag": f'"{art.sha256}"'})

@@ -1,0 +1,138 @@
+"""Service functions behind the routes: plain, keyword-only; they flush, the route commits."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from api.errors import Problem, validation_errors
+from api.schemas import JobCreate
+from api.uploads import Upload
+from compression.data import check_against_model, inspect_npz
+from compression.errors import InvalidDataset, InvalidSpec
+from compression.modelio import describe, read_upload, save
+from compression.spec import parse_spec
+from store.artifacts import LocalArtifactStore
+from store.jobs import mark_enqueued
+from store.models import DatasetRecord, Job, JobStatus, ModelRecord, Team, new_id
+from store.queue import send_job
+from store.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def ingest_model(*, upload: Upload, settings: Settings, store: LocalArtifactStore) -> dict[str, Any]:
+    """Validate an uploaded model and put its ONNX into the store; returns the row's fields.
+
+    Runs in a worker thread (ONNX parsing and an ORT load are CPU work).
+    """
+    loaded = read_upload(upload.path, upload.filename, upload.folder, max_unpacked_bytes=settings.max_upload_bytes * 4)
+    info = describe(loaded.model)
+    if info["params"] > settings.max_model_params:
+        raise Problem(413, "too_large", "model too large", f"{info['params']} params; limit {settings.max_model_params}")
+    model_id = new_id()
+    key = f"models/{model_id}/model.onnx"
+    if loaded.format == "onnx":
+        store.put_file(key, upload.path)  # keep the user's bytes exactly
+    else:
+        files = save(loaded.model, upload.folder / "model.onnx")
+        if len(files) > 1:
+            raise Problem(413, "too_large", "model too large", "models over 2 GB are not supported yet")
+        store.put_file(key, files[0])
+    return {"id": model_id, "format": loaded.format, "storage_key": key, "params": info["params"],
+            "inputs": info["inputs"], "outputs": info["outputs"]}
+
+
+def ingest_dataset(*, upload: Upload, settings: Settings, store: LocalArtifactStore) -> dict[str, Any]:
+    """Check an ``.npz`` (headers first, then every array loads without pickle) and store it."""
+    arrays = inspect_npz(upload.path, max_uncompressed_bytes=settings.max_npz_uncompressed_bytes)
+    try:
+        with np.load(upload.path, allow_pickle=False) as z:
+            for name in z.files:
+                z[name]  # noqa: B018 - loads one array at a time to prove the data is intact
+    except Exception as e:
+        raise InvalidDataset(f"the .npz data is unreadable: {type(e).__name__}: {e}") from None
+    ds_id = new_id()
+    key = f"datasets/{ds_id}/data.npz"
+    store.put_file(key, upload.path)
+    samples = next(iter(arrays.values()))["shape"][0]
+    return {"id": ds_id, "storage_key": key, "arrays": arrays, "samples": samples}
+
+
+def validate_job(*, session: Session, team: Team, body: JobCreate) -> tuple[ModelRecord, DatasetRecord | None, dict]:
+    """Everything that can be checked before queueing: ownership, spec, dataset vs model inputs."""
+    model = session.get(ModelRecord, body.model_id)
+    if model is None or model.team_id != team.id:
+        raise Problem(404, "not_found", "model not found", "no model with this id in your team",
+                      [{"path": "$.model_id", "loc": ["model_id"], "message": "not found"}])
+    dataset = None
+    if body.dataset_id:
+        dataset = session.get(DatasetRecord, body.dataset_id)
+        if dataset is None or dataset.team_id != team.id:
+            raise Problem(404, "not_found", "dataset not found", "no dataset with this id in your team",
+                          [{"path": "$.dataset_id", "loc": ["dataset_id"], "message": "not found"}])
+    try:
+        spec = parse_spec(body.spec)
+    except InvalidSpec as e:
+        raise Problem(422, "invalid_spec", "invalid spec", str(e), validation_errors(["spec"], e.errors)) from None
+    if dataset is not None:
+        problems = check_against_model(dataset.arrays, model.inputs)
+        if problems:
+            raise Problem(422, "dataset_mismatch", "dataset does not fit the model", "; ".join(problems),
+                          [{"path": "$.dataset_id", "loc": ["dataset_id"], "message": p} for p in problems])
+    errors = []
+    for i, step in enumerate(spec.steps):
+        if getattr(step, "needs_data", False) and dataset is None:
+            errors.append({"loc": ["steps", i], "msg": f"{step.method} with these settings needs a dataset"})
+    if errors:
+        raise Problem(422, "invalid_spec", "invalid spec", "a step needs a dataset", validation_errors(["spec"], errors))
+    return model, dataset, spec.to_json()
+
+
+def create_job(*, session: Session, team: Team, body: JobCreate, idempotency_key: str | None) -> tuple[Job, bool]:
+    """Insert a queued job (or return the one made with the same Idempotency-Key). Returns (job, created)."""
+    if idempotency_key:
+        existing = session.execute(
+            select(Job).where(Job.team_id == team.id, Job.idempotency_key == idempotency_key)
+        ).scalar_one_or_none()
+        if existing is not None:
+            return existing, False
+    model, dataset, spec = validate_job(session=session, team=team, body=body)
+    job = Job(team_id=team.id, model_id=model.id, dataset_id=dataset.id if dataset else None, name=body.name,
+              spec=spec, status=JobStatus.queued.value, progress={"phase": "queued", "fraction": 0.0},
+              idempotency_key=idempotency_key)
+    session.add(job)
+    try:
+        session.flush()
+    except IntegrityError:  # a concurrent request with the same Idempotency-Key won
+        session.rollback()
+        existing = session.execute(
+            select(Job).where(Job.team_id == team.id, Job.idempotency_key == idempotency_key)
+        ).scalar_one()
+        return existing, False
+    return job, True
+
+
+def enqueue(*, session: Session, job_id: str, settings: Settings) -> bool:
+    """Send the committed job to the broker; on broker trouble the sweeper sends it later."""
+    try:
+        send_job(job_id, settings)
+    except Exception as e:
+        log.warning("broker unavailable, job %s stays queued for the sweeper: %s", job_id, e)
+        return False
+    mark_enqueued(session, job_id)
+    session.commit()
+    return True
+
+
+def remove_files(store: LocalArtifactStore, keys: list[str]) -> None:
+    for k in keys:
+        store.delete(k)
+        parent = str(Path(k).parent)
+        if parent not in ("", "."):
+            store.delete_prefix(parent)

@@ -1,0 +1,156 @@
+"""Measured metrics of an ONNX model (DESIGN §5): sizes, params, MACs, ORT latency, accuracy/fidelity.
+
+Nothing here is estimated from the spec: the file is written, re-loaded in ONNX Runtime and run.
+"""
+from __future__ import annotations
+
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from compression.analysis import count_params, macs
+
+THROUGHPUT_BATCH = 32
+
+
+@dataclass
+class EvalData:
+    """Held-out inputs (first axis = samples), optional labels, and the original model's outputs on them."""
+
+    inputs: dict[str, np.ndarray]
+    labels: np.ndarray | None
+    reference: list[np.ndarray] | None = None
+
+
+def session(model: onnx.ModelProto | Path | bytes, threads: int = 0) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    src = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model) if isinstance(model, Path) else model
+    return ort.InferenceSession(src, sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+def run_batched(sess: ort.InferenceSession, inputs: dict[str, np.ndarray], batch: int = 256) -> list[np.ndarray]:
+    """All outputs over all samples, in batches (a fixed batch dim of 1 is honoured)."""
+    n = len(next(iter(inputs.values())))
+    fixed = sess.get_inputs()[0].shape[0]
+    if isinstance(fixed, int) and fixed > 0:
+        batch = fixed
+    outs: list[list[np.ndarray]] = []
+    for s in range(0, n, batch):
+        res = sess.run(None, {k: v[s:s + batch] for k, v in inputs.items()})
+        outs.append(res)
+    return [np.concatenate([o[i] for o in outs]) for i in range(len(outs[0]))]
+
+
+def _percentiles(samples_ms: list[float]) -> dict[str, float]:
+    a = np.asarray(samples_ms)
+    return {"p50": round(float(np.percentile(a, 50)), 4), "p90": round(float(np.percentile(a, 90)), 4)}
+
+
+def latency(sess: ort.InferenceSession, sample: dict[str, np.ndarray], runs: int, warmup: int = 5) -> dict[str, float]:
+    for _ in range(warmup):
+        sess.run(None, sample)
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        sess.run(None, sample)
+        times.append((time.perf_counter() - t) * 1000)
+    return _percentiles(times)
+
+
+def throughput(sess: ort.InferenceSession, inputs: dict[str, np.ndarray], runs: int = 5) -> float | None:
+    """Samples per second at batch 32 (None when the model's batch dim is fixed)."""
+    fixed = sess.get_inputs()[0].shape[0]
+    if isinstance(fixed, int) and fixed not in (0, THROUGHPUT_BATCH):
+        return None
+    n = len(next(iter(inputs.values())))
+    idx = np.arange(THROUGHPUT_BATCH) % n
+    batch = {k: v[idx] for k, v in inputs.items()}
+    sess.run(None, batch)
+    t = time.perf_counter()
+    for _ in range(runs):
+        sess.run(None, batch)
+    return round(THROUGHPUT_BATCH * runs / (time.perf_counter() - t), 2)
+
+
+def fidelity(outputs: list[np.ndarray], reference: list[np.ndarray], labels: np.ndarray | None) -> dict[str, Any]:
+    """Accuracy (labels), top-1 agreement, mean per-sample cosine and max abs error on the first output."""
+    out, ref = outputs[0].astype(np.float64), reference[0].astype(np.float64)
+    res: dict[str, Any] = {}
+    if out.shape != ref.shape:
+        return {"output_shape_mismatch": [list(out.shape), list(ref.shape)]}
+    a, b = out.reshape(len(out), -1), ref.reshape(len(ref), -1)
+    denom = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    cos = np.where(denom > 0, (a * b).sum(1) / np.maximum(denom, 1e-30), 1.0)
+    res["output_cosine"] = round(float(cos.mean()), 6)
+    res["max_abs_error"] = float(np.abs(out - ref).max())
+    if out.ndim == 2 and out.shape[1] > 1:
+        res["agreement"] = round(float((out.argmax(1) == ref.argmax(1)).mean()), 6)
+    return res
+
+
+def accuracy(outputs: list[np.ndarray], labels: np.ndarray | None) -> float | None:
+    out = outputs[0]
+    if labels is None or out.ndim != 2 or len(out) != len(labels):
+        return None
+    return round(float((out.argmax(1) == labels).mean()), 6)
+
+
+def measure(model: onnx.ModelProto, files: list[Path], data: EvalData, *, latency_runs: int = 50,
+            threads: int = 0) -> dict[str, Any]:
+    """Measure a written model.
+
+    Args:
+        model: the model (for static counts).
+        files: what was written for it (the .onnx, plus its .data file if any): sizes come from disk.
+        data: held-out inputs/labels and the original's outputs on them.
+
+    Returns:
+        ``file_bytes, zip_bytes, params, nonzero_params, macs, latency_ms{p50,p90}, throughput``
+        and, with data, ``accuracy, agreement, output_cosine, max_abs_error``.
+    """
+    blob = b"".join(Path(f).read_bytes() for f in files)
+    params, nonzero = count_params(model)
+    sess = session(files[0], threads)
+    sample = {k: v[:1] for k, v in data.inputs.items()}
+    res: dict[str, Any] = {
+        "file_bytes": sum(Path(f).stat().st_size for f in files),
+        "zip_bytes": len(zlib.compress(blob, 9)),
+        "params": params,
+        "nonzero_params": nonzero,
+        "macs": macs(model, sample),
+        "latency_ms": latency(sess, sample, latency_runs),
+        "throughput": throughput(sess, data.inputs),
+    }
+    outputs = run_batched(sess, data.inputs)
+    res["accuracy"] = accuracy(outputs, data.labels)
+    if data.reference is not None:
+        res.update(fidelity(outputs, data.reference, data.labels))
+    return res
+
+
+_RATIO_KEYS = ("file_bytes", "zip_bytes", "params", "nonzero_params", "macs")
+
+
+def ratios(metrics: dict[str, Any], original: dict[str, Any]) -> dict[str, Any]:
+    """How many times smaller/faster than the original (>1 is better), and the accuracy change."""
+    r: dict[str, Any] = {}
+    for k in _RATIO_KEYS:
+        if metrics.get(k) and original.get(k):
+            r[k] = round(original[k] / metrics[k], 4)
+    lat, olat = metrics.get("latency_ms"), original.get("latency_ms")
+    if lat and olat and lat.get("p50"):
+        r["latency_p50_speedup"] = round(olat["p50"] / lat["p50"], 4)
+    if metrics.get("throughput") and original.get("throughput"):
+        r["throughput"] = round(metrics["throughput"] / original["throughput"], 4)
+    if metrics.get("accuracy") is not None and original.get("accuracy") is not None:
+        r["accuracy_delta"] = round(metrics["accuracy"] - original["accuracy"], 6)
+    return r

@@ -1,0 +1,265 @@
+"""Reading uploads into ONNX (plain, zipped with external data, or a ``torch.export`` program) and saving.
+
+Everything a user sends is hostile until checked: zip members may not leave the extraction folder,
+external-data paths may not leave the upload, pickles are refused, and the result must load in
+ONNX Runtime before it is accepted.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import external_data_helper, helper, numpy_helper
+
+from compression.errors import InvalidModel, UnsupportedModelFormat
+
+# ONNX protobuf cannot exceed 2 GiB in one file; above this we keep weights as external data.
+PROTOBUF_LIMIT = 1_900_000_000
+
+
+@dataclass
+class LoadedModel:
+    model: onnx.ModelProto
+    format: str  # "onnx" | "onnx_zip" | "pt2"
+
+
+def _is_zip(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == b"PK\x03\x04"
+
+
+def _is_pickle(path: Path) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(2)
+    return len(head) == 2 and head[0] == 0x80 and head[1] <= 5
+
+
+def read_upload(path: Path, filename: str, workdir: Path, *, max_unpacked_bytes: int) -> LoadedModel:
+    """Turn an uploaded file into a validated in-memory ONNX model.
+
+    Args:
+        path: the uploaded bytes on disk.
+        filename: the client's file name (only its suffix is used as a hint).
+        workdir: an empty private folder for unpacking.
+        max_unpacked_bytes: cap on what a zip may unpack to (zip bombs).
+
+    Returns:
+        LoadedModel with every external tensor loaded into memory.
+
+    Raises:
+        UnsupportedModelFormat: pickled checkpoints (``torch.save``), never unpickled.
+        InvalidModel: anything else we cannot read safely.
+    """
+    suffix = PurePosixPath(filename or "").suffix.lower()
+    if _is_pickle(path):
+        raise UnsupportedModelFormat("pickled files are refused; upload ONNX or a torch.export .pt2 program")
+    if _is_zip(path):
+        names = _zip_names(path)
+        if any(n.endswith("data.pkl") for n in names) and not any(n.endswith("archive_format") for n in names):
+            raise UnsupportedModelFormat(
+                "this is a pickled torch.save checkpoint, which is never unpickled; "
+                "upload ONNX or a torch.export .pt2 program (torch.export.save)"
+            )
+        if suffix == ".pt2" or any(n.endswith("archive_format") for n in names):
+            return LoadedModel(pt2_to_onnx(path, workdir), "pt2")
+        return LoadedModel(_load_onnx_zip(path, workdir, max_unpacked_bytes), "onnx_zip")
+    if suffix in (".pt", ".pth", ".ckpt", ".bin", ".pkl"):
+        raise UnsupportedModelFormat(f"{suffix} checkpoints are refused; upload ONNX or a torch.export .pt2")
+    model = _parse_onnx(path)
+    if any(external_data_helper.uses_external_data(t) for t in _all_tensors(model)):
+        raise InvalidModel("this ONNX refers to external data files: upload a .zip holding the .onnx and its data")
+    validate(model)
+    return LoadedModel(model, "onnx")
+
+
+def _parse_onnx(path: Path) -> onnx.ModelProto:
+    try:
+        model = onnx.load_model(str(path), load_external_data=False)
+    except Exception as e:  # protobuf raises DecodeError and friends
+        raise InvalidModel(f"not a readable ONNX model: {type(e).__name__}") from None
+    if len(model.graph.node) == 0 or not model.graph.output:
+        raise InvalidModel("not an ONNX model: empty graph")
+    return model
+
+
+def _zip_names(path: Path) -> list[str]:
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return zf.namelist()
+    except zipfile.BadZipFile as e:
+        raise InvalidModel(f"corrupt zip: {e}") from None
+
+
+def safe_extract(path: Path, dest: Path, *, max_unpacked_bytes: int) -> list[Path]:
+    """Extract a zip refusing traversal, absolute paths, links and bombs; returns extracted files."""
+    out: list[Path] = []
+    dest = dest.resolve()
+    total = 0
+    with zipfile.ZipFile(path) as zf:
+        for info in zf.infolist():
+            name = info.filename
+            p = PurePosixPath(name)
+            if p.is_absolute() or ".." in p.parts or "\\" in name or (p.parts and p.parts[0].endswith(":")):
+                raise InvalidModel(f"zip member {name!r} points outside the upload")
+            mode = info.external_attr >> 16
+            if stat.S_ISLNK(mode):
+                raise InvalidModel(f"zip member {name!r} is a link; links are refused")
+            if info.is_dir():
+                continue
+            total += info.file_size
+            if total > max_unpacked_bytes:
+                raise InvalidModel(f"zip unpacks to more than {max_unpacked_bytes} bytes")
+            target = dest.joinpath(*p.parts)
+            if not str(target.resolve()).startswith(str(dest) + os.sep):
+                raise InvalidModel(f"zip member {name!r} points outside the upload")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            written = 0
+            with zf.open(info) as src, open(target, "wb") as dst:
+                # Count real bytes: a lying header must not let a bomb through.
+                for chunk in iter(lambda: src.read(1 << 20), b""):
+                    written += len(chunk)
+                    if written > info.file_size or total - info.file_size + written > max_unpacked_bytes:
+                        raise InvalidModel("zip member is larger than declared")
+                    dst.write(chunk)
+            out.append(target)
+    return out
+
+
+def _load_onnx_zip(path: Path, workdir: Path, max_unpacked_bytes: int) -> onnx.ModelProto:
+    root = workdir / "unzipped"
+    root.mkdir(parents=True, exist_ok=True)
+    files = safe_extract(path, root, max_unpacked_bytes=max_unpacked_bytes)
+    onnx_files = [f for f in files if f.suffix == ".onnx"]
+    preferred = [f for f in onnx_files if f.name == "model.onnx"]
+    if len(preferred) == 1:
+        onnx_path = preferred[0]
+    elif len(onnx_files) == 1:
+        onnx_path = onnx_files[0]
+    else:
+        raise InvalidModel(f"the zip must hold one .onnx (or one named model.onnx), found {len(onnx_files)}")
+    model = _parse_onnx(onnx_path)
+    base = onnx_path.parent.resolve()
+    for t in _all_tensors(model):
+        if external_data_helper.uses_external_data(t):
+            info = external_data_helper.ExternalDataInfo(t)
+            loc = info.location
+            p = PurePosixPath(loc)
+            if not loc or p.is_absolute() or ".." in p.parts or "\\" in loc or ":" in loc:
+                raise InvalidModel(f"tensor {t.name!r}: external data path {loc!r} leaves the upload")
+            target = base.joinpath(*p.parts)
+            if target.is_symlink() or not target.is_file():
+                raise InvalidModel(f"tensor {t.name!r}: external data file {loc!r} is missing")
+            if not str(target.resolve()).startswith(str(base) + os.sep):
+                raise InvalidModel(f"tensor {t.name!r}: external data path {loc!r} leaves the upload")
+            if info.offset is not None and info.length is not None:
+                if info.offset < 0 or info.length < 0 or info.offset + info.length > target.stat().st_size:
+                    raise InvalidModel(f"tensor {t.name!r}: external data range is out of the file")
+    try:
+        external_data_helper.load_external_data_for_model(model, str(base))
+    except Exception as e:
+        raise InvalidModel(f"could not load external data: {e}") from None
+    validate(model)
+    shutil.rmtree(root, ignore_errors=True)
+    return model
+
+
+def pt2_to_onnx(path: Path, workdir: Path) -> onnx.ModelProto:
+    """Load a ``torch.export`` program (``torch.export.load`` only, no pickle) and export it to ONNX."""
+    import torch  # heavy: only the .pt2 road needs it
+
+    try:
+        ep = torch.export.load(str(path))
+    except Exception as e:
+        raise InvalidModel(f"not a loadable torch.export program: {type(e).__name__}: {e}") from None
+    if not ep.example_inputs:
+        raise InvalidModel("the .pt2 holds no example inputs; save it with torch.export.save from torch.export.export")
+    args, kwargs = ep.example_inputs
+    out = workdir / "from_pt2.onnx"
+    try:
+        torch.onnx.export(ep, args, str(out), kwargs=kwargs or None, dynamo=True, external_data=False)
+    except Exception as e:
+        raise InvalidModel(f"torch.onnx.export failed on this program: {type(e).__name__}: {e}") from None
+    model = onnx.load_model(str(out))
+    validate(model)
+    return model
+
+
+def _all_tensors(model: onnx.ModelProto):
+    yield from external_data_helper._get_all_tensors(model)
+
+
+def validate(model: onnx.ModelProto) -> None:
+    """onnx's checker, tensor sizes that agree with their declared shapes, and an ONNX Runtime load."""
+    for t in _all_tensors(model):
+        numel = int(np.prod([int(d) for d in t.dims], dtype=np.float64)) if t.dims else 1
+        if any(d < 0 for d in t.dims) or numel > 2**34:
+            raise InvalidModel(f"tensor {t.name!r} declares an impossible shape {list(t.dims)}")
+        if t.HasField("raw_data") and t.data_type not in (onnx.TensorProto.STRING,):
+            itemsize = helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+            bits = {onnx.TensorProto.INT4: 4, onnx.TensorProto.UINT4: 4}.get(t.data_type)
+            want = (numel * bits + 7) // 8 if bits else numel * itemsize
+            if len(t.raw_data) != want:
+                raise InvalidModel(f"tensor {t.name!r}: {len(t.raw_data)} bytes for shape {list(t.dims)}")
+    try:
+        if model.ByteSize() < PROTOBUF_LIMIT:
+            onnx.checker.check_model(model)
+    except Exception as e:
+        raise InvalidModel(f"ONNX checker: {e}") from None
+    import onnxruntime as ort
+
+    try:
+        ort.InferenceSession(serialize(model), providers=["CPUExecutionProvider"])
+    except Exception as e:
+        raise InvalidModel(f"ONNX Runtime cannot load it: {str(e)[:500]}") from None
+
+
+def serialize(model: onnx.ModelProto) -> bytes:
+    return model.SerializeToString()
+
+
+def save(model: onnx.ModelProto, path: Path) -> list[Path]:
+    """Write a model; beyond protobuf's 2 GiB its weights go to ``<name>.data`` beside it. Returns files."""
+    path = Path(path)
+    if model.ByteSize() < PROTOBUF_LIMIT:
+        onnx.save_model(model, str(path))
+        return [path]
+    data = path.with_name(path.name + ".data")
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=data.name, size_threshold=1024)
+    return [path, data]
+
+
+def _shape_of(vi: onnx.ValueInfoProto) -> list[Any]:
+    dims = []
+    for d in vi.type.tensor_type.shape.dim:
+        dims.append(d.dim_value if d.HasField("dim_value") else (d.dim_param or None))
+    return dims
+
+
+def describe(model: onnx.ModelProto) -> dict[str, Any]:
+    """Inputs and outputs (name, shape, dtype) and the parameter count, for the model's API record."""
+    from compression.analysis import count_params
+
+    inits = {i.name for i in model.graph.initializer}
+
+    def io(vi: onnx.ValueInfoProto) -> dict[str, Any]:
+        elem = vi.type.tensor_type.elem_type
+        dtype = str(helper.tensor_dtype_to_np_dtype(elem)) if elem else "unknown"
+        return {"name": vi.name, "shape": _shape_of(vi), "dtype": dtype}
+
+    return {
+        "inputs": [io(i) for i in model.graph.input if i.name not in inits],
+        "outputs": [io(o) for o in model.graph.output],
+        "params": count_params(model)[0],
+    }
+
+
+def array_of(t: onnx.TensorProto) -> np.ndarray:
+    return numpy_helper.to_array(t)

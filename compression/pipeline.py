@@ -1,0 +1,163 @@
+"""Run a spec: measure the original, apply each step in order, measure every step, write the outputs.
+
+Every model that comes out of a step is written to disk, re-loaded in ONNX Runtime and measured.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import platform
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from compression import modelio
+from compression.context import ProgressFn, StepContext
+from compression.data import DataSplit, synthetic_inputs
+from compression.metrics import EvalData, measure, ratios, run_batched, session
+from compression.registry import get_technique
+from compression.spec import ParsedSpec
+
+_VERSIONS = ("torch", "onnx", "onnxruntime", "onnxscript", "torch-pruning", "numpy", "netcompress")
+
+
+@dataclass
+class OutputFile:
+    name: str
+    path: Path
+    kind: str  # model | step_model | report
+
+
+@dataclass
+class PipelineResult:
+    metrics: dict[str, Any]
+    report: dict[str, Any]
+    files: list[OutputFile] = field(default_factory=list)
+
+
+def _versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for pkg in _VERSIONS:
+        try:
+            out[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def eval_data(original: onnx.ModelProto, data: DataSplit | None, *, threads: int, seed: int) -> EvalData:
+    """Held-out inputs (or synthetic ones when there is no dataset) and the original's outputs on them."""
+    if data is not None:
+        inputs, labels = data.holdout.inputs, data.holdout.labels
+    else:
+        inputs, labels = synthetic_inputs(modelio.describe(original)["inputs"], 64, seed=seed), None
+    reference = run_batched(session(original, threads), inputs)
+    return EvalData(inputs=inputs, labels=labels, reference=reference)
+
+
+def run_pipeline(
+    original: onnx.ModelProto,
+    spec: ParsedSpec,
+    data: DataSplit | None,
+    workdir: Path,
+    *,
+    progress: Callable[[dict[str, Any]], None] = lambda p: None,
+    input_sha256: dict[str, str] | None = None,
+    device: str = "cpu",
+    threads: int = 0,
+) -> PipelineResult:
+    """Apply ``spec`` to ``original`` and measure everything.
+
+    Args:
+        original: the uploaded model.
+        spec: validated spec.
+        data: train/holdout split, or None (synthetic inputs are used for latency/fidelity).
+        workdir: private scratch folder; output files are written here.
+        progress: receives ``{phase, step, steps, fraction, message}``; may raise ``Cancelled``.
+        input_sha256: sha256 of the uploaded model/dataset, for the reproducibility manifest.
+
+    Returns:
+        PipelineResult with ``metrics = {original, steps[], result}``, the report, and files to publish.
+    """
+    n = len(spec.steps)
+    seed = spec.eval.seed
+
+    def report_progress(phase: str, step: int, fraction: float, message: str) -> None:
+        overall = (step + max(0.0, min(1.0, fraction))) / (n + 1)
+        progress({"phase": phase, "step": step, "steps": n, "fraction": round(overall, 4), "message": message})
+
+    report_progress("evaluating", 0, 0.0, "measuring the original")
+    ev = eval_data(original, data, threads=threads, seed=seed)
+    files: list[OutputFile] = []
+    orig_path = workdir / "original.onnx"
+    orig_files = modelio.save(original, orig_path)
+    m_orig = measure(original, orig_files, ev, latency_runs=spec.eval.latency_runs, threads=threads)
+    metrics: dict[str, Any] = {"original": m_orig, "steps": []}
+    current = original
+    reports = []
+    for i, step in enumerate(spec.steps):
+        tech = get_technique(step.method)
+
+        def step_progress(phase: str, fraction: float, message: str, i: int = i) -> None:
+            report_progress(phase, i, fraction * 0.9, f"step {i + 1}/{n} ({step.method}): {message}")
+
+        step_progress(tech.phase, 0.0, "starting")
+        ctx = StepContext(workdir=workdir, data=data, original=original, progress=step_progress,
+                          seed=seed + i, device=device, threads=threads)
+        result = tech.apply(current, step, ctx)
+        current = result.model
+        step_progress("benchmarking", 1.0, "measuring")
+        name = f"step{i + 1}-{step.method}.onnx"
+        step_files = modelio.save(current, workdir / name)
+        m = measure(current, step_files, ev, latency_runs=spec.eval.latency_runs, threads=threads)
+        m["ratios"] = ratios(m, m_orig)
+        metrics["steps"].append({"method": step.method, **m})
+        reports.append({"method": step.method, "spec": step.model_dump(mode="json"), "report": result.report})
+        files.extend(OutputFile(f.name, f, "step_model") for f in step_files)
+        for extra_name, extra_model in result.extra_models.items():
+            for f in modelio.save(extra_model, workdir / extra_name):
+                files.append(OutputFile(f.name, f, "model"))
+    report_progress("exporting", n, 0.5, "writing artifacts")
+    final_files = modelio.save(current, workdir / "model.onnx")
+    result_metrics = dict(metrics["steps"][-1])
+    result_metrics.pop("method", None)
+    metrics["result"] = result_metrics
+    # The final model is the last step's model byte for byte; publish it once as model.onnx.
+    last = [f for f in files if f.name.startswith(f"step{n}-")]
+    files = [f for f in files if f not in last]
+    files.extend(OutputFile(f.name, f, "model") for f in final_files)
+    report = {
+        "metrics": metrics,
+        "steps": reports,
+        "manifest": {
+            "versions": _versions(),
+            "seed": seed,
+            "spec": spec.to_json(),
+            "spec_sha256": spec.sha256(),
+            "inputs_sha256": input_sha256 or {},
+            "eval": {"samples": int(len(next(iter(ev.inputs.values())))),
+                     "source": "holdout split" if data is not None else "synthetic inputs (no dataset)",
+                     **(data.meta if data is not None else {})},
+            "result_sha256": hashlib.sha256(b"".join(p.read_bytes() for p in final_files)).hexdigest(),
+        },
+    }
+    report_path = workdir / "report.json"
+    report_path.write_text(json.dumps(report, indent=2, default=_json_default))
+    files.append(OutputFile("report.json", report_path, "report"))
+    report_progress("exporting", n, 1.0, "done")
+    return PipelineResult(metrics=json.loads(json.dumps(metrics, default=_json_default)), report=report, files=files)
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    return str(o)

@@ -1,0 +1,104 @@
+"""The job spec: an ordered list of steps (each validated by its technique's pydantic model) and eval options."""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from compression.errors import InvalidSpec
+from compression.registry import get_technique, list_techniques
+
+
+class StrictModel(BaseModel):
+    """Base for spec models: unknown keys and NaN/inf numbers are refused."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class FinetuneSpec(StrictModel):
+    """Recovery training after a step: on labels (CE) and/or by distillation from the original."""
+
+    epochs: int = Field(2, ge=0, le=1000)
+    lr: float = Field(1e-3, gt=0, le=10)
+    batch_size: int = Field(64, ge=1, le=65536)
+    distill: bool = Field(False, description="add KD loss from the original model's outputs")
+    temperature: float = Field(4.0, gt=0, le=100)
+    alpha: float = Field(0.5, ge=0, le=1, description="weight of the label loss when distilling")
+
+
+class EvalSpec(StrictModel):
+    holdout: float = Field(0.2, gt=0, lt=1, description="fraction of the dataset held out for metrics")
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+    latency_runs: int = Field(50, ge=5, le=10000)
+    max_eval_samples: int = Field(2000, ge=1, le=1_000_000)
+
+
+class JobSpec(StrictModel):
+    steps: list[Any] = Field(min_length=1, max_length=32)
+    eval: EvalSpec = Field(default_factory=EvalSpec)
+
+
+class ParsedSpec(BaseModel):
+    steps: list[Any]
+    eval: EvalSpec
+
+    def to_json(self) -> dict[str, Any]:
+        return {"steps": [s.model_dump(mode="json") for s in self.steps], "eval": self.eval.model_dump(mode="json")}
+
+    def sha256(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_json(), sort_keys=True).encode()).hexdigest()
+
+
+def _loc(prefix: list[Any], loc: tuple) -> list[Any]:
+    return prefix + list(loc)
+
+
+def parse_spec(raw: Any) -> ParsedSpec:
+    """Validate a spec; raises InvalidSpec whose ``errors`` carry JSON paths like ``["steps", 0, "sparsity"]``.
+
+    Example:
+        >>> parse_spec({"steps": [{"method": "prune", "sparsity": 0.5}]}).steps[0].sparsity
+        0.5
+    """
+    if not isinstance(raw, dict):
+        raise InvalidSpec("spec must be an object", [{"loc": [], "msg": "spec must be an object"}])
+    _reject_nonfinite(raw, [])
+    try:
+        top = JobSpec.model_validate(raw)
+    except ValidationError as e:
+        raise InvalidSpec("invalid spec", [{"loc": list(x["loc"]), "msg": x["msg"]} for x in e.errors()]) from None
+    errors: list[dict] = []
+    steps = []
+    for i, step in enumerate(top.steps):
+        if not isinstance(step, dict):
+            errors.append({"loc": ["steps", i], "msg": "step must be an object"})
+            continue
+        method = step.get("method")
+        try:
+            tech = get_technique(str(method))
+        except KeyError:
+            errors.append({"loc": ["steps", i, "method"],
+                           "msg": f"unknown method {method!r}; known: {', '.join(list_techniques())}"})
+            continue
+        try:
+            steps.append(tech.spec_model.model_validate(step))
+        except ValidationError as e:
+            errors.extend({"loc": _loc(["steps", i], x["loc"]), "msg": x["msg"]} for x in e.errors())
+    if errors:
+        raise InvalidSpec("invalid spec", errors)
+    return ParsedSpec(steps=steps, eval=top.eval)
+
+
+def _reject_nonfinite(obj: Any, path: list[Any]) -> None:
+    """JSON may smuggle NaN/Infinity in; refuse it anywhere in the spec."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        raise InvalidSpec("invalid spec", [{"loc": path, "msg": "number must be finite"}])
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            _reject_nonfinite(v, path + [k])
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            _reject_nonfinite(v, path + [i])

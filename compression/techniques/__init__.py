@@ -1,0 +1,1 @@
+"""One module per technique family; each registers itself in ``compression.registry``."""

@@ -1,0 +1,121 @@
+"""Fine-tuning a converted module: cross-entropy on labels and/or distillation from a teacher.
+
+The loss is the lecture's: ``alpha * CE(s, y) + (1 - alpha) * KL(softmax(t/T) || softmax(s/T)) * T²``
+for class scores; outputs that are not class scores (embeddings, regressions) use MSE to the teacher.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from compression.data import Arrays
+from compression.metrics import run_batched, session
+
+
+@dataclass
+class LossConfig:
+    use_labels: bool
+    distill: bool
+    temperature: float
+    alpha: float
+
+
+def teacher_outputs(teacher, arrays: Arrays, threads: int = 0) -> np.ndarray:  # noqa: ANN001 - onnx.ModelProto
+    """The teacher's first output on every sample, computed once in ONNX Runtime (fast, no grads)."""
+    return run_batched(session(teacher, threads), arrays.inputs)[0]
+
+
+def is_class_scores(out: torch.Tensor) -> bool:
+    return out.dim() == 2 and out.shape[1] > 1
+
+
+def loss_fn(student: torch.Tensor, labels: torch.Tensor | None, teacher: torch.Tensor | None,
+            cfg: LossConfig) -> torch.Tensor:
+    """CE and/or KD (KL·T² for class scores, MSE otherwise)."""
+    terms: list[tuple[float, torch.Tensor]] = []
+    classes = is_class_scores(student)
+    if cfg.use_labels and labels is not None and classes:
+        terms.append((cfg.alpha if cfg.distill else 1.0, F.cross_entropy(student, labels)))
+    if cfg.distill and teacher is not None:
+        if classes:
+            t = cfg.temperature
+            kd = F.kl_div(F.log_softmax(student / t, 1), F.softmax(teacher / t, 1), reduction="batchmean") * t * t
+        else:
+            kd = F.mse_loss(student, teacher)
+        terms.append((1.0 - cfg.alpha if terms else 1.0, kd))
+    if not terms:
+        raise ValueError("nothing to train on: no labels and no teacher")
+    return sum(w * l for w, l in terms)
+
+
+def _to_tensors(batch: Arrays, names: list[str], device: str) -> list[torch.Tensor]:
+    return [torch.from_numpy(np.ascontiguousarray(batch.inputs[n])).to(device) for n in names]
+
+
+def train(
+    module: torch.nn.Module,
+    input_names: list[str],
+    arrays: Arrays,
+    *,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    loss: LossConfig,
+    teacher: np.ndarray | None,
+    seed: int,
+    device: str = "cpu",
+    after_step: Callable[[], None] | None = None,
+    on_epoch: Callable[[int, float], None] | None = None,
+) -> list[float]:
+    """Train ``module`` in place; returns the mean loss per epoch.
+
+    Args:
+        after_step: called after every optimizer step (pruning masks re-applied here).
+        on_epoch: ``(epoch, mean_loss)`` after each epoch; may raise ``Cancelled``.
+    """
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    module.to(device).train()
+    params = [p for p in module.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=lr)
+    idx_all = np.arange(arrays.samples)
+    history = []
+    for epoch in range(epochs):
+        order = rng.permutation(idx_all)
+        total, count = 0.0, 0
+        for s in range(0, len(order), batch_size):
+            idx = order[s:s + batch_size]
+            batch = arrays.take(idx)
+            out = module(*_to_tensors(batch, input_names, device))
+            out = out[0] if isinstance(out, (tuple, list)) else out
+            labels = torch.from_numpy(batch.labels).to(device) if batch.labels is not None else None
+            t_out = torch.from_numpy(teacher[idx]).to(device) if teacher is not None else None
+            l = loss_fn(out, labels, t_out, loss)
+            opt.zero_grad(set_to_none=True)
+            l.backward()
+            opt.step()
+            if after_step is not None:
+                after_step()
+            total += float(l.detach()) * len(idx)
+            count += len(idx)
+        history.append(total / max(count, 1))
+        if on_epoch is not None:
+            on_epoch(epoch, history[-1])
+    module.eval()
+    return history
+
+
+def loss_config(finetune: Any, has_labels: bool) -> tuple[LossConfig, list[str]]:
+    """Resolve the fine-tune spec against the data: unlabelled data forces distillation (noted)."""
+    notes = []
+    distill = bool(finetune.distill)
+    if not has_labels and not distill:
+        distill = True
+        notes.append("dataset has no labels: fine-tuned by distillation from the original")
+    return LossConfig(use_labels=has_labels, distill=distill, temperature=finetune.temperature,
+                      alpha=finetune.alpha), notes

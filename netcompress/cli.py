@@ -1,0 +1,116 @@
+"""The ``netcompress`` command: serve (embedded), api, worker, migrate, keys create."""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+
+from store.settings import get_settings
+
+
+def _migrate() -> None:
+    from store.migrate import upgrade
+
+    upgrade()
+
+
+def _create_key(team_name: str) -> str:
+    from store.auth import create_key, get_or_create_team
+    from store.db import session_scope
+
+    with session_scope() as s:
+        return create_key(s, get_or_create_team(s, team_name))
+
+
+def cmd_migrate(_: argparse.Namespace) -> int:
+    _migrate()
+    print("database is at the latest revision")
+    return 0
+
+
+def cmd_keys_create(args: argparse.Namespace) -> int:
+    key = _create_key(args.team)
+    print(f"API key for team {args.team!r} (shown once; only its hash is stored):")
+    print(key)
+    return 0
+
+
+def _worker_argv(queues: str | None, concurrency: int, pool: str) -> list[str]:
+    settings = get_settings()
+    return ["worker", "--loglevel", "INFO", "--concurrency", str(concurrency), "--pool", pool,
+            "-Q", queues or settings.queue, "--without-gossip", "--without-mingle", "--hostname",
+            f"netcompress-{os.getpid()}@%h"]
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from worker.celery_app import app
+
+    app.worker_main(_worker_argv(args.queues, args.concurrency, args.pool))
+    return 0
+
+
+def cmd_api(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    uvicorn.run("api.app:create_app", factory=True, host=args.host, port=args.port, log_level="info")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """The embedded default: SQLite, filesystem broker, local artifacts, the API and one worker."""
+    settings = get_settings()
+    os.environ.setdefault("NETCOMPRESS_HOME", str(settings.home))  # children resolve the same home
+    settings.home.mkdir(parents=True, exist_ok=True)
+    _migrate()
+    key = _create_key(args.team)
+    worker = subprocess.Popen([sys.executable, "-m", "netcompress.cli", "worker", "--concurrency", "1"])
+    url = f"http://{args.host}:{args.port}"
+    print(f"netcompress is serving on {url}  (home: {settings.home})", flush=True)
+    print(f"database: {settings.sqlalchemy_url}  broker: {settings.celery_broker_url}", flush=True)
+    print(f"API key for team {args.team!r}:", flush=True)
+    print(key, flush=True)
+    try:
+        return cmd_api(args)
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        try:
+            worker.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="netcompress", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    for name, fn, help_ in (("serve", cmd_serve, "embedded default: API + one worker, no servers needed"),
+                            ("api", cmd_api, "the HTTP API")):
+        sp = sub.add_parser(name, help=help_)
+        sp.add_argument("--host", default="127.0.0.1")
+        sp.add_argument("--port", type=int, default=8000)
+        if name == "serve":
+            sp.add_argument("--team", default="default", help="team the printed key belongs to")
+        sp.set_defaults(fn=fn)
+    w = sub.add_parser("worker", help="a Celery worker")
+    w.add_argument("--queues", default=None, help="comma-separated queues (default: the configured queue)")
+    w.add_argument("--concurrency", type=int, default=1)
+    w.add_argument("--pool", default="prefork", choices=["prefork", "solo", "threads"])
+    w.set_defaults(fn=cmd_worker)
+    m = sub.add_parser("migrate", help="apply database migrations")
+    m.set_defaults(fn=cmd_migrate)
+    k = sub.add_parser("keys", help="API keys")
+    ksub = k.add_subparsers(dest="keys_command", required=True)
+    kc = ksub.add_parser("create", help="create a key for a team (the last line printed is the key)")
+    kc.add_argument("--team", required=True)
+    kc.set_defaults(fn=cmd_keys_create)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.fn(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""The artifact store: uploads and job outputs on a local folder, written atomically with sha256."""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path, PurePosixPath
+from typing import BinaryIO
+
+
+class UploadTooLarge(Exception):
+    """The stream passed the size cap; nothing was kept."""
+
+
+class InvalidKey(ValueError):
+    pass
+
+
+CHUNK = 1024 * 1024
+
+
+def _check_key(key: str) -> PurePosixPath:
+    p = PurePosixPath(key)
+    if p.is_absolute() or any(part in ("", ".", "..") for part in p.parts) or not p.parts:
+        raise InvalidKey(f"invalid storage key {key!r}")
+    return p
+
+
+class LocalArtifactStore:
+    """Objects are files under ``root``; a write goes to a temp file in the same folder, then a rename.
+
+    A crash mid-write therefore leaves at most a ``.tmp-*`` file, never a half-written object.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def path(self, key: str) -> Path:
+        return self.root.joinpath(*_check_key(key).parts)
+
+    def exists(self, key: str) -> bool:
+        return self.path(key).is_file()
+
+    def _tmp_for(self, key: str) -> tuple[Path, int]:
+        dest = self.path(key)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=dest.parent)
+        return Path(tmp), fd
+
+    def put_file(self, key: str, src: Path) -> tuple[int, str]:
+        """Copy ``src`` in atomically; returns ``(size_bytes, sha256)``."""
+        with open(src, "rb") as f:
+            return self.put_stream(key, iter(lambda: f.read(CHUNK), b""))
+
+    def put_stream(self, key: str, chunks: Iterator[bytes], max_bytes: int | None = None) -> tuple[int, str]:
+        """Write chunks atomically, hashing on the way; over ``max_bytes`` raises UploadTooLarge."""
+        tmp, fd = self._tmp_for(key)
+        h, size = hashlib.sha256(), 0
+        try:
+            with os.fdopen(fd, "wb") as out:
+                for chunk in chunks:
+                    size += len(chunk)
+                    if max_bytes is not None and size > max_bytes:
+                        raise UploadTooLarge(f"upload exceeds {max_bytes} bytes")
+                    h.update(chunk)
+                    out.write(chunk)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp, self.path(key))
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return size, h.hexdigest()
+
+    def open(self, key: str) -> BinaryIO:
+        return open(self.path(key), "rb")
+
+    def iter_bytes(self, key: str) -> Iterator[bytes]:
+        with self.open(key) as f:
+            yield from iter(lambda: f.read(CHUNK), b"")
+
+    def delete(self, key: str) -> None:
+        self.path(key).unlink(missing_ok=True)
+
+    def delete_prefix(self, prefix: str) -> None:
+        target = self.path(prefix)
+        if target.is_dir():
+            shutil.rmtree(target, ignore_errors=True)
+        else:
+            target.unlink(missing_ok=True)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(CHUNK), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def get_artifact_store(settings) -> LocalArtifactStore:  # noqa: ANN001 - Settings, kept loose to avoid a cycle
+    return LocalArtifactStore(settings.artifact_root)

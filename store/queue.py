@@ -1,0 +1,70 @@
+"""The Celery app as the API sees it: send tasks by name, never import the worker's code (or torch).
+
+The worker registers its tasks on this same app (``worker.tasks``), so both ends share one config.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Any
+
+from celery import Celery
+
+from store.settings import Settings, get_settings
+
+RUN_JOB = "netcompress.run_job"
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    """Celery settings: late acks + reject on worker loss + prefetch 1, so a lost job is redelivered."""
+    conf: dict[str, Any] = {
+        "broker_url": settings.celery_broker_url,
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "task_default_queue": settings.queue,
+        "task_ignore_result": True,  # job state lives in the database, not in a result backend
+        "result_backend": None,
+        "broker_connection_retry_on_startup": True,
+        "broker_connection_timeout": 3,
+        "worker_hijack_root_logger": False,
+        "worker_send_task_events": False,
+        "task_serializer": "json",
+        "accept_content": ["json"],
+    }
+    if settings.broker_url is None:
+        folder = settings.broker_folder
+        for sub in ("data", "control", "processed"):
+            (folder / sub).mkdir(parents=True, exist_ok=True)
+        conf["broker_transport_options"] = {
+            "data_folder_in": str(folder / "data"),
+            "data_folder_out": str(folder / "data"),
+            "control_folder": str(folder / "control"),
+            "processed_folder": str(folder / "processed"),
+            "store_processed": False,
+            "polling_interval": 0.2,
+        }
+    else:
+        # Jobs run for hours: the message must not come back while its worker is still busy with it.
+        conf["broker_transport_options"] = {"visibility_timeout": settings.job_time_limit_s + 600}
+    return conf
+
+
+@lru_cache(maxsize=4)
+def _app(url_key: str) -> Celery:
+    settings = get_settings()
+    app = Celery("netcompress")
+    app.conf.update(celery_config(settings))
+    return app
+
+
+def get_celery(settings: Settings | None = None) -> Celery:
+    settings = settings or get_settings()
+    return _app(settings.celery_broker_url + str(settings.home))
+
+
+def send_job(job_id: str, settings: Settings | None = None) -> None:
+    """Publish ``run_job(job_id)``; raises on broker trouble (the caller leaves the job for the sweeper)."""
+    settings = settings or get_settings()
+    get_celery(settings).send_task(
+        RUN_JOB, args=[job_id], queue=settings.queue, retry=False,
+    )

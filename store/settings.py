@@ -1,0 +1,78 @@
+"""Service settings: the one place that reads the environment (prefix ``NETCOMPRESS_``)."""
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Every tunable of the API and the worker, typed and bounded."""
+
+    model_config = SettingsConfigDict(env_prefix="NETCOMPRESS_", extra="ignore")
+
+    home: Path = Field(Path("var"), description="Folder for the embedded default: SQLite, broker, artifacts.")
+    database_url: str | None = Field(
+        None, description="postgresql://user@host:port/db or sqlite:///path; default SQLite under home."
+    )
+    broker_url: str | None = Field(
+        None, description="redis://host:port/n; default: kombu's filesystem transport under home."
+    )
+    artifact_url: str | None = Field(None, description="file:///path; default: home/artifacts.")
+    max_upload_bytes: int = Field(512 * 1024**2, ge=1024, le=64 * 1024**3, description="Upload size cap.")
+    max_npz_uncompressed_bytes: int = Field(
+        2 * 1024**3, ge=1024, description="Cap on the total uncompressed size of an uploaded .npz."
+    )
+    max_model_params: int = Field(2_000_000_000, ge=1, description="Largest accepted model, in parameters.")
+    job_time_limit_s: int = Field(6 * 3600, ge=10, le=7 * 24 * 3600, description="Wall-clock limit of one job.")
+    max_attempts: int = Field(3, ge=1, le=20, description="Attempts before a repeatedly lost job fails.")
+    heartbeat_s: float = Field(10.0, gt=0, le=600, description="How often a worker touches its job row.")
+    worker_threads: int = Field(0, ge=0, le=256, description="torch/ORT threads in the worker (0 = all cores).")
+    queue: str = Field("netcompress", description="Celery queue jobs are sent to.")
+
+    @field_validator("home")
+    @classmethod
+    def _absolute_home(cls, v: Path) -> Path:
+        return v.expanduser().resolve()
+
+    @property
+    def sqlalchemy_url(self) -> str:
+        """The database URL with the driver this project uses (psycopg 3 for PostgreSQL)."""
+        url = self.database_url or f"sqlite:///{self.home / 'netcompress.db'}"
+        for prefix in ("postgresql://", "postgres://"):
+            if url.startswith(prefix):
+                return "postgresql+psycopg://" + url[len(prefix):]
+        return url
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.sqlalchemy_url.startswith("sqlite")
+
+    @property
+    def broker_folder(self) -> Path:
+        return self.home / "broker"
+
+    @property
+    def celery_broker_url(self) -> str:
+        return self.broker_url or "filesystem://"
+
+    @property
+    def artifact_root(self) -> Path:
+        if self.artifact_url is None:
+            return self.home / "artifacts"
+        if self.artifact_url.startswith("file://"):
+            return Path(self.artifact_url[len("file://"):]).expanduser().resolve()
+        raise ValueError(f"unsupported NETCOMPRESS_ARTIFACT_URL {self.artifact_url!r} (file:// only)")
+
+    @property
+    def upload_root(self) -> Path:
+        """Uploaded models and datasets live beside the artifacts, under the same store."""
+        return self.artifact_root
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """The process-wide settings, read once."""
+    return Settings()

@@ -1,0 +1,161 @@
+"""Running one job: claim it, run the pipeline, publish artifacts, finish — every status via transition()."""
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from sqlalchemy import update
+
+from compression.data import load_npz, split
+from compression.errors import Cancelled, CompressionError
+from compression.modelio import describe
+from compression.pipeline import run_pipeline
+from compression.spec import parse_spec
+from store.artifacts import get_artifact_store
+from store.db import session_scope
+from store.jobs import add_artifact, report_progress
+from store.models import DatasetRecord, Job, JobStatus, ModelRecord, utcnow
+from store.settings import Settings, get_settings
+from store.transitions import transition
+
+log = logging.getLogger(__name__)
+
+
+class TimeLimitExceeded(Cancelled):
+    code = "time_limit"
+
+
+class _Heartbeat(threading.Thread):
+    """Touches ``heartbeat_at`` while a long call (calibration, an epoch) gives no progress."""
+
+    def __init__(self, job_id: str, attempt_id: str, every_s: float) -> None:
+        super().__init__(daemon=True, name=f"heartbeat-{job_id}")
+        self.job_id, self.attempt_id, self.every_s = job_id, attempt_id, every_s
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.wait(self.every_s):
+            try:
+                with session_scope() as s:
+                    s.execute(update(Job).where(Job.id == self.job_id, Job.attempt_id == self.attempt_id)
+                              .values(heartbeat_at=utcnow()).execution_options(synchronize_session=False))
+            except Exception as e:  # database restarting: the next beat will do
+                log.warning("heartbeat failed: %s", e)
+
+
+def _device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def run_job(job_id: str, settings: Settings | None = None) -> str:
+    """Run ``job_id`` to a terminal state (or hand it back). Returns the final status, for logs."""
+    settings = settings or get_settings()
+    with session_scope() as s:
+        job = s.get(Job, job_id)
+        if job is None:
+            return "missing"
+        if job.status == JobStatus.queued.value and job.attempts >= settings.max_attempts:
+            transition(s, job_id, JobStatus.failed, reason="attempts exhausted",
+                       error={"code": "attempts_exhausted", "message": f"gave up after {job.attempts} attempts"})
+            return "failed"
+        # Guard: redelivered_task — acks_late redelivers; only a queued job can be claimed.
+        claim = transition(s, job_id, JobStatus.running, reason="claimed by worker")
+        if not claim.accepted:
+            return f"skipped ({claim.reason})"
+        attempt_id = claim.attempt_id
+        assert attempt_id is not None
+        model_rec = s.get(ModelRecord, job.model_id)
+        dataset_rec = s.get(DatasetRecord, job.dataset_id) if job.dataset_id else None
+        spec_raw, model_key, model_sha = job.spec, model_rec.storage_key, model_rec.sha256
+        ds_key = dataset_rec.storage_key if dataset_rec else None
+        ds_sha = dataset_rec.sha256 if dataset_rec else None
+
+    store = get_artifact_store(settings)
+    workdir = settings.home / "work" / job_id / attempt_id
+    workdir.mkdir(parents=True, exist_ok=True)
+    heartbeat = _Heartbeat(job_id, attempt_id, settings.heartbeat_s)
+    heartbeat.start()
+    started = time.monotonic()
+    last_write = [0.0, ""]
+
+    def progress(p: dict[str, Any]) -> None:
+        if time.monotonic() - started > settings.job_time_limit_s:
+            raise TimeLimitExceeded(f"job exceeded its time limit of {settings.job_time_limit_s} s")
+        now = time.monotonic()
+        # Throttle DB writes, but always write a phase change.
+        if now - last_write[0] < 0.5 and p["phase"] == last_write[1] and p["fraction"] < 1.0:
+            return
+        last_write[0], last_write[1] = now, p["phase"]
+        with session_scope() as s:
+            if not report_progress(s, job_id, attempt_id, p):
+                raise Cancelled("cancelled by user")
+
+    try:
+        _configure_threads(settings)
+        spec = parse_spec(spec_raw)
+        progress({"phase": "loading", "step": 0, "steps": len(spec.steps), "fraction": 0.0, "message": "loading model"})
+        original = onnx.load_model(str(store.path(model_key)))
+        data = None
+        if ds_key:
+            dtypes = {i["name"]: np.dtype(i["dtype"]) for i in describe(original)["inputs"]}
+            arrays = load_npz(store.path(ds_key), dtypes)
+            data = split(arrays, holdout=spec.eval.holdout, seed=spec.eval.seed, max_eval=spec.eval.max_eval_samples)
+        result = run_pipeline(original, spec, data, workdir, progress=progress,
+                              input_sha256={"model": model_sha, **({"dataset": ds_sha} if ds_sha else {})},
+                              device=_device(), threads=settings.worker_threads)
+        # Publish: files first (atomic renames, under this attempt's prefix), then rows + status at once.
+        prefix = f"jobs/{job_id}/{attempt_id}"
+        stored = []
+        for f in result.files:
+            size, sha = store.put_file(f"{prefix}/{f.name}", f.path)
+            stored.append((f, size, sha))
+        with session_scope() as s:
+            done = transition(s, job_id, JobStatus.succeeded, reason="pipeline finished",
+                              expect_attempt=attempt_id, metrics=result.metrics)
+            if done.accepted:
+                for f, size, sha in stored:
+                    add_artifact(s, job_id, name=f.name, kind=f.kind, size_bytes=size, sha256=sha,
+                                 storage_key=f"{prefix}/{f.name}")
+        if not done.accepted:
+            store.delete_prefix(prefix)  # cancelled or reaped meanwhile: leave nothing behind
+            return f"discarded ({done.reason})"
+        return "succeeded"
+    except Cancelled as e:
+        _finish(job_id, attempt_id, JobStatus.cancelled if not isinstance(e, TimeLimitExceeded) else JobStatus.failed,
+                e.code, str(e))
+        return e.code
+    except CompressionError as e:
+        _finish(job_id, attempt_id, JobStatus.failed, e.code, str(e))
+        return "failed"
+    except MemoryError:
+        _finish(job_id, attempt_id, JobStatus.failed, "out_of_memory", "the job ran out of memory")
+        return "failed"
+    except Exception as e:
+        log.error("job %s crashed:\n%s", job_id, traceback.format_exc())
+        _finish(job_id, attempt_id, JobStatus.failed, "internal_error", f"{type(e).__name__}: {e}")
+        return "failed"
+    finally:
+        heartbeat.stop.set()
+        shutil.rmtree(settings.home / "work" / job_id / attempt_id, ignore_errors=True)
+
+
+def _finish(job_id: str, attempt_id: str, to: JobStatus, code: str, message: str) -> None:
+    with session_scope() as s:
+        transition(s, job_id, to, reason=message[:500], expect_attempt=attempt_id,
+                   error={"code": code, "message": message[:4000]})
+
+
+def _configure_threads(settings: Settings) -> None:
+    if settings.worker_threads:
+        import torch
+
+        torch.set_num_threads(settings.worker_threads)

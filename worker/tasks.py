@@ -1,0 +1,12 @@
+"""Celery tasks. They take ids, never objects; the job row is the source of truth."""
+from __future__ import annotations
+
+from store.queue import RUN_JOB
+from worker.celery_app import app
+from worker.runner import run_job as _run_job
+
+
+@app.task(name=RUN_JOB, acks_late=True, reject_on_worker_lost=True)
+def run_job(job_id: str) -> str:
+    """Claim and run one job; a redelivered task for a job that is not ``queued`` returns at once."""
+    return _run_job(job_id)
