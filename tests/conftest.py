@@ -1,0 +1,112 @@
+"""Shared fixtures: real PostgreSQL/Redis, real API and worker processes, trained reference models.
+
+Under ``CI=true`` an unreachable PostgreSQL or Redis fails the run instead of skipping.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.stack import PG_HOST, PG_PORT, REDIS_PORT, Stack, start_embedded, start_stack
+
+CI = os.environ.get("CI") == "true"
+
+
+def _reachable(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=2):
+            return True
+    except OSError:
+        return False
+
+
+def _need(name: str, host: str, port: int) -> None:
+    if not _reachable(host, port):
+        msg = f"{name} at {host}:{port} is unreachable"
+        if CI:
+            pytest.fail(msg + " (CI=true: not skipping)")
+        pytest.skip(msg)
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> str:
+    """A fresh PostgreSQL database for this test session, dropped at the end."""
+    _need("PostgreSQL", PG_HOST, PG_PORT)
+    import psycopg
+
+    name = f"nc_test_{uuid.uuid4().hex[:10]}"
+    admin = f"postgresql://postgres@{PG_HOST}:{PG_PORT}/test"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    yield f"postgresql://postgres@{PG_HOST}:{PG_PORT}/{name}"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    _need("Redis", PG_HOST, REDIS_PORT)
+    return f"redis://{PG_HOST}:{REDIS_PORT}/0"
+
+
+@pytest.fixture(scope="session")
+def mnist_data() -> tuple[np.ndarray, np.ndarray]:
+    from compression.refdata import mnist
+
+    return mnist()
+
+
+@pytest.fixture(scope="session")
+def trained_cnn(mnist_data):
+    """SmallCNN trained briefly on 4,000 MNIST images (≈97% on the rest)."""
+    import torch
+
+    from compression.refdata import fit
+    from compression.zoo import SmallCNN
+
+    torch.manual_seed(0)
+    X, y = mnist_data
+    return fit(SmallCNN(), X[:4000], y[:4000], epochs=2)
+
+
+@pytest.fixture(scope="session")
+def cnn_onnx(trained_cnn, tmp_path_factory) -> dict[str, Path]:
+    """The trained CNN exported by both torch exporters."""
+    import torch
+
+    from compression.zoo import export_onnx
+
+    d = tmp_path_factory.mktemp("cnn")
+    ex = torch.zeros(2, 1, 28, 28)
+    return {"dynamo": export_onnx(trained_cnn, ex, d / "cnn_dynamo.onnx", dynamo=True),
+            "legacy": export_onnx(trained_cnn, ex, d / "cnn_legacy.onnx", dynamo=False)}
+
+
+@pytest.fixture(scope="session")
+def mnist_npz(mnist_data, tmp_path_factory) -> Path:
+    """1,000 MNIST images + labels as the dataset upload (input name ``input``)."""
+    X, y = mnist_data
+    p = tmp_path_factory.mktemp("data") / "mnist.npz"
+    np.savez(p, input=X[4000:5000], labels=y[4000:5000])
+    return p
+
+
+@pytest.fixture(scope="session")
+def stack(pg_url, redis_url, tmp_path_factory) -> Stack:
+    """API + one worker as separate processes, on PostgreSQL and Redis (a private queue)."""
+    s = start_stack(tmp_path_factory.mktemp("stack"), database_url=pg_url, broker_url=redis_url)
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="session")
+def embedded(tmp_path_factory) -> Stack:
+    """``netcompress serve``: SQLite, filesystem broker, local artifacts, one worker — no servers."""
+    s = start_embedded(tmp_path_factory.mktemp("embedded"))
+    yield s
+    s.stop()

@@ -1,0 +1,126 @@
+"""Start the real service processes for tests: ``netcompress api`` + ``worker``, or ``netcompress serve``."""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+PG_HOST, PG_PORT, REDIS_PORT = "127.0.0.1", 5432, 6379
+NC = [sys.executable, "-m", "netcompress.cli"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Stack:
+    url: str
+    key: str
+    env: dict[str, str]
+    home: Path
+    procs: list[subprocess.Popen] = field(default_factory=list)
+
+    def client(self, key: str | None = None) -> httpx.Client:
+        return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {key or self.key}"}, timeout=60)
+
+    def new_key(self, team: str) -> str:
+        out = subprocess.run(NC + ["keys", "create", "--team", team], env=self.env, capture_output=True,
+                             text=True, check=True)
+        return out.stdout.strip().splitlines()[-1]
+
+    def stop(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in self.procs:
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def _wait_ready(url: str, procs: list[subprocess.Popen], timeout: float = 60) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for p in procs:
+            if p.poll() is not None:
+                raise RuntimeError(f"service process exited with {p.returncode}")
+        try:
+            if httpx.get(url + "/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise TimeoutError("service did not become ready")
+
+
+def base_env(home: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NETCOMPRESS_")}
+    env.update(NETCOMPRESS_HOME=str(home), NETCOMPRESS_HEARTBEAT_S="1", NETCOMPRESS_WORKER_THREADS="1",
+               PYTHONUNBUFFERED="1")
+    env.update(extra)
+    return env
+
+
+def start_stack(home: Path, *, database_url: str, broker_url: str, workers: int = 1) -> Stack:
+    env = base_env(home, NETCOMPRESS_DATABASE_URL=database_url, NETCOMPRESS_BROKER_URL=broker_url,
+                   NETCOMPRESS_QUEUE=f"nc-test-{uuid.uuid4().hex[:8]}")
+    subprocess.run(NC + ["migrate"], env=env, check=True, capture_output=True)
+    port = free_port()
+    log = open(home / "api.log", "w")
+    procs = [subprocess.Popen(NC + ["api", "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT)]
+    for i in range(workers):
+        wlog = open(home / f"worker{i}.log", "w")
+        procs.append(subprocess.Popen(NC + ["worker", "--concurrency", "1"], env=env, stdout=wlog,
+                                      stderr=subprocess.STDOUT))
+    url = f"http://127.0.0.1:{port}"
+    stack = Stack(url=url, key="", env=env, home=home, procs=procs)
+    try:
+        _wait_ready(url, procs)
+        stack.key = stack.new_key("team-a")
+    except Exception:
+        stack.stop()
+        raise
+    return stack
+
+
+def start_embedded(home: Path) -> Stack:
+    env = base_env(home / "var")
+    port = free_port()
+    log_path = home / "serve.log"
+    log = open(log_path, "w")
+    proc = subprocess.Popen(NC + ["serve", "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT,
+                            cwd=home)
+    url = f"http://127.0.0.1:{port}"
+    stack = Stack(url=url, key="", env=env, home=home / "var", procs=[proc])
+    try:
+        _wait_ready(url, [proc], timeout=90)
+        m = re.search(r"^(nc_\S+)$", log_path.read_text(), re.M)
+        assert m, "serve printed no API key"
+        stack.key = m.group(1)
+    except Exception:
+        stack.stop()
+        raise
+    return stack
+
+
+def wait_job(client: httpx.Client, job_id: str, timeout: float = 240) -> dict:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        if job["status"] in ("succeeded", "failed", "cancelled"):
+            return job
+        time.sleep(0.3)
+    raise TimeoutError(f"job {job_id} did not finish: {job}")
