@@ -69,6 +69,7 @@ def _wait_ready(url: str, procs: list[subprocess.Popen], timeout: float = 60) ->
 def base_env(home: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("NETCOMPRESS_")}
     env.update(NETCOMPRESS_HOME=str(home), NETCOMPRESS_HEARTBEAT_S="1", NETCOMPRESS_WORKER_THREADS="1",
+               NETCOMPRESS_MAX_UPLOAD_BYTES=str(20 * 1024 * 1024),
                PYTHONUNBUFFERED="1")
     env.update(extra)
     return env

@@ -1,0 +1,195 @@
+"""Bad input through HTTP: each gets its 4xx problem+json and leaves nothing behind."""
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import zipfile
+
+import httpx
+import numpy as np
+import pytest
+
+
+def _counts(stack) -> tuple[int, int, int, int]:
+    c = stack.client()
+    files = sum(len(fs) for _, _, fs in os.walk(stack.home / "artifacts")) if (stack.home / "artifacts").exists() else 0
+    tmp = sum(len(fs) for _, _, fs in os.walk(stack.home / "tmp")) if (stack.home / "tmp").exists() else 0
+    return (len(c.get("/v1/models?limit=100").json()["items"]), len(c.get("/v1/datasets?limit=100").json()["items"]),
+            files, tmp)
+
+
+def _problem(r: httpx.Response, status: int, code: str) -> dict:
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"].startswith("application/problem+json")
+    body = r.json()
+    assert body["status"] == status and body["code"] == code and body["type"] == f"/problems/{code}"
+    assert body["title"]
+    return body
+
+
+@pytest.fixture()
+def unchanged(stack):
+    before = _counts(stack)
+    yield
+    assert _counts(stack) == before
+
+
+def _post_file(stack, path: str, name: str, content: bytes) -> httpx.Response:
+    return stack.client().post(path, files={"file": (name, content)})
+
+
+def test_random_bytes_model_refused(stack, unchanged):
+    _problem(_post_file(stack, "/v1/models", "m.onnx", os.urandom(5000)), 422, "invalid_model")
+
+
+def test_truncated_onnx_refused(stack, cnn_onnx, unchanged):
+    data = cnn_onnx["dynamo"].read_bytes()
+    _problem(_post_file(stack, "/v1/models", "m.onnx", data[: len(data) // 2]), 422, "invalid_model")
+
+
+def test_pickled_checkpoint_refused_unread(stack, unchanged):
+    class Boom:
+        def __reduce__(self):  # would run on unpickling
+            return (os.system, ("touch /tmp/netcompress-pwned",))
+
+    body = _problem(_post_file(stack, "/v1/models", "m.pt", pickle.dumps(Boom())), 415, "unsupported_format")
+    assert "pickle" in body["detail"]
+    assert not os.path.exists("/tmp/netcompress-pwned")
+
+
+def test_zip_slip_refused(stack, cnn_onnx, unchanged):
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("model.onnx", cnn_onnx["legacy"].read_bytes())
+        zf.writestr("../../evil.txt", b"x")
+    _problem(_post_file(stack, "/v1/models", "m.zip", buf.getvalue()), 422, "invalid_model")
+
+
+def test_npz_with_objects_refused(stack, unchanged):
+    buf = io.BytesIO()
+    np.savez(buf, input=np.array([{"a": 1}, None], dtype=object))
+    body = _problem(_post_file(stack, "/v1/datasets", "d.npz", buf.getvalue()), 422, "invalid_dataset")
+    assert "object" in body["detail"]
+
+
+def test_upload_over_cap_is_413_and_deleted(stack, unchanged):
+    cap = 20 * 1024 * 1024
+    boundary = "xxBOUNDARYxx"
+
+    def body():
+        yield (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"big.onnx\"\r\n"
+               "Content-Type: application/octet-stream\r\n\r\n").encode()
+        chunk = b"\0" * (1024 * 1024)
+        for _ in range(cap // len(chunk) + 3):
+            yield chunk
+        yield f"\r\n--{boundary}--\r\n".encode()
+
+    r = stack.client().post("/v1/models", content=body(),
+                            headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    _problem(r, 413, "too_large")
+
+
+def test_missing_and_wrong_key(stack):
+    r = httpx.get(stack.url + "/v1/jobs")
+    _problem(r, 401, "unauthorized")
+    assert r.headers["www-authenticate"] == "Bearer"
+    _problem(stack.client("nc_000000000000_nope").get("/v1/jobs"), 401, "unauthorized")
+    _problem(stack.client("garbage").get("/v1/models"), 401, "unauthorized")
+
+
+@pytest.fixture(scope="module")
+def model_and_data(stack, cnn_onnx, mnist_npz):
+    c = stack.client()
+    with open(cnn_onnx["legacy"], "rb") as f:
+        model = c.post("/v1/models", files={"file": ("cnn.onnx", f)}).json()
+    with open(mnist_npz, "rb") as f:
+        ds = c.post("/v1/datasets", files={"file": ("mnist.npz", f)}).json()
+    buf = io.BytesIO()
+    np.savez(buf, wrong_name=np.zeros((10, 1, 28, 28), np.float32))
+    bad_ds = c.post("/v1/datasets", files={"file": ("bad.npz", buf.getvalue())}).json()
+    return model, ds, bad_ds
+
+
+def _jobs_count(stack) -> int:
+    return len(stack.client().get("/v1/jobs?limit=100").json()["items"])
+
+
+@pytest.mark.parametrize("spec, path", [
+    ({"steps": [{"method": "shrink"}]}, "$.spec.steps[0].method"),
+    ({"steps": [{"method": "prune", "sparsity": 1.5}]}, "$.spec.steps[0].sparsity"),
+    ({"steps": [{"method": "prune", "sparsity": -0.1}]}, "$.spec.steps[0].sparsity"),
+    ({"steps": [{"method": "prune", "finetune": {"epochs": 1e9}}]}, "$.spec.steps[0].finetune.epochs"),
+    ({"steps": []}, "$.spec.steps"),
+    ({"steps": [{"method": "quantize", "mode": "static", "bogus": 1}]}, "$.spec.steps[0].bogus"),
+])
+def test_bad_specs(stack, model_and_data, spec, path):
+    model, ds, _ = model_and_data
+    before = _jobs_count(stack)
+    r = stack.client().post("/v1/jobs", json={"model_id": model["id"], "dataset_id": ds["id"], "spec": spec})
+    body = _problem(r, 422, "invalid_spec")
+    assert path in [e["path"] for e in body["errors"]], body
+    assert _jobs_count(stack) == before
+
+
+def test_static_quant_without_dataset(stack, model_and_data):
+    model, _, _ = model_and_data
+    r = stack.client().post("/v1/jobs", json={"model_id": model["id"],
+                                              "spec": {"steps": [{"method": "quantize", "mode": "static"}]}})
+    body = _problem(r, 422, "invalid_spec")
+    assert body["errors"][0]["path"] == "$.spec.steps[0]"
+
+
+def test_dataset_not_matching_model(stack, model_and_data):
+    model, _, bad_ds = model_and_data
+    before = _jobs_count(stack)
+    r = stack.client().post("/v1/jobs", json={"model_id": model["id"], "dataset_id": bad_ds["id"],
+                                              "spec": {"steps": [{"method": "prune"}]}})
+    body = _problem(r, 422, "dataset_mismatch")
+    assert "input" in body["detail"] and body["errors"][0]["path"] == "$.dataset_id"
+    assert _jobs_count(stack) == before
+
+
+def test_other_team_gets_404_everywhere(stack, model_and_data):
+    model, ds, _ = model_and_data
+    c = stack.client()
+    job = c.post("/v1/jobs", json={"model_id": model["id"], "spec": {"steps": [{"method": "prune", "sparsity": 0.3}]}},
+                 headers={"Idempotency-Key": "k-404"}).json()
+    other = stack.client(stack.new_key("team-b"))
+    for method, url in [("GET", f"/v1/jobs/{job['id']}"), ("POST", f"/v1/jobs/{job['id']}/cancel"),
+                        ("GET", f"/v1/jobs/{job['id']}/artifacts/model.onnx"), ("GET", f"/v1/models/{model['id']}"),
+                        ("GET", f"/v1/models/{model['id']}/file"), ("DELETE", f"/v1/models/{model['id']}"),
+                        ("GET", f"/v1/datasets/{ds['id']}"), ("DELETE", f"/v1/datasets/{ds['id']}")]:
+        _problem(other.request(method, url), 404, "not_found")
+    r = other.post("/v1/jobs", json={"model_id": model["id"], "spec": {"steps": [{"method": "prune"}]}})
+    _problem(r, 404, "not_found")
+    assert other.get("/v1/jobs").json()["items"] == []
+    assert c.get(f"/v1/models/{model['id']}").status_code == 200
+
+
+def test_idempotency_key_returns_same_job(stack, model_and_data):
+    model, _, _ = model_and_data
+    c = stack.client()
+    body = {"model_id": model["id"], "spec": {"steps": [{"method": "prune", "sparsity": 0.2}]}}
+    a = c.post("/v1/jobs", json=body, headers={"Idempotency-Key": "same-key"})
+    b = c.post("/v1/jobs", json=body, headers={"Idempotency-Key": "same-key"})
+    assert a.status_code == b.status_code == 202
+    assert a.json()["id"] == b.json()["id"]
+
+
+def test_pagination_walks_all_jobs(stack, model_and_data):
+    model, _, _ = model_and_data
+    c = stack.client()
+    for i in range(5):
+        assert c.post("/v1/jobs", json={"model_id": model["id"], "name": f"p{i}",
+                                        "spec": {"steps": [{"method": "prune", "sparsity": 0.1}]}}).status_code == 202
+    seen, cursor = [], None
+    while True:
+        page = c.get("/v1/jobs", params={"limit": 2, **({"cursor": cursor} if cursor else {})}).json()
+        assert len(page["items"]) <= 2
+        seen += [j["id"] for j in page["items"]]
+        cursor = page["next_cursor"]
+        if not cursor:
+            break
+    assert len(seen) == len(set(seen)) == len(c.get("/v1/jobs?limit=100").json()["items"])
+    _problem(c.get("/v1/jobs", params={"cursor": "!!"}), 422, "validation_error")
