@@ -496,7 +496,7 @@ def test_minilm_matches_ort_trains_and_writes_back(minilm_onnx: onnx.ModelProto)
 
     ids, mask = (torch.from_numpy(feeds[n]) for n in module.input_names)
     out = module(ids, mask)
-    loss = (out * torch.from_numpy(mask)[..., None]).square().mean()
+    loss = (out * mask[..., None]).square().mean()
     loss.backward()
     for name, layer in layers.items():
         assert layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0, name
