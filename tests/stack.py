@@ -78,6 +78,7 @@ def base_env(home: Path, **extra: str) -> dict[str, str]:
 def start_stack(home: Path, *, database_url: str, broker_url: str, workers: int = 1) -> Stack:
     env = base_env(home, NETCOMPRESS_DATABASE_URL=database_url, NETCOMPRESS_BROKER_URL=broker_url,
                    NETCOMPRESS_QUEUE=f"nc-test-{uuid.uuid4().hex[:8]}")
+    home.mkdir(parents=True, exist_ok=True)
     subprocess.run(NC + ["migrate"], env=env, check=True, capture_output=True)
     port = free_port()
     log = open(home / "api.log", "w")
@@ -98,6 +99,7 @@ def start_stack(home: Path, *, database_url: str, broker_url: str, workers: int 
 
 
 def start_embedded(home: Path) -> Stack:
+    home.mkdir(parents=True, exist_ok=True)
     env = base_env(home / "var")
     port = free_port()
     log_path = home / "serve.log"
