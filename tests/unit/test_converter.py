@@ -22,11 +22,15 @@ RNG = np.random.default_rng(0)
 
 
 # ------------------------------------------------------------------------------------ helpers
-def ort_run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+def ort_session(model: onnx.ModelProto) -> ort.InferenceSession:
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
+def ort_run(model: onnx.ModelProto | ort.InferenceSession, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    sess = model if isinstance(model, ort.InferenceSession) else ort_session(model)
     return sess.run(None, feeds)
 
 
@@ -37,8 +41,8 @@ def torch_run(module: OnnxModule, feeds: dict[str, np.ndarray]) -> list[np.ndarr
     return [o.detach().numpy() for o in outs]
 
 
-def assert_matches_ort(model: onnx.ModelProto, module: OnnxModule, feeds: dict[str, np.ndarray],
-                       atol: float = ATOL) -> None:
+def assert_matches_ort(model: onnx.ModelProto | ort.InferenceSession, module: OnnxModule,
+                       feeds: dict[str, np.ndarray], atol: float = ATOL) -> None:
     expected = ort_run(model, feeds)
     actual = torch_run(module, feeds)
     assert len(expected) == len(actual)
@@ -279,6 +283,9 @@ def test_weight_ops_become_layers() -> None:
         module = to_torch(single_node_model(op_type, inputs, inits=inits, **kwargs))
         layers = list(module.weight_modules().values())
         assert len(layers) == 1 and type(layers[0]) is layer_type, case_id
+    _, op_type, inputs, inits, kwargs = by_id["resize_nearest_up"]
+    module = to_torch(single_node_model(op_type, inputs, inits=inits, **kwargs))
+    assert list(module.parameters()) == []  # Resize scales are numbers, not weights
     _, op_type, inputs, inits, kwargs = by_id["batch_norm"]
     module = to_torch(single_node_model(op_type, inputs, inits=inits, **kwargs))
     assert [type(m) for m in module.norms.values()] == [nn.BatchNorm2d]
@@ -357,7 +364,8 @@ def _check_model(model: onnx.ModelProto, input_shape: tuple[int, ...],
         assert_matches_ort(model, module, {module.input_names[0]: x})
 
     x = torch.from_numpy(RNG.standard_normal((3, *input_shape)).astype(np.float32))
-    loss = nn.functional.cross_entropy(module(x), torch.tensor([1, 4, 7]))
+    logits = module(x)
+    loss = nn.functional.cross_entropy(logits, torch.tensor([1, 4, 7]) % logits.shape[-1])
     loss.backward()
     for name, layer in layers.items():
         assert layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0, name
@@ -374,9 +382,21 @@ def test_lenet_matches_ort_and_trains(lenet_onnx: onnx.ModelProto) -> None:
     _check_model(lenet_onnx, (784,), [nn.Linear] * 3)
 
 
+def _structure(node: onnx.NodeProto) -> bytes:
+    """Node without tensor payloads: write_back may change Constant-node weights, nothing else."""
+    copy_ = onnx.NodeProto()
+    copy_.CopyFrom(node)
+    for attr in copy_.attribute:
+        if attr.type == onnx.AttributeProto.TENSOR:
+            attr.t.ClearField("raw_data")
+            attr.t.ClearField("float_data")
+    return copy_.SerializeToString()
+
+
 def _assert_same_graph(a: onnx.ModelProto, b: onnx.ModelProto) -> None:
     assert [t.name for t in a.graph.initializer] == [t.name for t in b.graph.initializer]
-    assert [n.SerializeToString() for n in a.graph.node] == [n.SerializeToString() for n in b.graph.node]
+    assert [_structure(n) for n in a.graph.node] == [_structure(n) for n in b.graph.node]
+    assert a.graph.input == b.graph.input and a.graph.output == b.graph.output
     for ta, tb in zip(a.graph.initializer, b.graph.initializer, strict=True):
         assert (ta.data_type, list(ta.dims)) == (tb.data_type, list(tb.dims)), ta.name
 
@@ -450,6 +470,31 @@ def test_write_back_undoes_layout_transforms() -> None:
     np.testing.assert_array_equal(values["shape"], inits["shape"])
 
 
+def test_constant_node_weights_are_trainable_and_written_back() -> None:
+    """Some exporters store weights in Constant nodes; they become layers and write_back updates them."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 3])
+    nodes = [
+        helper.make_node("Constant", [], ["w"], value=numpy_helper.from_array(f32(4, 3), "w")),
+        helper.make_node("Constant", [], ["half"], value_float=0.5),
+        helper.make_node("MatMul", ["x", "w"], ["h"]),
+        helper.make_node("Mul", ["h", "half"], ["y"]),
+    ]
+    model = helper.make_model(helper.make_graph(nodes, "g", [x], [y]),
+                              opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 8
+    module = to_torch(model)
+    (layer,) = module.weight_modules().values()
+    assert isinstance(layer, nn.Linear) and len(list(module.parameters())) == 1
+    with torch.no_grad():
+        layer.weight.mul_(-2.0)
+    written = module.write_back(model)
+    _assert_same_graph(model, written)
+    feeds = {"x": f32(2, 4)}
+    assert_matches_ort(written, module, feeds)
+    np.testing.assert_allclose(ort_run(written, feeds)[0], -2.0 * ort_run(model, feeds)[0], rtol=1e-5)
+
+
 def test_module_is_copyable_and_serializable(lenet_onnx: onnx.ModelProto, tmp_path) -> None:
     """Pruning/quantization tools deepcopy modules; the interpreter must not capture stale objects."""
     module = to_torch(lenet_onnx)
@@ -461,6 +506,45 @@ def test_module_is_copyable_and_serializable(lenet_onnx: onnx.ModelProto, tmp_pa
     torch.save(module, tmp_path / "m.pt")
     loaded = torch.load(tmp_path / "m.pt", weights_only=False)
     torch.testing.assert_close(loaded(x), module(x))
+
+
+class _MixedNet(nn.Module):
+    """Exercises what exporters emit beyond the zoo models: depthwise/transposed/1-d convs, resize,
+    adaptive pooling, split, embeddings, LayerNorm and nn.MultiheadAttention."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.depthwise = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.up = nn.ConvTranspose2d(8, 4, 2, stride=2)
+        self.conv1d = nn.Conv1d(4, 4, 3, padding=1)
+        self.emb = nn.Embedding(10, 16)
+        self.ln = nn.LayerNorm(16)
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = nn.functional.hardswish(self.bn(self.conv(x)))
+        y = nn.functional.relu6(self.depthwise(y)) + y
+        y = nn.functional.interpolate(y, scale_factor=2, mode="bilinear", align_corners=False)
+        y = nn.functional.interpolate(y, scale_factor=0.5, mode="nearest")
+        y = nn.functional.adaptive_avg_pool2d(self.up(y), (4, 4)).flatten(2)
+        a, b = self.conv1d(y).chunk(2, dim=1)
+        y = torch.cat([a.sigmoid() * b, a], 1)
+        y = self.ln(y + self.emb(torch.arange(4))[None])
+        y, _ = self.attn(y, y, y)
+        return nn.functional.log_softmax(self.fc(nn.functional.gelu(y).mean(1)).clamp(-3, 3), -1)
+
+
+@pytest.mark.parametrize("dynamo", EXPORTERS)
+def test_mixed_layers_match_ort_and_train(dynamo: bool, tmp_path) -> None:
+    torch.manual_seed(0)
+    path = zoo.export_onnx(_MixedNet(), torch.randn(2, 3, 16, 16), tmp_path / "m.onnx", dynamo=dynamo)
+    model = onnx.load(path)
+    kinds = sorted(type(m).__name__ for m in to_torch(model).weight_modules().values())
+    assert kinds == ["Conv1d", "Conv2d", "Conv2d", "ConvTranspose2d", "Linear", "Linear", "Linear"]
+    _check_model(model, (3, 16, 16), [getattr(nn, k) for k in kinds])
 
 
 # ------------------------------------------------------------------------------ MiniLM
@@ -476,11 +560,12 @@ def test_minilm_matches_ort_trains_and_writes_back(minilm_onnx: onnx.ModelProto)
     model = minilm_onnx
     module = to_torch(model)
     assert module.input_names == ["input_ids", "attention_mask"]
-    feeds = zoo.minilm_example_inputs(seq_len=16)
+    feeds = zoo.minilm_example_inputs(zoo.MINILM_EXAMPLE_SENTENCES, seq_len=16)
     assert (feeds["attention_mask"] == 0).any()  # the example really is padded
-    assert_matches_ort(model, module, feeds)
+    session = ort_session(model)
+    assert_matches_ort(session, module, feeds)
     other = zoo.minilm_example_inputs(["a", "much longer third sentence here", "b c"], seq_len=9)
-    assert_matches_ort(model, module, other)  # dynamic batch and sequence axes
+    assert_matches_ort(session, module, other)  # dynamic batch and sequence axes
 
     # Every MatMul with a constant weight is an nn.Linear: 6 layers x (Q, K, V, O, FFN-in, FFN-out).
     # The pooler is not in the graph because only last_hidden_state is exported.
