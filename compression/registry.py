@@ -43,8 +43,14 @@ def register_technique(name: str, spec_model: type[BaseModel], *, phase: str) ->
 
 
 def _load_all() -> None:
-    # Import for side effects: each technique module registers itself.
-    from compression.techniques import pruning, quantization  # noqa: F401
+    """Import every module of ``compression.techniques``: each registers what it defines."""
+    import importlib
+    import pkgutil
+
+    import compression.techniques as pkg
+
+    for info in pkgutil.iter_modules(pkg.__path__):
+        importlib.import_module(f"{pkg.__name__}.{info.name}")
 
 
 def list_techniques() -> list[str]:
