@@ -1,0 +1,448 @@
+"""``OnnxModule``: an ``nn.Module`` that interprets an ONNX graph with trainable torch tensors.
+
+Design: conversion (:class:`GraphBuilder`) turns nodes into plain :class:`NodeSpec` records, lets
+weight-carrying ops claim their initializers as real layers (``nn.Conv2d``/``nn.Linear``/
+``nn.BatchNorm2d`` in ``weights``/``norms``), and registers every other initializer as a
+``nn.Parameter`` (float with more than one element) or a buffer (integers, scalars, Resize scales).
+A claimed weight that other nodes also read is served to them from the layer, so sharing survives. ``forward`` walks the nodes in topological order through
+the op registry, so any op expressible with differentiable torch ops can be added without touching
+this file.
+
+Every claimed tensor remembers where it came from (:class:`TensorSource`: initializer name, layout
+transform, original shape/dtype), which is what makes :meth:`OnnxModule.write_back` exact: the
+original graph is kept and only initializer payloads change.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnx.inliner
+import onnx.shape_inference
+import torch
+from onnx import helper, numpy_helper
+from torch import nn
+
+from . import nodes as N
+# Importing the op modules fills the registry (each op registers itself with @register_op).
+from . import ops_control, ops_elementwise, ops_nn, ops_reduce, ops_resize, ops_shape  # noqa: F401
+from .nodes import NodeSpec, SubGraph
+from .ops import UnsupportedOp, as_outputs, get_op_by_key, is_supported
+
+_INDEXED_CONTAINERS = ("weights", "norms", "params")
+
+
+@dataclass(frozen=True)
+class TensorSource:
+    """Where the live torch tensor of one ONNX constant lives, and how to map it back.
+
+    ``location`` is ``("initializer", name)`` or ``("constant", output_name)`` for values that
+    :meth:`OnnxModule.write_back` writes, or ``None`` for values it must leave alone (subgraph
+    constants and Constant nodes that were not turned into weights).
+    """
+
+    container: str  # "weights" | "norms" | "params" | "consts"
+    key: str
+    attr: str | None  # attribute of the module in ``container[key]`` (e.g. "weight"), or None
+    transpose: bool  # torch tensor is the 2-D transpose of the ONNX tensor
+    shape: tuple[int, ...]  # ONNX shape
+    onnx_dtype: int
+    location: tuple[str, str] | None
+
+
+class _BufferHolder(nn.Module):
+    """Holds non-trainable constants as buffers so ``.to(device)`` moves them with the module."""
+
+
+class OnnxModule(nn.Module):
+    """Trainable PyTorch version of an ONNX graph; see :func:`compression.converter.to_torch`.
+
+    ``forward`` takes the graph inputs positionally (graph order) and returns one tensor, or a tuple
+    when the graph has several outputs. The module starts in eval mode, matching ONNX inference
+    semantics (BatchNormalization uses running statistics, Dropout is the identity); call
+    ``.train()`` for fine-tuning with batch statistics.
+    """
+
+    input_names: list[str]
+    output_names: list[str]
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        super().__init__()
+        self.weights = nn.ModuleDict()  # Conv/Gemm/MatMul layers, keyed by sanitized node name
+        self.norms = nn.ModuleDict()  # BatchNorm layers
+        self.params = nn.ParameterDict()  # remaining float initializers with > 1 element
+        self.consts = _BufferHolder()  # int/scalar initializers, Constant-node values (not trained)
+        self._sources: dict[str, TensorSource] = {}
+        self._nodes: list[NodeSpec] = []
+        self._needed: list[str] = []
+        self._input_dtypes: list[torch.dtype | None] = []
+        self.input_names = []
+        self.output_names = []
+        GraphBuilder(self, model).build()
+        self.eval()
+
+    # ----------------------------------------------------------------------------------- running
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        if len(inputs) != len(self.input_names):
+            raise TypeError(
+                f"expected {len(self.input_names)} inputs {self.input_names}, got {len(inputs)}"
+            )
+        env: dict[str, torch.Tensor] = {}
+        for name, x, dtype in zip(self.input_names, inputs, self._input_dtypes, strict=True):
+            x = torch.as_tensor(x)
+            if dtype is not None and x.dtype != dtype:
+                x = x.to(dtype)
+            env[name] = x
+        for name in self._needed:
+            env[name] = self._source_value(name)
+        self.run_nodes(self._nodes, env)
+        outs = tuple(env[name] for name in self.output_names)
+        return outs[0] if len(outs) == 1 else outs
+
+    def run_nodes(self, nodes: list[NodeSpec], env: dict[str, torch.Tensor]) -> None:
+        """Execute ``nodes`` in order, reading and writing values in ``env`` (also used by ``If``)."""
+        for node in nodes:
+            xs = [env[name] if name else None for name in node.inputs]
+            try:
+                result = get_op_by_key(node.impl).run(self, node, xs)
+            except Exception as exc:
+                exc.add_note(f"while running ONNX node {node.name!r} ({node.op_type})")
+                raise
+            for name, value in zip(node.outputs, as_outputs(result)):
+                if name and value is not None:
+                    env[name] = value
+
+    def run_subgraph(self, graph: SubGraph, env: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        scope = dict(env)
+        for name, key in graph.constants.items():
+            scope[name] = getattr(self.consts, key)
+        self.run_nodes(graph.nodes, scope)
+        return [scope[name] for name in graph.outputs]
+
+    # ---------------------------------------------------------------------------------- tensors
+    def _source_object(self, src: TensorSource) -> torch.Tensor:
+        holder = getattr(self, src.container)
+        obj = holder[src.key] if src.container in _INDEXED_CONTAINERS else getattr(holder, src.key)
+        return getattr(obj, src.attr) if src.attr else obj
+
+    def _source_value(self, name: str) -> torch.Tensor:
+        src = self._sources[name]
+        t = self._source_object(src)
+        if src.transpose:
+            t = t.t()
+        if tuple(t.shape) != src.shape:
+            t = t.reshape(src.shape)
+        return t
+
+    def initializer_value(self, name: str) -> torch.Tensor:
+        """Current value of ONNX initializer/constant ``name`` in ONNX layout (differentiable)."""
+        return self._source_value(name)
+
+    def tensor_name(self, name: str) -> str:
+        """``state_dict`` key of the tensor backing ONNX initializer ``name`` (e.g. for optimizers)."""
+        src = self._sources[name]
+        return ".".join(p for p in (src.container, src.key, src.attr) if p)
+
+    def weight_modules(self) -> dict[str, nn.Module]:
+        """Sanitized ONNX node name -> layer, for each Conv/ConvTranspose/Gemm/MatMul with constant weights.
+
+        The layers are the live modules of this OnnxModule (pruning them edits the model in place).
+        """
+        return dict(self.weights.items())
+
+    def write_back(self, model: onnx.ModelProto) -> onnx.ModelProto:
+        """Return a copy of ``model`` whose initializers hold this module's current values.
+
+        Layout transforms applied at conversion are undone (MatMul ``[K, N]`` vs ``Linear.weight
+        [N, K]``, Gemm ``transB=0``, a MatMul+Add bias fused into the Linear goes back into the Add's
+        initializer) and dtypes are restored. The graph structure is left untouched, so this is for
+        weight-level changes (fine-tuning, unstructured pruning), not for layers whose shape changed.
+        """
+        out = onnx.ModelProto()
+        out.CopyFrom(model)
+        init_index = {t.name: i for i, t in enumerate(out.graph.initializer)}
+        const_nodes = {
+            node.output[0]: node for node in out.graph.node if node.op_type == "Constant" and node.output
+        }
+        for name, src in self._sources.items():
+            if src.location is None:
+                continue
+            t = self._source_object(src).detach()
+            if src.transpose:
+                t = t.t()
+            if int(np.prod(t.shape)) != int(np.prod(src.shape)):
+                raise ValueError(
+                    f"tensor for initializer {name!r} has shape {tuple(t.shape)} but the graph expects "
+                    f"{src.shape}; write_back only supports weight-level changes, not structural ones"
+                )
+            np_dtype = helper.tensor_dtype_to_np_dtype(src.onnx_dtype)
+            if t.dtype == torch.bfloat16:
+                t = t.float()
+            arr = t.cpu().contiguous().numpy().reshape(src.shape).astype(np_dtype)
+            tensor = numpy_helper.from_array(arr, name)
+            kind, where = src.location
+            if kind == "initializer":
+                if where not in init_index:
+                    raise ValueError(f"model has no initializer {where!r}: not the converted model")
+                out.graph.initializer[init_index[where]].CopyFrom(tensor)
+            else:
+                node = const_nodes.get(where)
+                if node is None:
+                    raise ValueError(f"model has no Constant node producing {where!r}")
+                for attr in node.attribute:
+                    if attr.name == "value":
+                        attr.t.CopyFrom(tensor)
+        return out
+
+
+def _as_initializers(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
+    return {t.name: t for t in graph.initializer}
+
+
+def constant_node_value(node: onnx.NodeProto) -> tuple[np.ndarray, bool]:
+    """Value of a Constant node and whether it is a writable ``value`` tensor."""
+    if len(node.attribute) != 1:
+        raise ValueError(f"Constant node {node.name!r} must have exactly one attribute")
+    attr = node.attribute[0]
+    if attr.name == "value":
+        return N.tensor_to_numpy(attr.t), True
+    if attr.name == "value_float":
+        return np.array(attr.f, dtype=np.float32), False
+    if attr.name == "value_floats":
+        return np.array(list(attr.floats), dtype=np.float32), False
+    if attr.name == "value_int":
+        return np.array(attr.i, dtype=np.int64), False
+    if attr.name == "value_ints":
+        return np.array(list(attr.ints), dtype=np.int64), False
+    raise NotImplementedError(f"Constant node {node.name!r} with attribute {attr.name!r}")
+
+
+class GraphBuilder:
+    """Builds an :class:`OnnxModule` from a model; the API ``prepare`` hooks use to claim weights."""
+
+    def __init__(self, module: OnnxModule, model: onnx.ModelProto) -> None:
+        self.m = module
+        if len(model.functions):
+            model = onnx.inliner.inline_local_functions(model)
+        self.model = model
+        self.opsets = N.opsets(model)
+        self._node_keys: set[str] = set()
+        self._param_keys: set[str] = set()
+        self._const_keys: set[str] = set()
+        # Top-level constants: name -> (value, ONNX dtype, location, writable by write_back)
+        self._consts: dict[str, tuple[np.ndarray, int, tuple[str, str], bool]] = {}
+        self._claimed: set[str] = set()
+        self._consumers: dict[str, list[NodeSpec]] = defaultdict(list)
+        self._outputs: set[str] = set()
+        self._ranks: dict[str, int] | None = None
+        self._frozen: set[str] = set()
+
+    # ------------------------------------------------------------------------------ prepare API
+    def const(self, name: str) -> np.ndarray | None:
+        """Value of ``name`` if it is a top-level constant that no op has claimed yet."""
+        if not name or name in self._claimed or name not in self._consts:
+            return None
+        return self._consts[name][0]
+
+    def sole_consumer(self, name: str) -> NodeSpec | None:
+        """The only node reading ``name``, or None if it is read by several nodes or is a graph output."""
+        users = self._consumers.get(name, [])
+        if name in self._outputs or len(users) != 1:
+            return None
+        return users[0]
+
+    def claim(
+        self,
+        node: NodeSpec,
+        module: nn.Module,
+        bindings: dict[str, tuple[str, bool]],
+        *,
+        container: str = "weights",
+        inputs: list[str] | None = None,
+    ) -> None:
+        """Register ``module`` for ``node`` and record that constants in ``bindings`` now live in it.
+
+        ``bindings`` maps ONNX constant name -> (module attribute, transposed?). ``inputs`` replaces
+        the node's input list (constants consumed by the module are dropped from it).
+        """
+        getattr(self.m, container)[node.key] = module
+        for name, (attr, transpose) in bindings.items():
+            arr, onnx_dtype, location, writable = self._consts[name]
+            self._claimed.add(name)
+            self.m._sources[name] = TensorSource(
+                container, node.key, attr, transpose, tuple(arr.shape), onnx_dtype,
+                location if writable else None,
+            )
+        node.extra["module"] = (container, node.key)
+        if inputs is not None:
+            node.inputs = list(inputs)
+
+    def freeze(self, name: str) -> None:
+        """Keep float constant ``name`` a buffer (e.g. Resize scales: read as numbers, not weights)."""
+        self._frozen.add(name)
+
+    def rewrite(self, node: NodeSpec, impl: str, inputs: list[str]) -> None:
+        """Run ``node`` as a different registered op (e.g. an Add fused into a Linear -> Identity)."""
+        node.impl = impl
+        node.inputs = list(inputs)
+
+    def rank(self, name: str) -> int | None:
+        """Rank of value ``name`` from the model's value_info or ONNX shape inference, if known."""
+        if self._ranks is None:
+            self._ranks = {}
+            model = self.model
+            try:
+                model = onnx.shape_inference.infer_shapes(model)
+            except Exception:  # noqa: BLE001 - inference is best-effort; fall back to declared info
+                pass
+            g = model.graph
+            for vi in [*g.value_info, *g.input, *g.output]:
+                if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape"):
+                    self._ranks[vi.name] = len(vi.type.tensor_type.shape.dim)
+        return self._ranks.get(name)
+
+    def opset(self, domain: str = "") -> int:
+        return self.opsets.get(domain, self.opsets[""])
+
+    # ------------------------------------------------------------------------------------ build
+    def build(self) -> None:
+        graph = self.model.graph
+        missing = self._unsupported(graph)
+        if missing:
+            raise UnsupportedOp(missing)
+        inits = _as_initializers(graph)
+        for name, t in inits.items():
+            self._consts[name] = (N.tensor_to_numpy(t), t.data_type, ("initializer", name), True)
+        body = []
+        for node in graph.node:
+            if node.op_type == "Constant" and node.domain in N.DEFAULT_DOMAINS:
+                arr, writable = constant_node_value(node)
+                attr = node.attribute[0]
+                dtype = attr.t.data_type if writable else helper.np_dtype_to_tensor_dtype(arr.dtype)
+                self._consts[node.output[0]] = (arr, dtype, ("constant", node.output[0]), writable)
+            else:
+                body.append(node)
+
+        m = self.m
+        m.input_names = [i.name for i in graph.input if i.name not in inits]
+        m.output_names = [o.name for o in graph.output]
+        m._input_dtypes = [self._value_dtype(i) for i in graph.input if i.name not in inits]
+        self._outputs = set(m.output_names)
+
+        available = set(m.input_names) | set(self._consts)
+        ordered = N.topological_order(body, available)
+        specs = [self._spec(node, i) for i, node in enumerate(ordered)]
+        for spec in specs:
+            for name in spec.inputs:  # includes values read by subgraphs (see _spec)
+                if name:
+                    self._consumers[name].append(spec)
+        for spec in specs:
+            prepare = get_op_by_key(spec.impl).prepare
+            if prepare is not None:
+                prepare(self, spec)
+
+        needed: set[str] = set(m.output_names)
+        for spec in specs:
+            needed.update(n for n in spec.inputs if n)
+        for name in sorted(needed & set(self._consts)):
+            if name not in self._claimed:
+                self._register_const(name)
+        m._nodes = specs
+        m._needed = [name for name in self._consts if name in needed]
+
+    def _register_const(self, name: str) -> None:
+        arr, onnx_dtype, location, writable = self._consts[name]
+        tensor = torch.from_numpy(np.ascontiguousarray(arr))
+        if onnx_dtype == onnx.TensorProto.BFLOAT16:
+            tensor = tensor.to(torch.bfloat16)
+        # Single-element floats (attention scales, mask fill values like -inf) are constants even when
+        # stored as shape [1]: training or weight-decaying them would silently change graph semantics.
+        trainable = (
+            tensor.is_floating_point()
+            and tensor.dim() >= 1
+            and tensor.numel() > 1
+            and location[0] == "initializer"
+            and name not in self._frozen
+        )
+        if trainable:
+            key = N.sanitize(name, self._param_keys, "param")
+            self.m.params[key] = nn.Parameter(tensor)
+            container = "params"
+        else:
+            key = N.sanitize(name, self._const_keys, "const")
+            persistent = location[0] == "initializer"
+            self.m.consts.register_buffer(key, tensor, persistent=persistent)
+            container = "consts"
+        self.m._sources[name] = TensorSource(
+            container, key, None, False, tuple(arr.shape), onnx_dtype,
+            location if (writable and location[0] == "initializer") else None,
+        )
+
+    def _spec(self, node: onnx.NodeProto, index: int) -> NodeSpec:
+        attrs = {}
+        for attr in node.attribute:
+            value = N.attribute_value(attr)
+            if isinstance(value, onnx.GraphProto):
+                value = self._compile_subgraph(value)
+            elif isinstance(value, list) and value and isinstance(value[0], onnx.GraphProto):
+                value = [self._compile_subgraph(g) for g in value]
+            attrs[attr.name] = value
+        fallback = f"{node.op_type}_{index}"
+        inputs = list(node.input)
+        outer = [n for n in N.node_inputs_with_subgraphs(node)[len([i for i in inputs if i]):]]
+        outer = list(dict.fromkeys(outer))
+        spec = NodeSpec(
+            op_type=node.op_type,
+            domain=node.domain,
+            name=node.name or fallback,
+            key=N.sanitize(node.name or fallback, self._node_keys, fallback),
+            inputs=inputs + outer,
+            outputs=list(node.output),
+            attrs=attrs,
+            opset=self.opset(node.domain),
+        )
+        if outer:
+            spec.extra["outer_refs"] = outer
+        return spec
+
+    def _compile_subgraph(self, graph: onnx.GraphProto) -> SubGraph:
+        """Compile an If/Loop body; its own constants become (non-trainable) buffers."""
+        constants: dict[str, str] = {}
+        for t in graph.initializer:
+            constants[t.name] = self._add_buffer(t.name, N.tensor_to_torch(t))
+        body = []
+        for node in graph.node:
+            if node.op_type == "Constant" and node.domain in N.DEFAULT_DOMAINS:
+                arr, _ = constant_node_value(node)
+                constants[node.output[0]] = self._add_buffer(node.output[0], torch.from_numpy(arr))
+            else:
+                body.append(node)
+        available = {i.name for i in graph.input} | set(constants)
+        ordered = N.topological_order(body, available | N.subgraph_outer_refs(graph))
+        specs = [self._spec(node, i) for i, node in enumerate(ordered)]
+        return SubGraph(nodes=specs, constants=constants, outputs=[o.name for o in graph.output])
+
+    def _add_buffer(self, name: str, tensor: torch.Tensor) -> str:
+        key = N.sanitize(name, self._const_keys, "const")
+        self.m.consts.register_buffer(key, tensor, persistent=False)
+        return key
+
+    @staticmethod
+    def _value_dtype(value: onnx.ValueInfoProto) -> torch.dtype | None:
+        if value.type.HasField("tensor_type") and value.type.tensor_type.elem_type:
+            return N.ONNX_TO_TORCH_DTYPE.get(value.type.tensor_type.elem_type)
+        return None
+
+    @staticmethod
+    def _unsupported(graph: onnx.GraphProto) -> list[str]:
+        return sorted(
+            {
+                N.op_key(node.op_type, node.domain)
+                for node in N.iter_all_nodes(graph)
+                if not is_supported(node.op_type, node.domain)
+            }
+        )
+

