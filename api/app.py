@@ -4,6 +4,7 @@ from __future__ import annotations
 from fastapi import FastAPI
 
 from api import errors
+from api.limits import BodySizeLimit
 from api.routers import datasets, health, jobs, models
 from store.settings import Settings, get_settings
 
@@ -15,4 +16,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     errors.install(app)
     for r in (health.router, models.router, datasets.router, jobs.router):
         app.include_router(r)
+    app.add_middleware(BodySizeLimit, max_bytes=app.state.settings.max_json_bytes)
     return app

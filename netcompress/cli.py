@@ -37,6 +37,16 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_keys_revoke(args: argparse.Namespace) -> int:
+    from store.auth import revoke_key
+    from store.db import session_scope
+
+    with session_scope() as s:
+        ok = revoke_key(s, args.key)
+    print("revoked" if ok else "no such key")
+    return 0 if ok else 1
+
+
 def _worker_argv(queues: str | None, concurrency: int, pool: str) -> list[str]:
     settings = get_settings()
     return ["worker", "--loglevel", "INFO", "--concurrency", str(concurrency), "--pool", pool,
@@ -104,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     kc = ksub.add_parser("create", help="create a key for a team (the last line printed is the key)")
     kc.add_argument("--team", required=True)
     kc.set_defaults(fn=cmd_keys_create)
+    kr = ksub.add_parser("revoke", help="revoke a key (requests with it get 401 from then on)")
+    kr.add_argument("key")
+    kr.set_defaults(fn=cmd_keys_revoke)
     return p
 
 

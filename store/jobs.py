@@ -79,16 +79,41 @@ def reap_lost_jobs(session: Session, *, stale_after_s: float, max_attempts: int)
     return requeued
 
 
-def unsent_jobs(session: Session, *, older_than_s: float) -> list[str]:
-    """Queued jobs never handed to the broker (it was down at submit), or handed over long ago."""
-    cutoff = utcnow() - timedelta(seconds=older_than_s)
+def unsent_jobs(session: Session, *, older_than_s: float, resend_after_s: float) -> list[str]:
+    """Queued jobs with no message in flight: never sent (broker down at submit), deferred by a quota
+    (``enqueued_at`` cleared), or sent so long ago that the message was probably lost (broker restart).
+
+    A duplicate message is harmless: the claim guard drops it.
+    """
+    now = utcnow()
     rows = session.execute(
         select(Job.id).where(
             Job.status == JobStatus.queued.value,
-            (Job.enqueued_at.is_(None) & (Job.created_at < cutoff)) | (Job.enqueued_at < cutoff - timedelta(hours=1)),
-        )
+            (Job.enqueued_at.is_(None) & (Job.updated_at < now - timedelta(seconds=older_than_s)))
+            | (Job.enqueued_at < now - timedelta(seconds=resend_after_s)),
+        ).order_by(Job.created_at)
     ).scalars().all()
     return list(rows)
+
+
+def defer(session: Session, job_id: str) -> None:
+    """A quota kept this job waiting: forget its message so the sweeper (or a finishing job) re-sends it."""
+    session.execute(update(Job).where(Job.id == job_id, Job.status == JobStatus.queued.value)
+                    .values(enqueued_at=None, updated_at=utcnow()).execution_options(synchronize_session=False))
+
+
+def running_count(session: Session, team_id: str) -> int:
+    from sqlalchemy import func
+
+    return session.execute(select(func.count()).select_from(Job).where(
+        Job.team_id == team_id, Job.status == JobStatus.running.value)).scalar_one()
+
+
+def next_deferred(session: Session, team_id: str) -> str | None:
+    """The team's oldest queued job without a message in flight (sent when a slot frees)."""
+    return session.execute(select(Job.id).where(
+        Job.team_id == team_id, Job.status == JobStatus.queued.value, Job.enqueued_at.is_(None))
+        .order_by(Job.created_at).limit(1)).scalar_one_or_none()
 
 
 def mark_enqueued(session: Session, job_id: str) -> None:

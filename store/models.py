@@ -47,7 +47,8 @@ class Team(Base):
     __tablename__ = "teams"
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     name: Mapped[str] = mapped_column(String(200), unique=True)
-    max_running_jobs: Mapped[int] = mapped_column(Integer, default=4)
+    # Per-team concurrency override; None uses NETCOMPRESS_TEAM_MAX_RUNNING_JOBS.
+    max_running_jobs: Mapped[int | None] = mapped_column(Integer, default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 

@@ -31,6 +31,14 @@ class Settings(BaseSettings):
     heartbeat_s: float = Field(10.0, gt=0, le=600, description="How often a worker touches its job row.")
     worker_threads: int = Field(0, ge=0, le=256, description="torch/ORT threads in the worker (0 = all cores).")
     queue: str = Field("netcompress", description="Celery queue jobs are sent to.")
+    team_max_running_jobs: int = Field(4, ge=1, le=10_000, description="Default per-team concurrency quota.")
+    resend_after_s: float = Field(
+        300.0, ge=1, le=86_400, description="Re-send a job still queued this long after it was sent (lost message)."
+    )
+    db_retry_s: float = Field(
+        600.0, ge=0, le=86_400, description="How long a worker keeps retrying its final writes while the DB is down."
+    )
+    max_json_bytes: int = Field(1024 * 1024, ge=1024, le=64 * 1024**2, description="Cap on a JSON request body.")
 
     @field_validator("home")
     @classmethod

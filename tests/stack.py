@@ -40,6 +40,15 @@ class Stack:
                              text=True, check=True)
         return out.stdout.strip().splitlines()[-1]
 
+    def add_worker(self) -> subprocess.Popen:
+        """Start one more worker process (its own log file) and return it."""
+        n = len(self.procs)
+        log = open(self.home / f"worker{n}.log", "w")
+        p = subprocess.Popen(NC + ["worker", "--concurrency", "1"], env=self.env, stdout=log,
+                             stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs.append(p)
+        return p
+
     def stop(self) -> None:
         for p in self.procs:
             if p.poll() is None:
@@ -75,20 +84,18 @@ def base_env(home: Path, **extra: str) -> dict[str, str]:
     return env
 
 
-def start_stack(home: Path, *, database_url: str, broker_url: str, workers: int = 1) -> Stack:
+def start_stack(home: Path, *, database_url: str, broker_url: str, workers: int = 1, **extra_env: str) -> Stack:
     env = base_env(home, NETCOMPRESS_DATABASE_URL=database_url, NETCOMPRESS_BROKER_URL=broker_url,
-                   NETCOMPRESS_QUEUE=f"nc-test-{uuid.uuid4().hex[:8]}")
+                   NETCOMPRESS_QUEUE=f"nc-test-{uuid.uuid4().hex[:8]}", **extra_env)
     home.mkdir(parents=True, exist_ok=True)
     subprocess.run(NC + ["migrate"], env=env, check=True, capture_output=True)
     port = free_port()
     log = open(home / "api.log", "w")
     procs = [subprocess.Popen(NC + ["api", "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT)]
-    for i in range(workers):
-        wlog = open(home / f"worker{i}.log", "w")
-        procs.append(subprocess.Popen(NC + ["worker", "--concurrency", "1"], env=env, stdout=wlog,
-                                      stderr=subprocess.STDOUT))
     url = f"http://127.0.0.1:{port}"
     stack = Stack(url=url, key="", env=env, home=home, procs=procs)
+    for _ in range(workers):
+        stack.add_worker()
     try:
         _wait_ready(url, procs)
         stack.key = stack.new_key("team-a")
@@ -98,9 +105,9 @@ def start_stack(home: Path, *, database_url: str, broker_url: str, workers: int 
     return stack
 
 
-def start_embedded(home: Path) -> Stack:
+def start_embedded(home: Path, **extra_env: str) -> Stack:
     home.mkdir(parents=True, exist_ok=True)
-    env = base_env(home / "var")
+    env = base_env(home / "var", **extra_env)
     port = free_port()
     log_path = home / "serve.log"
     log = open(log_path, "w")

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import logging
+import os
 import shutil
+import socket
 import threading
 import time
 import traceback
@@ -11,7 +13,8 @@ from typing import Any
 
 import numpy as np
 import onnx
-from sqlalchemy import update
+from sqlalchemy import select, update
+from sqlalchemy.exc import DBAPIError, OperationalError
 
 from compression.data import load_npz, split
 from compression.errors import Cancelled, CompressionError
@@ -20,8 +23,8 @@ from compression.pipeline import run_pipeline
 from compression.spec import parse_spec
 from store.artifacts import get_artifact_store
 from store.db import session_scope
-from store.jobs import add_artifact, report_progress
-from store.models import DatasetRecord, Job, JobStatus, ModelRecord, utcnow
+from store.jobs import add_artifact, defer, next_deferred, report_progress, running_count
+from store.models import DatasetRecord, Job, JobStatus, ModelRecord, Team, utcnow
 from store.settings import Settings, get_settings
 from store.transitions import transition
 
@@ -30,6 +33,32 @@ log = logging.getLogger(__name__)
 
 class TimeLimitExceeded(Cancelled):
     code = "time_limit"
+
+
+DB_ERRORS = (OperationalError, DBAPIError)
+
+
+def with_db_retry(fn, *, budget_s: float):  # noqa: ANN001, ANN201
+    """Run ``fn`` (one transaction) until the database answers, for up to ``budget_s`` seconds.
+
+    The final writes of a finished job must survive a database restart: the work is done, losing it
+    would mean running the job twice.
+    """
+    deadline = time.monotonic() + budget_s
+    delay = 0.5
+    while True:
+        try:
+            return fn()
+        except DB_ERRORS as e:
+            if time.monotonic() + delay > deadline:
+                raise
+            log.warning("database unavailable (%s); retrying in %.1fs", type(e).__name__, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 10.0)
+
+
+def _quota(team: Team, settings: Settings) -> int:
+    return team.max_running_jobs or settings.team_max_running_jobs
 
 
 class _Heartbeat(threading.Thread):
@@ -67,8 +96,15 @@ def run_job(job_id: str, settings: Settings | None = None) -> str:
             transition(s, job_id, JobStatus.failed, reason="attempts exhausted",
                        error={"code": "attempts_exhausted", "message": f"gave up after {job.attempts} attempts"})
             return "failed"
+        if job.status != JobStatus.queued.value:
+            return f"skipped ({job.status})"  # Guard: redelivered_task (cheap path; the claim re-checks)
+        # Guard: quota_race — lock the team row so two workers cannot both take the team's last slot.
+        team = s.execute(select(Team).where(Team.id == job.team_id).with_for_update()).scalar_one()
+        if running_count(s, team.id) >= _quota(team, settings):
+            defer(s, job_id)
+            return "deferred (team quota)"
         # Guard: redelivered_task — acks_late redelivers; only a queued job can be claimed.
-        claim = transition(s, job_id, JobStatus.running, reason="claimed by worker")
+        claim = transition(s, job_id, JobStatus.running, reason=f"claimed by {socket.gethostname()}:{os.getpid()}")
         if not claim.accepted:
             return f"skipped ({claim.reason})"
         attempt_id = claim.attempt_id
@@ -78,6 +114,7 @@ def run_job(job_id: str, settings: Settings | None = None) -> str:
         spec_raw, model_key, model_sha = job.spec, model_rec.storage_key, model_rec.sha256
         ds_key = dataset_rec.storage_key if dataset_rec else None
         ds_sha = dataset_rec.sha256 if dataset_rec else None
+        team_id = job.team_id
 
     store = get_artifact_store(settings)
     workdir = settings.home / "work" / job_id / attempt_id
@@ -95,9 +132,14 @@ def run_job(job_id: str, settings: Settings | None = None) -> str:
         if now - last_write[0] < 0.5 and p["phase"] == last_write[1] and p["fraction"] < 1.0:
             return
         last_write[0], last_write[1] = now, p["phase"]
-        with session_scope() as s:
-            if not report_progress(s, job_id, attempt_id, p):
-                raise Cancelled("cancelled by user")
+        try:
+            with session_scope() as s:
+                still_ours = report_progress(s, job_id, attempt_id, p)
+        except DB_ERRORS as e:  # database restarting: keep computing, report next time
+            log.warning("progress not saved: %s", type(e).__name__)
+            return
+        if not still_ours:
+            raise Cancelled("cancelled by user")
 
     try:
         _configure_threads(settings)
@@ -118,13 +160,18 @@ def run_job(job_id: str, settings: Settings | None = None) -> str:
         for f in result.files:
             size, sha = store.put_file(f"{prefix}/{f.name}", f.path)
             stored.append((f, size, sha))
-        with session_scope() as s:
-            done = transition(s, job_id, JobStatus.succeeded, reason="pipeline finished",
-                              expect_attempt=attempt_id, metrics=result.metrics)
-            if done.accepted:
-                for f, size, sha in stored:
-                    add_artifact(s, job_id, name=f.name, kind=f.kind, size_bytes=size, sha256=sha,
-                                 storage_key=f"{prefix}/{f.name}")
+
+        def publish():  # noqa: ANN202 - one transaction: the status and the artifact rows together
+            with session_scope() as s:
+                res = transition(s, job_id, JobStatus.succeeded, reason="pipeline finished",
+                                 expect_attempt=attempt_id, metrics=result.metrics)
+                if res.accepted:
+                    for f, size, sha in stored:
+                        add_artifact(s, job_id, name=f.name, kind=f.kind, size_bytes=size, sha256=sha,
+                                     storage_key=f"{prefix}/{f.name}")
+                return res
+
+        done = with_db_retry(publish, budget_s=settings.db_retry_s)
         if not done.accepted:
             store.delete_prefix(prefix)  # cancelled or reaped meanwhile: leave nothing behind
             return f"discarded ({done.reason})"
@@ -146,12 +193,31 @@ def run_job(job_id: str, settings: Settings | None = None) -> str:
     finally:
         heartbeat.stop.set()
         shutil.rmtree(settings.home / "work" / job_id / attempt_id, ignore_errors=True)
+        _release_slot(team_id, settings)
+
+
+def _release_slot(team_id: str, settings: Settings) -> None:
+    """A slot of the team's quota is free: send its oldest deferred job now rather than at the next sweep."""
+    from worker.maintenance import send_and_mark
+
+    try:
+        with session_scope() as s:
+            nxt = next_deferred(s, team_id)
+        if nxt:
+            send_and_mark([nxt])
+    except Exception as e:  # the sweeper will do it
+        log.warning("could not hand on the quota slot: %s", e)
 
 
 def _finish(job_id: str, attempt_id: str, to: JobStatus, code: str, message: str) -> None:
-    with session_scope() as s:
-        transition(s, job_id, to, reason=message[:500], expect_attempt=attempt_id,
-                   error={"code": code, "message": message[:4000]})
+    settings = get_settings()
+
+    def write():  # noqa: ANN202
+        with session_scope() as s:
+            transition(s, job_id, to, reason=message[:500], expect_attempt=attempt_id,
+                       error={"code": code, "message": message[:4000]})
+
+    with_db_retry(write, budget_s=settings.db_retry_s)
 
 
 def _configure_threads(settings: Settings) -> None:

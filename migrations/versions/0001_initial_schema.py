@@ -19,7 +19,7 @@ def upgrade() -> None:
     op.create_table('teams',
     sa.Column('id', sa.String(length=32), nullable=False),
     sa.Column('name', sa.String(length=200), nullable=False),
-    sa.Column('max_running_jobs', sa.Integer(), nullable=False),
+    sa.Column('max_running_jobs', sa.Integer(), nullable=True),
     sa.Column('created_at', sa.DateTime(timezone=True), nullable=False),
     sa.PrimaryKeyConstraint('id'),
     sa.UniqueConstraint('name')

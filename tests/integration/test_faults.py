@@ -1,0 +1,187 @@
+"""Faults injected for real: workers SIGKILLed and SIGTERMed mid-job, the broker down at submit and
+restarted mid-job, the database restarted under a job and under API traffic, a job time limit.
+
+The stack here runs on a private redis-server and a private PostgreSQL cluster so they can be killed.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import httpx
+import pytest
+from sqlalchemy import create_engine, text
+
+from tests.faults import PrivatePostgres, PrivateRedis
+from tests.stack import start_embedded, start_stack, wait_job
+
+LONG_SPEC = {"steps": [{"method": "prune", "sparsity": 0.5, "finetune": {"epochs": 15, "batch_size": 32}}],
+             "eval": {"latency_runs": 5}}
+
+
+@pytest.fixture(scope="module")
+def fault(tmp_path_factory, cnn_onnx, mnist_npz):
+    home = tmp_path_factory.mktemp("faults")
+    pg, redis = PrivatePostgres(), PrivateRedis(home / "redis")
+    pg.start()
+    redis.start()
+    stack = start_stack(home / "stack", database_url=pg.url, broker_url=redis.url, workers=2,
+                        NETCOMPRESS_MAX_ATTEMPTS="2")
+    c = stack.client()
+    with open(cnn_onnx["legacy"], "rb") as f:
+        model = c.post("/v1/models", files={"file": ("cnn.onnx", f)}).json()
+    with open(mnist_npz, "rb") as f:
+        ds = c.post("/v1/datasets", files={"file": ("mnist.npz", f)}).json()
+    engine = create_engine(pg.url.replace("postgresql://", "postgresql+psycopg://"), pool_pre_ping=True)
+    yield {"stack": stack, "pg": pg, "redis": redis, "model": model, "ds": ds, "engine": engine}
+    engine.dispose()
+    stack.stop()
+    redis.stop()
+    pg.destroy()
+
+
+def _submit(f, spec=LONG_SPEC) -> dict:
+    r = f["stack"].client().post("/v1/jobs", json={"model_id": f["model"]["id"], "dataset_id": f["ds"]["id"],
+                                                   "spec": spec})
+    assert r.status_code == 202, r.text
+    return r.json()
+
+
+def _wait_phase(f, job_id: str, phase: str = "finetuning", timeout: float = 90, attempt: int = 1) -> dict:
+    c = f["stack"].client()
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        job = c.get(f"/v1/jobs/{job_id}").json()
+        if job["status"] == "running" and job["progress"].get("phase") == phase and job["attempts"] >= attempt:
+            return job
+        time.sleep(0.2)
+    raise TimeoutError(job)
+
+
+def _history(f, job_id: str) -> list[tuple]:
+    with f["engine"].connect() as conn:
+        return [tuple(r) for r in conn.execute(text(
+            "SELECT from_status, to_status, reason FROM job_transitions WHERE job_id=:j ORDER BY id"), {"j": job_id})]
+
+
+def _claimer_pid(f, job_id: str) -> int:
+    reason = [h for h in _history(f, job_id) if h[1] == "running"][-1][2]
+    return int(reason.rsplit(":", 1)[1])
+
+
+def _kill_worker_of(f, job_id: str) -> None:
+    """SIGKILL the worker that runs the job: its main process first (so nothing hands the job back), then the child."""
+    child = _claimer_pid(f, job_id)
+    with open(f"/proc/{child}/stat") as fh:
+        parent = int(fh.read().rsplit(")", 1)[1].split()[1])
+    os.kill(parent, signal.SIGKILL)
+    os.kill(child, signal.SIGKILL)
+    f["stack"].add_worker()  # keep two workers
+
+
+def _artifact_attempt_dirs(f, job_id: str) -> list[str]:
+    d = f["stack"].home / "artifacts" / "jobs" / job_id
+    return sorted(p.name for p in d.iterdir()) if d.exists() else []
+
+
+def test_sigkill_mid_job_requeues_and_another_worker_finishes(fault):
+    job = _submit(fault)
+    _wait_phase(fault, job["id"])
+    _kill_worker_of(fault, job["id"])
+    done = wait_job(fault["stack"].client(), job["id"], timeout=180)
+    assert done["status"] == "succeeded", done
+    assert done["attempts"] == 2
+    moves = [(a, b) for a, b, _ in _history(fault, job["id"])]
+    assert moves == [("queued", "running"), ("running", "queued"), ("queued", "running"), ("running", "succeeded")]
+    assert len(_artifact_attempt_dirs(fault, job["id"])) == 1  # exactly one set of artifacts
+    names = [a["name"] for a in done["artifacts"]]
+    assert len(names) == len(set(names)) and "model.onnx" in names
+
+
+def test_attempt_limit_ends_failed(fault):
+    job = _submit(fault)
+    for attempt in (1, 2):
+        _wait_phase(fault, job["id"], timeout=120, attempt=attempt)
+        _kill_worker_of(fault, job["id"])
+    done = wait_job(fault["stack"].client(), job["id"], timeout=120)
+    assert done["status"] == "failed" and done["error"]["code"] == "worker_lost"
+    assert done["attempts"] == 2 and done["artifacts"] == []
+    assert _artifact_attempt_dirs(fault, job["id"]) == []
+
+
+def test_sigterm_warm_shutdown_finishes_the_job(fault):
+    job = _submit(fault)
+    _wait_phase(fault, job["id"])
+    child = _claimer_pid(fault, job["id"])
+    with open(f"/proc/{child}/stat") as fh:
+        parent = int(fh.read().rsplit(")", 1)[1].split()[1])
+    os.kill(parent, signal.SIGTERM)
+    done = wait_job(fault["stack"].client(), job["id"], timeout=180)
+    assert done["status"] == "succeeded" and done["attempts"] == 1
+    fault["stack"].add_worker()
+
+
+def test_broker_down_at_submit_then_sweeper_sends(fault):
+    fault["redis"].stop()
+    try:
+        t = time.time()
+        job = _submit(fault, {"steps": [{"method": "prune", "sparsity": 0.3}], "eval": {"latency_runs": 5}})
+        assert time.time() - t < 10
+        assert job["status"] == "queued"
+        time.sleep(2)
+        assert fault["stack"].client().get(f"/v1/jobs/{job['id']}").json()["status"] == "queued"
+    finally:
+        fault["redis"].start()
+    done = wait_job(fault["stack"].client(), job["id"], timeout=120)
+    assert done["status"] == "succeeded" and done["attempts"] == 1
+
+
+def test_broker_restart_while_job_runs(fault):
+    job = _submit(fault)
+    _wait_phase(fault, job["id"])
+    fault["redis"].stop()
+    time.sleep(1)
+    fault["redis"].start()
+    done = wait_job(fault["stack"].client(), job["id"], timeout=180)
+    assert done["status"] == "succeeded" and done["attempts"] == 1
+
+
+def test_database_restart_under_job_and_api(fault):
+    c = fault["stack"].client()
+    job = _submit(fault)
+    _wait_phase(fault, job["id"])
+    fault["pg"].stop()
+    try:
+        r = c.get(f"/v1/jobs/{job['id']}")
+        assert r.status_code == 503, r.text
+        assert r.headers["content-type"].startswith("application/problem+json") and r.json()["code"] == "unavailable"
+        assert httpx.get(fault["stack"].url + "/readyz").status_code == 503
+        time.sleep(3)
+    finally:
+        fault["pg"].start()
+    deadline = time.time() + 30
+    while c.get(f"/v1/jobs/{job['id']}").status_code != 200:
+        assert time.time() < deadline, "API did not recover"
+        time.sleep(0.3)
+    done = wait_job(c, job["id"], timeout=180)
+    assert done["status"] == "succeeded"
+    running = [h for h in _history(fault, job["id"]) if h[1] == "running"]
+    assert len(running) == 1 and done["attempts"] == 1  # not lost, not run twice
+
+
+def test_time_limit_fails_the_job(tmp_path_factory, cnn_onnx, mnist_npz):
+    stack = start_embedded(tmp_path_factory.mktemp("limit"), NETCOMPRESS_JOB_TIME_LIMIT_S="10")
+    try:
+        c = stack.client()
+        with open(cnn_onnx["legacy"], "rb") as f:
+            model = c.post("/v1/models", files={"file": ("cnn.onnx", f)}).json()
+        with open(mnist_npz, "rb") as f:
+            ds = c.post("/v1/datasets", files={"file": ("mnist.npz", f)}).json()
+        spec = {"steps": [{"method": "prune", "finetune": {"epochs": 500, "batch_size": 32}}]}
+        job = c.post("/v1/jobs", json={"model_id": model["id"], "dataset_id": ds["id"], "spec": spec}).json()
+        done = wait_job(c, job["id"], timeout=90)
+        assert done["status"] == "failed" and done["error"]["code"] == "time_limit"
+        assert done["artifacts"] == []
+    finally:
+        stack.stop()
