@@ -185,3 +185,65 @@ def test_time_limit_fails_the_job(tmp_path_factory, cnn_onnx, mnist_npz):
         assert done["artifacts"] == []
     finally:
         stack.stop()
+
+
+def test_200_jobs_4_teams_with_quota(fault, tmp_path):
+    import threading
+    from collections import defaultdict
+
+    import torch
+
+    from compression.zoo import export_onnx
+
+    net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4)).eval()
+    path = export_onnx(net, torch.zeros(2, 8), tmp_path / "tiny.onnx", dynamo=False)
+    stack = fault["stack"]
+    teams = {f"quota-{i}": stack.new_key(f"quota-{i}") for i in range(4)}
+    with fault["engine"].begin() as conn:
+        conn.execute(text("UPDATE teams SET max_running_jobs=1 WHERE name LIKE 'quota-%'"))
+    spec = {"steps": [{"method": "prune", "sparsity": 0.2}], "eval": {"latency_runs": 5}}
+    ids: dict[str, list[str]] = defaultdict(list)
+
+    def submit(team: str, key: str) -> None:
+        c = stack.client(key)
+        model = c.post("/v1/models", files={"file": ("tiny.onnx", path.read_bytes())}).json()
+        for _ in range(50):
+            r = c.post("/v1/jobs", json={"model_id": model["id"], "spec": spec})
+            assert r.status_code == 202
+            ids[team].append(r.json()["id"])
+
+    threads = [threading.Thread(target=submit, args=kv) for kv in teams.items()]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    all_ids = [j for v in ids.values() for j in v]
+    assert len(all_ids) == 200
+    deadline = time.time() + 600
+    with fault["engine"].connect() as conn:
+        while True:
+            left = conn.execute(text("SELECT count(*) FROM jobs WHERE id = ANY(:ids) AND status IN ('queued','running')"),
+                                {"ids": all_ids}).scalar()
+            if left == 0:
+                break
+            assert time.time() < deadline, f"{left} jobs unfinished"
+            time.sleep(1)
+        statuses = dict(conn.execute(text("SELECT status, count(*) FROM jobs WHERE id = ANY(:ids) GROUP BY status"),
+                                     {"ids": all_ids}).all())
+        assert statuses == {"succeeded": 200}
+        rows = conn.execute(text(
+            "SELECT t.job_id, j.team_id, t.to_status, t.at FROM job_transitions t JOIN jobs j ON j.id = t.job_id "
+            "WHERE t.job_id = ANY(:ids) ORDER BY t.at, t.id"), {"ids": all_ids}).all()
+    runs = defaultdict(int)
+    for job_id, _, to, _ in rows:
+        runs[job_id] += to == "running"
+    assert set(runs.values()) == {1}  # none ran twice
+    active: dict[str, int] = defaultdict(int)
+    peak: dict[str, int] = defaultdict(int)
+    for _, team, to, _ in rows:  # replay the history in order: concurrent running jobs per team
+        if to == "running":
+            active[team] += 1
+            peak[team] = max(peak[team], active[team])
+        elif to in ("succeeded", "failed", "cancelled", "queued"):
+            active[team] -= 1
+    assert set(peak.values()) == {1}, peak
