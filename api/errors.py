@@ -7,6 +7,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from sqlalchemy.exc import DBAPIError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -17,6 +18,39 @@ from store.artifacts import UploadTooLarge
 
 log = logging.getLogger(__name__)
 PROBLEM = "application/problem+json"
+
+
+class ProblemBody(BaseModel):
+    """RFC 9457 problem details, as every error response of this API carries them."""
+
+    type: str
+    title: str
+    status: int
+    detail: str = ""
+    code: str
+    errors: list[dict[str, Any]] | None = None
+
+
+_DESCRIPTIONS = {400: "Malformed request", 401: "Missing, unknown or revoked API key", 404: "Not found (or another team's)",
+                 409: "Conflict with the resource's state", 413: "Too large", 415: "Unsupported media type or format",
+                 422: "Validation failed", 503: "Database or broker unavailable"}
+
+
+def problem_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI entries for problem+json error responses (so clients and fuzzers know them)."""
+    return {c: {"description": _DESCRIPTIONS[c], "model": ProblemBody,
+                "content": {PROBLEM: {"schema": {"$ref": "#/components/schemas/ProblemBody"}}}} for c in codes}
+
+
+COMMON_PROBLEMS = problem_responses(401, 404, 422, 503)
+
+
+def multipart_upload_body(description: str) -> dict[str, Any]:
+    """``openapi_extra`` for the streamed upload routes (they read the body themselves)."""
+    return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+        "type": "object", "required": ["file"],
+        "properties": {"file": {"type": "string", "format": "binary", "description": description},
+                       "name": {"type": "string", "maxLength": 200}}}}}}}
 
 
 class Problem(Exception):

@@ -6,14 +6,10 @@ import json
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 
-class BodyTooLarge(Exception):
-    pass
-
-
 class BodySizeLimit:
     """Pure ASGI middleware: bodies other than multipart uploads over ``max_bytes`` get a 413 problem.
 
-    Checks Content-Length up front and counts bytes as they arrive (chunked bodies have no length).
+    Checks Content-Length up front, and counts bytes as they arrive (chunked bodies have no length).
     """
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
@@ -28,29 +24,30 @@ class BodySizeLimit:
         length = headers.get(b"content-length", b"")
         if length.isdigit() and int(length) > self.max_bytes:
             return await self._reject(send)
+        # Read the (small, capped) body here and replay it: the app never sees more than max_bytes.
+        chunks: list[bytes] = []
         seen = 0
-        started = False
-
-        async def counting_receive() -> Message:
-            nonlocal seen
+        while True:
             msg = await receive()
-            if msg["type"] == "http.request":
-                seen += len(msg.get("body", b""))
-                if seen > self.max_bytes:
-                    raise BodyTooLarge()
-            return msg
+            if msg["type"] != "http.request":
+                return  # client went away
+            chunk = msg.get("body", b"")
+            seen += len(chunk)
+            if seen > self.max_bytes:
+                return await self._reject(send)
+            chunks.append(chunk)
+            if not msg.get("more_body", False):
+                break
+        body, replayed = b"".join(chunks), False
 
-        async def tracking_send(msg: Message) -> None:
-            nonlocal started
-            if msg["type"] == "http.response.start":
-                started = True
-            await send(msg)
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
 
-        try:
-            await self.app(scope, counting_receive, tracking_send)
-        except BodyTooLarge:
-            if not started:
-                await self._reject(send)
+        await self.app(scope, replay, send)
 
     async def _reject(self, send: Send) -> None:
         body = json.dumps({"type": "/problems/too_large", "title": "request body too large", "status": 413,

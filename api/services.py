@@ -91,6 +91,15 @@ def validate_job(*, session: Session, team: Team, body: JobCreate) -> tuple[Mode
             errors.append({"loc": ["steps", i], "msg": f"{step.method} with these settings needs a dataset"})
     if errors:
         raise Problem(422, "invalid_spec", "invalid spec", "a step needs a dataset", validation_errors(["spec"], errors))
+    missing = []  # model ids named inside steps (teachers, students, rewind inits): this team's only
+    for i, step in enumerate(spec.steps):
+        for loc, ref in getattr(step, "model_refs", []):
+            rec = session.get(ModelRecord, ref)
+            if rec is None or rec.team_id != team.id:
+                missing.append({"loc": ["steps", i, *loc], "msg": f"no model {ref!r} in your team"})
+    if missing:
+        raise Problem(404, "not_found", "model not found", "a model id in the spec is not a model of your team",
+                      validation_errors(["spec"], missing))
     return model, dataset, spec.to_json()
 
 

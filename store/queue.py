@@ -4,7 +4,6 @@ The worker registers its tasks on this same app (``worker.tasks``), so both ends
 """
 from __future__ import annotations
 
-from functools import lru_cache
 from typing import Any
 
 from celery import Celery
@@ -49,17 +48,18 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     return conf
 
 
-@lru_cache(maxsize=4)
-def _app(url_key: str) -> Celery:
-    settings = get_settings()
-    app = Celery("netcompress")
-    app.conf.update(celery_config(settings))
-    return app
+_apps: dict[tuple[str, str, str], Celery] = {}
 
 
 def get_celery(settings: Settings | None = None) -> Celery:
+    """One Celery app per (broker, home, queue) in this process, configured from ``settings``."""
     settings = settings or get_settings()
-    return _app(settings.celery_broker_url + str(settings.home))
+    key = (settings.celery_broker_url, str(settings.home), settings.queue)
+    if key not in _apps:
+        app = Celery("netcompress")
+        app.conf.update(celery_config(settings))
+        _apps[key] = app
+    return _apps[key]
 
 
 def send_job(job_id: str, settings: Settings | None = None) -> None:

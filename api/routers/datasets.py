@@ -9,17 +9,18 @@ from fastapi.responses import Response
 from sqlalchemy import select, update
 
 from api.deps import DatasetDep, SessionDep, SettingsDep, StoreDep, TeamDep
-from api.errors import Problem
+from api.errors import COMMON_PROBLEMS, Problem, multipart_upload_body, problem_responses
 from api.pagination import paginate
 from api.schemas import DatasetList, DatasetPublic
 from api.services import ingest_dataset
 from api.uploads import receive_upload
 from store.models import DatasetRecord, Job, JobStatus
 
-router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
+router = APIRouter(prefix="/v1/datasets", tags=["datasets"], responses=COMMON_PROBLEMS)
 
 
-@router.post("", status_code=201, response_model=DatasetPublic)
+@router.post("", status_code=201, openapi_extra=multipart_upload_body(".npz: arrays named after the model inputs, optional labels"),
+             responses=problem_responses(400, 413, 415), response_model=DatasetPublic)
 async def upload_dataset(request: Request, team: TeamDep, session: SessionDep, settings: SettingsDep,
                          store: StoreDep) -> DatasetRecord:
     """Upload an ``.npz``: arrays named after the model's inputs (first axis = samples), optional ``labels``."""
@@ -54,7 +55,7 @@ def get_dataset(dataset: DatasetDep) -> DatasetRecord:
     return dataset
 
 
-@router.delete("/{dataset_id}", status_code=204)
+@router.delete("/{dataset_id}", status_code=204, responses=problem_responses(409))
 def delete_dataset(dataset: DatasetDep, session: SessionDep, store: StoreDep) -> Response:
     """Delete a dataset; refused while a queued/running job uses it."""
     active = session.execute(select(Job.id).where(

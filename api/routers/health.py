@@ -18,7 +18,7 @@ def healthz() -> dict:
     return {"status": "ok"}
 
 
-@router.get("/readyz")
+@router.get("/readyz", responses={503: {"description": "not ready", "content": {"application/problem+json": {}}}})
 def readyz(settings: SettingsDep) -> JSONResponse:
     """Readiness: a SELECT 1 and a broker connection, each with a short timeout."""
     checks: dict[str, str] = {}

@@ -8,21 +8,21 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from sqlalchemy import select
 
 from api.deps import JobDep, SessionDep, SettingsDep, StoreDep, TeamDep
-from api.errors import Problem, not_found
+from api.errors import COMMON_PROBLEMS, Problem, not_found, problem_responses
 from api.pagination import paginate
 from api.schemas import JobCreate, JobList, JobPublic
 from api.services import create_job, enqueue
 from store.jobs import request_cancel
 from store.models import Artifact, Job, JobStatus
 
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=COMMON_PROBLEMS)
 
 
 def _public(job: Job) -> dict:
     return JobPublic.model_validate(job).model_dump(mode="json")
 
 
-@router.post("", status_code=202, response_model=JobPublic)
+@router.post("", status_code=202, response_model=JobPublic, responses=problem_responses(413))
 def submit_job(body: JobCreate, team: TeamDep, session: SessionDep, settings: SettingsDep,
                idempotency_key: Annotated[str | None, Header(max_length=200)] = None) -> JSONResponse:
     """Validate and queue a job; 202 with ``Location``. The row is committed before the task is sent."""
@@ -53,7 +53,7 @@ def get_job(job: JobDep) -> dict:
     return _public(job)
 
 
-@router.post("/{job_id}/cancel", response_model=JobPublic, status_code=202)
+@router.post("/{job_id}/cancel", response_model=JobPublic, status_code=202, responses=problem_responses(409))
 def cancel_job(job: JobDep, session: SessionDep) -> dict:
     """Cancel: a queued job at once; a running one stops at its next step or epoch."""
     if job.status not in (JobStatus.queued.value, JobStatus.running.value):

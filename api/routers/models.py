@@ -9,17 +9,18 @@ from fastapi.responses import Response, StreamingResponse
 from sqlalchemy import select
 
 from api.deps import ModelDep, SessionDep, SettingsDep, StoreDep, TeamDep
-from api.errors import Problem
+from api.errors import COMMON_PROBLEMS, Problem, multipart_upload_body, problem_responses
 from api.pagination import paginate
 from api.schemas import ModelList, ModelPublic
 from api.services import ingest_model
 from api.uploads import receive_upload
 from store.models import Job, JobStatus, ModelRecord
 
-router = APIRouter(prefix="/v1/models", tags=["models"])
+router = APIRouter(prefix="/v1/models", tags=["models"], responses=COMMON_PROBLEMS)
 
 
-@router.post("", status_code=201, response_model=ModelPublic)
+@router.post("", status_code=201, openapi_extra=multipart_upload_body("ONNX, a .zip of ONNX + external data, or a torch.export .pt2"),
+             responses=problem_responses(400, 413, 415), response_model=ModelPublic)
 async def upload_model(request: Request, team: TeamDep, session: SessionDep, settings: SettingsDep,
                        store: StoreDep) -> ModelRecord:
     """Upload ONNX, a .zip of ONNX + external data, or a torch.export .pt2 (multipart field ``file``)."""
@@ -61,7 +62,7 @@ def download_model(model: ModelDep, store: StoreDep) -> StreamingResponse:
                                       "ETag": f'"{model.sha256}"'})
 
 
-@router.delete("/{model_id}", status_code=204)
+@router.delete("/{model_id}", status_code=204, responses=problem_responses(409))
 def delete_model(model: ModelDep, session: SessionDep, store: StoreDep) -> Response:
     """Delete a model, its finished jobs and their artifacts; refused while a job of it is active."""
     active = session.execute(select(Job.id).where(

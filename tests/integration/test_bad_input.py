@@ -193,3 +193,92 @@ def test_pagination_walks_all_jobs(stack, model_and_data):
             break
     assert len(seen) == len(set(seen)) == len(c.get("/v1/jobs?limit=100").json()["items"])
     _problem(c.get("/v1/jobs", params={"cursor": "!!"}), 422, "validation_error")
+
+
+def test_npz_bomb_refused_from_headers(stack, unchanged):
+    """A small file that declares a huge array: refused from the header, nothing inflated."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        header = io.BytesIO()
+        np.lib.format.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False,
+                                                      "shape": (1 << 20, 1 << 14)})
+        zf.writestr("input.npy", np.lib.format.MAGIC_PREFIX + b"\x01\x00" + header.getvalue()[8:] + b"\0" * 1024)
+    assert len(buf.getvalue()) < 10_000
+    body = _problem(_post_file(stack, "/v1/datasets", "bomb.npz", buf.getvalue()), 422, "invalid_dataset")
+    assert "uncompressed size" in body["detail"]
+
+
+def _pb_field(num: int, payload: bytes) -> bytes:
+    """Protobuf wire format, length-delimited field (to build nesting the onnx helpers refuse to build)."""
+    def varint(n: int) -> bytes:
+        out = b""
+        while True:
+            b, n = n & 0x7F, n >> 7
+            out += bytes([b | (0x80 if n else 0)])
+            if not n:
+                return out
+    return varint(num << 3 | 2) + varint(len(payload)) + payload
+
+
+def test_deeply_nested_subgraphs_refused(stack, unchanged):
+    from onnx import TensorProto, helper
+
+    leaf = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "leaf", [],
+                             [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])]).SerializeToString()
+    graph = leaf
+    for i in range(3000):  # If inside If inside If ...: a recursion bomb for naive parsers and walkers
+        attr = _pb_field(1, b"then_branch") + _pb_field(6, graph) + bytes([20 << 3 & 0x7F | 0x80, 1, 5])
+        node = _pb_field(1, b"c") + _pb_field(2, b"y") + _pb_field(4, b"If") + _pb_field(5, attr)
+        graph = _pb_field(1, node) + _pb_field(2, f"g{i}".encode())
+    model = bytes([1 << 3, 8]) + _pb_field(7, graph) + _pb_field(8, _pb_field(1, b"") + bytes([2 << 3, 17]))
+    body = _problem(_post_file(stack, "/v1/models", "deep.onnx", model), 422, "invalid_model")
+    assert body["detail"]
+    assert stack.client().get("/healthz").status_code == 200
+
+
+def test_fifty_megabyte_json_body_is_413(stack):
+    before = _jobs_count(stack)
+    blob = b'{"model_id": "x", "spec": {"steps": [], "pad": "' + b"a" * (50 * 1024 * 1024) + b'"}}'
+    r = stack.client().post("/v1/jobs", content=blob, headers={"Content-Type": "application/json"})
+    _problem(r, 413, "too_large")
+
+    def chunks():  # no Content-Length: counted as it streams
+        for i in range(0, len(blob), 1 << 20):
+            yield blob[i:i + (1 << 20)]
+
+    r = stack.client().post("/v1/jobs", content=chunks(), headers={"Content-Type": "application/json"})
+    _problem(r, 413, "too_large")
+    assert _jobs_count(stack) == before and stack.client().get("/healthz").status_code == 200
+
+
+def test_revoked_key_is_401(stack):
+    import subprocess
+
+    from tests.stack import NC
+
+    key = stack.new_key("team-revoke")
+    assert stack.client(key).get("/v1/jobs").status_code == 200
+    subprocess.run(NC + ["keys", "revoke", key], env=stack.env, check=True, capture_output=True)
+    _problem(stack.client(key).get("/v1/jobs"), 401, "unauthorized")
+
+
+def test_keys_are_stored_hashed_only(stack, pg_url):
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(pg_url.replace("postgresql://", "postgresql+psycopg://"))
+    with engine.connect() as conn:
+        rows = conn.execute(text("SELECT prefix, key_hash FROM api_keys")).all()
+    engine.dispose()
+    assert rows and all(stack.key not in (p, h) and len(h) == 64 for p, h in rows)
+    assert any(stack.key.startswith(f"nc_{p}_") for p, _ in rows)
+
+
+def test_zip_with_symlink_refused(stack, cnn_onnx, unchanged):
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("model.onnx", cnn_onnx["legacy"].read_bytes())
+        link = zipfile.ZipInfo("weights.data")
+        link.external_attr = (0o120777 << 16)  # a symlink entry
+        zf.writestr(link, "/etc/passwd")
+    body = _problem(_post_file(stack, "/v1/models", "m.zip", buf.getvalue()), 422, "invalid_model")
+    assert "link" in body["detail"]
