@@ -3,7 +3,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.setup-stamp
 
-.PHONY: setup serve test bench clean
+.PHONY: setup browser serve test bench clean
 
 setup: $(STAMP)
 
@@ -18,7 +18,14 @@ $(STAMP): pyproject.toml
 serve: setup
 	$(VENV)/bin/netcompress serve
 
-test: setup
+# Debian's chromium + chromedriver for the dashboard's browser test (idempotent; needs root for apt-get).
+# Only `make test` needs them: `make serve` does not install a browser.
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null) || \
+	  echo "warning: chromium/chromium-driver missing: the dashboard test skips (and fails under CI=true)"
+
+test: setup browser
 	$(VENV)/bin/python -m pytest -q
 
 bench: setup

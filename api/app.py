@@ -5,7 +5,9 @@ from fastapi import FastAPI
 
 from api import errors
 from api.limits import BodySizeLimit
-from api.routers import datasets, health, jobs, models
+from api.metrics import Metrics, MetricsMiddleware
+from api.metrics import router as metrics_router
+from api.routers import dashboard, datasets, events, health, jobs, models, preflight
 from store.settings import Settings, get_settings
 
 
@@ -14,7 +16,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="netcompress", version="1.0", description="Neural network compression as a job queue.")
     app.state.settings = settings or get_settings()
     errors.install(app)
-    for r in (health.router, models.router, datasets.router, jobs.router):
+    for r in (health.router, metrics_router, models.router, datasets.router, preflight.router, jobs.router,
+              events.router, dashboard.router):
         app.include_router(r)
+    app.mount("/static", dashboard.static_files(), name="static")
     app.add_middleware(BodySizeLimit, max_bytes=app.state.settings.max_json_bytes)
+    app.state.metrics = Metrics(app.state.settings)
+    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)  # outermost: times everything
     return app

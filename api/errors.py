@@ -8,7 +8,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DataError, DBAPIError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from compression.errors import (
@@ -125,6 +125,12 @@ def install(app: FastAPI) -> None:
         code = {401: "unauthorized", 404: "not_found", 405: "method_not_allowed"}.get(e.status_code, "http_error")
         return problem_response(Problem(e.status_code, code, str(e.detail), str(e.detail),
                                         headers=getattr(e, "headers", None)))
+
+    @app.exception_handler(DataError)
+    async def _bad_value(_: Request, e: DataError) -> JSONResponse:
+        # a value PostgreSQL refuses (a NUL byte in an id, say) is the request's fault, not an outage
+        return problem_response(Problem(422, "validation_error", "invalid value",
+                                        "a value in the request cannot be stored or looked up (e.g. a NUL character)"))
 
     @app.exception_handler(OperationalError)
     @app.exception_handler(DBAPIError)

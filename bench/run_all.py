@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import importlib
 
-BENCHES = ["bench.service_baseline"]
+BENCHES = ["bench.service_baseline", "bench.service_load", "bench.pruning_weight", "bench.distillation",
+           "bench.pruning_channel", "bench.lottery", "bench.pruning_overhead",
+           "bench.deep_compression", "bench.int8_cnn", "bench.minilm_int8", "bench.binary_mlp", "bench.quant_peers"]
 
 
 def main() -> None:

@@ -31,6 +31,9 @@ class StepContext:
     seed: every random choice derives from it.
     device: "cpu" or "cuda".
     threads: intra-op threads for torch and ONNX Runtime (0 = library default).
+    load_model: resolves a model id named in a spec (distillation teachers, ``student_model_id``,
+        ``rewind_model_id``) to its ONNX; the service only resolves ids of the job's own team
+        (checked at submit too). None where no model store is at hand.
     """
 
     workdir: Path
@@ -40,6 +43,7 @@ class StepContext:
     seed: int = 0
     device: str = "cpu"
     threads: int = 0
+    load_model: Callable[[str], onnx.ModelProto] | None = None
 
 
 @dataclass

@@ -70,6 +70,7 @@ def run_pipeline(
     input_sha256: dict[str, str] | None = None,
     device: str = "cpu",
     threads: int = 0,
+    load_model: Callable[[str], onnx.ModelProto] | None = None,
 ) -> PipelineResult:
     """Apply ``spec`` to ``original`` and measure everything.
 
@@ -80,6 +81,7 @@ def run_pipeline(
         workdir: private scratch folder; output files are written here.
         progress: receives ``{phase, step, steps, fraction, message}``; may raise ``Cancelled``.
         input_sha256: sha256 of the uploaded model/dataset, for the reproducibility manifest.
+        load_model: resolves model ids named in steps (teachers, students, rewind inits); None: none can be.
 
     Returns:
         PipelineResult with ``metrics = {original, steps[], result}``, the report, and files to publish.
@@ -108,7 +110,7 @@ def run_pipeline(
 
         step_progress(tech.phase, 0.0, "starting")
         ctx = StepContext(workdir=workdir, data=data, original=original, progress=step_progress,
-                          seed=seed + i, device=device, threads=threads)
+                          seed=seed + i, device=device, threads=threads, load_model=load_model)
         result = tech.apply(current, step, ctx)
         current = result.model
         step_progress("benchmarking", 1.0, "measuring")
@@ -131,6 +133,11 @@ def run_pipeline(
     last = [f for f in files if f.name.startswith(f"step{n}-")]
     files = [f for f in files if f not in last]
     files.extend(OutputFile(f.name, f, "model") for f in final_files)
+    from compression.packaging import MAX_COMPRESS_BYTES, write_compressed
+
+    if len(final_files) == 1 and final_files[0].stat().st_size <= MAX_COMPRESS_BYTES:
+        xz = write_compressed(final_files[0])  # the entropy-coded download: metrics' compressed_bytes
+        files.append(OutputFile(xz.name, xz, "compressed_model"))
     report = {
         "metrics": metrics,
         "steps": reports,

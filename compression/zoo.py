@@ -16,6 +16,7 @@ from torch import nn
 
 __all__ = [
     "SmallCNN",
+    "TinyResNet",
     "LeNet300100",
     "export_onnx",
     "export_minilm",
@@ -57,6 +58,38 @@ class SmallCNN(nn.Module):
         return self.classifier(self.features(x))
 
 
+class _BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.down = None
+        if stride != 1 or cin != cout:
+            self.down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.bn1(self.conv1(x)))
+        y = self.bn2(self.conv2(y))
+        return torch.relu(y + (x if self.down is None else self.down(x)))
+
+
+class TinyResNet(nn.Module):
+    """MNIST-sized ResNet (input ``[N, 1, 28, 28]``): BN stem, three residual blocks (two downsample),
+    global average pool, linear head — residual adds and BatchNorm for structured-pruning checks."""
+
+    def __init__(self, num_classes: int = 10, width: int = 32) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
+        self.blocks = nn.Sequential(_BasicBlock(width, width, 1), _BasicBlock(width, 2 * width, 2),
+                                    _BasicBlock(2 * width, 4 * width, 2))
+        self.head = nn.Linear(4 * width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(self.stem(x)).mean((2, 3)))
+
+
 class LeNet300100(nn.Module):
     """Classic LeNet-300-100 MLP on flattened MNIST (input ``[N, 784]``)."""
 
@@ -88,6 +121,7 @@ def export_onnx(
     output_names: Sequence[str] = ("logits",),
     dynamic_batch: bool = True,
     opset: int | None = None,
+    optimize: bool = True,
 ) -> pathlib.Path:
     """Export ``module`` to one self-contained ONNX file and return its path.
 
@@ -95,6 +129,7 @@ def export_onnx(
     the legacy TorchScript exporter; both are supported because users upload either kind.
     With ``dynamic_batch`` dim 0 of every input and output is symbolic; for ``dynamo=True`` the
     example batch must then be >= 2 (torch.export specializes size-1 dimensions).
+    ``optimize=False`` (dynamo only) keeps BatchNormalization nodes instead of folding them into Conv.
     """
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -119,7 +154,7 @@ def export_onnx(
                 input_names=input_names,
                 output_names=output_names,
                 external_data=False,
-                optimize=True,
+                optimize=optimize,
                 verbose=False,
                 **kwargs,
             )

@@ -1,4 +1,5 @@
-"""The ``netcompress`` command: serve (embedded), api, worker, migrate, keys create."""
+"""The ``netcompress`` command: serve (embedded), api, worker, migrate, keys; and, against a running API,
+submit, preflight, jobs list|show|wait|cancel, models list, download."""
 from __future__ import annotations
 
 import argparse
@@ -6,8 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-
-from store.settings import get_settings
 
 
 def _migrate() -> None:
@@ -47,10 +46,21 @@ def cmd_keys_revoke(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
-def _worker_argv(queues: str | None, concurrency: int, pool: str) -> list[str]:
+def _default_queues() -> str:
+    """The configured queue; with device routing, the GPU queue on a machine with CUDA, else the CPU queue."""
+    from store.settings import get_settings
+
     settings = get_settings()
+    if not settings.route_by_device:
+        return settings.queue
+    import torch
+
+    return settings.gpu_queue if torch.cuda.is_available() else settings.cpu_queue
+
+
+def _worker_argv(queues: str | None, concurrency: int, pool: str) -> list[str]:
     return ["worker", "--loglevel", "INFO", "--concurrency", str(concurrency), "--pool", pool,
-            "-Q", queues or settings.queue, "--without-gossip", "--without-mingle", "--hostname",
+            "-Q", queues or _default_queues(), "--without-gossip", "--without-mingle", "--hostname",
             f"netcompress-{os.getpid()}@%h"]
 
 
@@ -64,12 +74,15 @@ def cmd_worker(args: argparse.Namespace) -> int:
 def cmd_api(args: argparse.Namespace) -> int:
     import uvicorn
 
-    uvicorn.run("api.app:create_app", factory=True, host=args.host, port=args.port, log_level="info")
+    uvicorn.run("api.app:create_app", factory=True, host=args.host, port=args.port, log_level="warning",
+                workers=getattr(args, "workers", 1) or 1)
     return 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """The embedded default: SQLite, filesystem broker, local artifacts, the API and one worker."""
+    from store.settings import get_settings
+
     settings = get_settings()
     os.environ.setdefault("NETCOMPRESS_HOME", str(settings.home))  # children resolve the same home
     settings.home.mkdir(parents=True, exist_ok=True)
@@ -81,6 +94,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print(f"database: {settings.sqlalchemy_url}  broker: {settings.celery_broker_url}", flush=True)
     print(f"API key for team {args.team!r}:", flush=True)
     print(key, flush=True)
+    # uvicorn re-raises the SIGTERM it caught once it has shut down: make that a SystemExit, so the
+    # finally below stops the worker instead of the process dying and orphaning it.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         return cmd_api(args)
     finally:
@@ -89,6 +105,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
             worker.wait(timeout=30)
         except subprocess.TimeoutExpired:
             worker.kill()
+
+
+def cmd_spec_reference(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from netcompress.specref import render, write_into
+
+    if args.write:
+        changed = write_into(Path(args.write))
+        print(f"{args.write}: {'updated' if changed else 'already current'}")
+    else:
+        print(render(), end="")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--port", type=int, default=8000)
         if name == "serve":
             sp.add_argument("--team", default="default", help="team the printed key belongs to")
+        else:
+            sp.add_argument("--workers", type=int, default=1, help="API processes (uvicorn workers)")
         sp.set_defaults(fn=fn)
     w = sub.add_parser("worker", help="a Celery worker")
     w.add_argument("--queues", default=None, help="comma-separated queues (default: the configured queue)")
@@ -117,11 +148,21 @@ def build_parser() -> argparse.ArgumentParser:
     kr = ksub.add_parser("revoke", help="revoke a key (requests with it get 401 from then on)")
     kr.add_argument("key")
     kr.set_defaults(fn=cmd_keys_revoke)
+    sr = sub.add_parser("spec-reference", help="print the spec reference (Markdown) generated from the techniques")
+    sr.add_argument("--write", default=None, metavar="FILE", help="replace the marked block in FILE (README.md)")
+    sr.set_defaults(fn=cmd_spec_reference)
+    from client.cli import add_commands
+
+    add_commands(sub)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    from client.cli import CLIENT_COMMANDS, run
+
     args = build_parser().parse_args(argv)
+    if args.fn in CLIENT_COMMANDS:
+        return run(args.fn, args)
     return int(args.fn(args) or 0)
 
 

@@ -7,7 +7,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 
 class UploadTooLarge(Exception):
@@ -26,6 +26,19 @@ def _check_key(key: str) -> PurePosixPath:
     if p.is_absolute() or any(part in ("", ".", "..") for part in p.parts) or not p.parts:
         raise InvalidKey(f"invalid storage key {key!r}")
     return p
+
+
+class ArtifactStore(Protocol):
+    """What the API and the worker need of a store; keys are relative POSIX paths (``jobs/<id>/model.onnx``)."""
+
+    def put_file(self, key: str, src: Path) -> tuple[int, str]: ...
+    def put_stream(self, key: str, chunks: Iterator[bytes], max_bytes: int | None = None) -> tuple[int, str]: ...
+    def open(self, key: str) -> BinaryIO: ...
+    def iter_bytes(self, key: str) -> Iterator[bytes]: ...
+    def local_file(self, key: str, dest: Path) -> Path: ...
+    def exists(self, key: str) -> bool: ...
+    def delete(self, key: str) -> None: ...
+    def delete_prefix(self, prefix: str) -> None: ...
 
 
 class LocalArtifactStore:
@@ -82,6 +95,14 @@ class LocalArtifactStore:
         with self.open(key) as f:
             yield from iter(lambda: f.read(CHUNK), b"")
 
+    def local_file(self, key: str, dest: Path) -> Path:
+        """A local file with the object's bytes, to read only: here the stored file itself (``dest`` unused;
+        the S3 store downloads to it)."""
+        path = self.path(key)
+        if not path.is_file():
+            raise FileNotFoundError(key)
+        return path
+
     def delete(self, key: str) -> None:
         self.path(key).unlink(missing_ok=True)
 
@@ -101,5 +122,10 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def get_artifact_store(settings) -> LocalArtifactStore:  # noqa: ANN001 - Settings, kept loose to avoid a cycle
+def get_artifact_store(settings) -> ArtifactStore:  # noqa: ANN001 - Settings, kept loose to avoid a cycle
+    """The store ``NETCOMPRESS_ARTIFACT_URL`` names: a local folder, or S3 for ``s3://bucket/prefix``."""
+    if settings.artifact_is_s3:
+        from store.s3 import s3_store
+
+        return s3_store(settings)
     return LocalArtifactStore(settings.artifact_root)

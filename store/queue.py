@@ -62,9 +62,51 @@ def get_celery(settings: Settings | None = None) -> Celery:
     return _apps[key]
 
 
-def send_job(job_id: str, settings: Settings | None = None) -> None:
-    """Publish ``run_job(job_id)``; raises on broker trouble (the caller leaves the job for the sweeper)."""
+def step_trains(step: dict[str, Any]) -> bool:
+    """Whether a (validated, defaults-filled) spec step trains a network — the work a GPU speeds up.
+
+    Read from the stored JSON so that the API and the sweeper route alike without importing the engine:
+    a fine-tune with epochs, distillation, QAT and low-bit schemes (their fine-tune is filled in),
+    gradient-based importance, lottery-ticket rewinding, and any step with its own ``epochs``.
+    """
+    ft = step.get("finetune")
+    if isinstance(ft, dict) and (ft.get("epochs") or 0) > 0:
+        return True
+    if step.get("method") == "distill" or step.get("mode") == "qat" or step.get("importance") == "taylor":
+        return True
+    if step.get("rewind") not in (None, "none"):
+        return True
+    epochs = step.get("epochs")
+    return isinstance(epochs, int) and epochs > 0
+
+
+def queue_for(spec: dict[str, Any] | None, settings: Settings) -> str:
+    """The queue a job goes to: ``queue``, or with ``route_by_device`` the GPU queue when it trains."""
+    if not settings.route_by_device:
+        return settings.queue
+    steps = (spec or {}).get("steps") or []
+    trains = any(isinstance(s, dict) and step_trains(s) for s in steps)
+    return settings.gpu_queue if trains else settings.cpu_queue
+
+
+def _stored_spec(job_id: str, settings: Settings) -> dict[str, Any] | None:
+    from sqlalchemy import select
+
+    from store.db import session_scope
+    from store.models import Job
+
+    with session_scope(settings) as s:
+        return s.execute(select(Job.spec).where(Job.id == job_id)).scalar_one_or_none()
+
+
+def send_job(job_id: str, settings: Settings | None = None, *, spec: dict[str, Any] | None = None) -> None:
+    """Publish ``run_job(job_id)``; raises on broker trouble (the caller leaves the job for the sweeper).
+
+    With ``route_by_device`` the job's spec picks the queue (read from the row when not given).
+    """
     settings = settings or get_settings()
+    if settings.route_by_device and spec is None:
+        spec = _stored_spec(job_id, settings)
     get_celery(settings).send_task(
-        RUN_JOB, args=[job_id], queue=settings.queue, retry=False,
+        RUN_JOB, args=[job_id], queue=queue_for(spec, settings), retry=False,
     )

@@ -20,7 +20,17 @@ class Settings(BaseSettings):
     broker_url: str | None = Field(
         None, description="redis://host:port/n; default: kombu's filesystem transport under home."
     )
-    artifact_url: str | None = Field(None, description="file:///path; default: home/artifacts.")
+    artifact_url: str | None = Field(
+        None, description="file:///path or s3://bucket/prefix; default: home/artifacts."
+    )
+    s3_endpoint_url: str | None = Field(
+        None, description="S3-compatible endpoint (MinIO, moto, Ceph); default: AWS. Credentials come from the "
+                          "standard AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY variables (boto3 reads them)."
+    )
+    s3_region: str | None = Field(None, max_length=64, description="S3 region; default: boto3's (AWS_DEFAULT_REGION).")
+    s3_part_bytes: int = Field(
+        8 * 1024**2, ge=5 * 1024**2, le=5 * 1024**3, description="Multipart upload part size (S3's minimum is 5 MiB)."
+    )
     max_upload_bytes: int = Field(512 * 1024**2, ge=1024, le=64 * 1024**3, description="Upload size cap.")
     max_npz_uncompressed_bytes: int = Field(
         2 * 1024**3, ge=1024, description="Cap on the total uncompressed size of an uploaded .npz."
@@ -31,6 +41,11 @@ class Settings(BaseSettings):
     heartbeat_s: float = Field(10.0, gt=0, le=600, description="How often a worker touches its job row.")
     worker_threads: int = Field(0, ge=0, le=256, description="torch/ORT threads in the worker (0 = all cores).")
     queue: str = Field("netcompress", description="Celery queue jobs are sent to.")
+    route_by_device: bool = Field(
+        False, description="Send jobs that train to gpu_queue and the others to cpu_queue (instead of queue)."
+    )
+    gpu_queue: str = Field("gpu", min_length=1, max_length=200, description="Queue of training jobs when routing.")
+    cpu_queue: str = Field("cpu", min_length=1, max_length=200, description="Queue of the other jobs when routing.")
     team_max_running_jobs: int = Field(4, ge=1, le=10_000, description="Default per-team concurrency quota.")
     resend_after_s: float = Field(
         300.0, ge=1, le=86_400, description="Re-send a job still queued this long after it was sent (lost message)."
@@ -66,13 +81,31 @@ class Settings(BaseSettings):
     def celery_broker_url(self) -> str:
         return self.broker_url or "filesystem://"
 
+    @field_validator("artifact_url")
+    @classmethod
+    def _known_artifact_scheme(cls, v: str | None) -> str | None:
+        if v is not None and not (v.startswith("file://") or (v.startswith("s3://") and len(v) > len("s3://"))):
+            raise ValueError("NETCOMPRESS_ARTIFACT_URL must be file:///path or s3://bucket[/prefix]")
+        return v
+
+    @property
+    def artifact_is_s3(self) -> bool:
+        return bool(self.artifact_url and self.artifact_url.startswith("s3://"))
+
+    @property
+    def s3_bucket_prefix(self) -> tuple[str, str]:
+        """``s3://bucket/a/b`` -> ``("bucket", "a/b")``."""
+        assert self.artifact_url and self.artifact_is_s3
+        bucket, _, prefix = self.artifact_url[len("s3://"):].partition("/")
+        return bucket, prefix.strip("/")
+
     @property
     def artifact_root(self) -> Path:
         if self.artifact_url is None:
             return self.home / "artifacts"
         if self.artifact_url.startswith("file://"):
             return Path(self.artifact_url[len("file://"):]).expanduser().resolve()
-        raise ValueError(f"unsupported NETCOMPRESS_ARTIFACT_URL {self.artifact_url!r} (file:// only)")
+        raise ValueError(f"NETCOMPRESS_ARTIFACT_URL {self.artifact_url!r} is not a local folder")
 
     @property
     def upload_root(self) -> Path:

@@ -134,3 +134,46 @@ def wait_job(client: httpx.Client, job_id: str, timeout: float = 240) -> dict:
             return job
         time.sleep(0.3)
     raise TimeoutError(f"job {job_id} did not finish: {job}")
+
+
+def tiny_classifier(folder: Path, *, samples: int = 300, extra_op: str | None = None) -> tuple[Path, Path]:
+    """A small Gemm–Relu–Gemm classifier (16 features → 4 classes) as ONNX, and an ``.npz`` of inputs
+    labelled by the model itself (so the original's accuracy is 1.0). Built with onnx.helper: no torch,
+    no training, a second or less. ``extra_op`` adds a side output through that op on ``[N, 4, 4]``
+    (e.g. ``"Det"``), to give the model an op the torch converter lacks."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w1 = rng.normal(0, 0.5, (16, 32)).astype(np.float32)
+    w2 = rng.normal(0, 0.5, (32, 4)).astype(np.float32)
+    inits = [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(np.zeros(32, np.float32), "b1"),
+             numpy_helper.from_array(w2, "w2"), numpy_helper.from_array(np.zeros(4, np.float32), "b2")]
+    nodes = [helper.make_node("Gemm", ["input", "w1", "b1"], ["h"], name="fc1"),
+             helper.make_node("Relu", ["h"], ["a"], name="relu"),
+             helper.make_node("Gemm", ["a", "w2", "b2"], ["logits"], name="fc2")]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 4])]
+    if extra_op:
+        inits.append(numpy_helper.from_array(np.array([-1, 4, 4], np.int64), "shape44"))
+        nodes += [helper.make_node("Slice", ["a", "s0", "s16", "s1"], ["a16"], name="slice"),
+                  helper.make_node("Reshape", ["a16", "shape44"], ["m"], name="reshape"),
+                  helper.make_node(extra_op, ["m"], ["side"], name="extra")]
+        inits += [numpy_helper.from_array(np.array([0], np.int64), "s0"),
+                  numpy_helper.from_array(np.array([16], np.int64), "s16"),
+                  numpy_helper.from_array(np.array([1], np.int64), "s1")]
+        outputs.append(helper.make_tensor_value_info("side", TensorProto.FLOAT, ["N"]))
+    graph = helper.make_graph(nodes, "tiny", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 16])],
+                              outputs, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    onnx.checker.check_model(model)
+    folder.mkdir(parents=True, exist_ok=True)
+    onnx_path = folder / ("tiny.onnx" if not extra_op else f"tiny_{extra_op.lower()}.onnx")
+    onnx.save(model, onnx_path)
+    X = rng.normal(0, 1, (samples, 16)).astype(np.float32)
+    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    y = sess.run(["logits"], {"input": X})[0].argmax(1).astype(np.int64)
+    npz_path = folder / "tiny.npz"
+    np.savez(npz_path, input=X, labels=y)
+    return onnx_path, npz_path

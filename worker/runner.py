@@ -145,15 +145,25 @@ def run_job(job_id: str, settings: Settings | None = None) -> str:
         _configure_threads(settings)
         spec = parse_spec(spec_raw)
         progress({"phase": "loading", "step": 0, "steps": len(spec.steps), "fraction": 0.0, "message": "loading model"})
-        original = onnx.load_model(str(store.path(model_key)))
+        original = onnx.load_model(str(store.local_file(model_key, workdir / "inputs" / "model.onnx")))
         data = None
         if ds_key:
             dtypes = {i["name"]: np.dtype(i["dtype"]) for i in describe(original)["inputs"]}
-            arrays = load_npz(store.path(ds_key), dtypes)
+            arrays = load_npz(store.local_file(ds_key, workdir / "inputs" / "data.npz"), dtypes)
             data = split(arrays, holdout=spec.eval.holdout, seed=spec.eval.seed, max_eval=spec.eval.max_eval_samples)
+
+        def load_model(model_id: str) -> onnx.ModelProto:
+            """A model named inside the spec (teacher, student, rewind init): this job's team only."""
+            with session_scope() as s:
+                rec = s.get(ModelRecord, model_id)
+                key = rec.storage_key if rec is not None and rec.team_id == team_id else None
+            if key is None:
+                raise KeyError(model_id)
+            return onnx.load_model(str(store.local_file(key, workdir / "inputs" / f"{model_id}.onnx")))
+
         result = run_pipeline(original, spec, data, workdir, progress=progress,
                               input_sha256={"model": model_sha, **({"dataset": ds_sha} if ds_sha else {})},
-                              device=_device(), threads=settings.worker_threads)
+                              device=_device(), threads=settings.worker_threads, load_model=load_model)
         # Publish: files first (atomic renames, under this attempt's prefix), then rows + status at once.
         prefix = f"jobs/{job_id}/{attempt_id}"
         stored = []

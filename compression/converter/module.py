@@ -134,7 +134,7 @@ class OnnxModule(nn.Module):
         if src.transpose:
             t = t.t()
         if tuple(t.shape) != src.shape:
-            t = t.reshape(src.shape)
+            t = t.reshape(_onnx_shape(t, src.shape))
         return t
 
     def initializer_value(self, name: str) -> torch.Tensor:
@@ -153,7 +153,54 @@ class OnnxModule(nn.Module):
         """
         return dict(self.weights.items())
 
-    def write_back(self, model: onnx.ModelProto) -> onnx.ModelProto:
+    # ------------------------------------------------------------------------ structural changes
+    def record_shapes(self, *inputs: torch.Tensor) -> None:
+        """Run once and remember every Reshape's input and output shapes.
+
+        Call it before a structural change (channel pruning): afterwards a Reshape whose target the
+        graph baked into a constant (``[-1, 1568]``) follows the live channel count instead of
+        silently regrouping the batch, and :meth:`export_resized` rewrites that constant.
+        """
+        self._probe(inputs, "record")
+
+    def _probe(self, inputs: tuple[torch.Tensor, ...], mode: str) -> None:
+        was_training = self.training
+        self.eval()
+        self._shape_probe = mode
+        try:
+            with torch.no_grad():
+                self(*inputs)
+        finally:
+            self._shape_probe = None
+            self.train(was_training)
+
+    def export_resized(self, model: onnx.ModelProto, *inputs: torch.Tensor) -> onnx.ModelProto:
+        """Like :meth:`write_back`, for layers whose shapes changed (channels removed physically).
+
+        The graph is the original one; initializers get the new, smaller tensors; Reshape targets
+        held as constants (directly or as constant pieces of a ``Concat``) are rewritten from the
+        shapes seen on ``inputs``; stale intermediate ``value_info`` is dropped. Needs
+        :meth:`record_shapes` to have run on the unchanged module.
+
+        Raises:
+            ValueError: a shape constant could not be traced back to something rewritable.
+        """
+        self._probe(inputs, "live")
+        out = self.write_back(model, resize=True)
+        _fix_reshape_constants(self, out)
+        _fix_conv_groups(self, out)
+        graph_io = {v.name for v in [*out.graph.input, *out.graph.output]}
+        keep = [v for v in out.graph.value_info if v.name in graph_io]
+        del out.graph.value_info[:]
+        out.graph.value_info.extend(keep)
+        used = {name for node in out.graph.node for name in N.node_inputs_with_subgraphs(node)} | graph_io
+        live = [t for t in out.graph.initializer if t.name in used]
+        if len(live) != len(out.graph.initializer):  # constants replaced by their resized copies
+            del out.graph.initializer[:]
+            out.graph.initializer.extend(live)
+        return out
+
+    def write_back(self, model: onnx.ModelProto, *, resize: bool = False) -> onnx.ModelProto:
         """Return a copy of ``model`` whose initializers hold this module's current values.
 
         Layout transforms applied at conversion are undone (MatMul ``[K, N]`` vs ``Linear.weight
@@ -173,7 +220,10 @@ class OnnxModule(nn.Module):
             t = self._source_object(src).detach()
             if src.transpose:
                 t = t.t()
-            if int(np.prod(t.shape)) != int(np.prod(src.shape)):
+            shape = src.shape
+            if resize:
+                shape = _onnx_shape(t, src.shape)
+            elif int(np.prod(t.shape)) != int(np.prod(src.shape)):
                 raise ValueError(
                     f"tensor for initializer {name!r} has shape {tuple(t.shape)} but the graph expects "
                     f"{src.shape}; write_back only supports weight-level changes, not structural ones"
@@ -181,7 +231,7 @@ class OnnxModule(nn.Module):
             np_dtype = helper.tensor_dtype_to_np_dtype(src.onnx_dtype)
             if t.dtype == torch.bfloat16:
                 t = t.float()
-            arr = t.cpu().contiguous().numpy().reshape(src.shape).astype(np_dtype)
+            arr = t.cpu().contiguous().numpy().reshape(shape).astype(np_dtype)
             tensor = numpy_helper.from_array(arr, name)
             kind, where = src.location
             if kind == "initializer":
@@ -196,6 +246,106 @@ class OnnxModule(nn.Module):
                     if attr.name == "value":
                         attr.t.CopyFrom(tensor)
         return out
+
+
+def _onnx_shape(t: torch.Tensor, original: tuple[int, ...]) -> tuple[int, ...]:
+    """ONNX shape for live tensor ``t`` whose constant had shape ``original`` (e.g. a Gemm bias
+    ``[1, N]`` held as ``[N]``): the original when only the layout differs, else ``t``'s dims padded
+    with the original's leading 1s."""
+    if int(np.prod(t.shape)) == int(np.prod(original)):
+        return tuple(original)
+    dims = tuple(t.shape)
+    extra = len(original) - len(dims)
+    if extra > 0 and all(d == 1 for d in original[:extra]):
+        return (1,) * extra + dims
+    return dims
+
+
+def _fix_conv_groups(m: OnnxModule, out: onnx.ModelProto) -> None:
+    """A depthwise conv that lost channels has fewer groups: copy ``groups`` back into the node."""
+    producers = {o: node for node in out.graph.node for o in node.output if o}
+    for spec in m._nodes:
+        ref = spec.extra.get("module")
+        if spec.op_type not in ("Conv", "ConvTranspose") or not ref:
+            continue
+        groups = int(getattr(getattr(m, ref[0])[ref[1]], "groups", 1))
+        if groups == int(spec.attr("group", 1)):
+            continue
+        node = producers[spec.outputs[0]]
+        attrs = [a for a in node.attribute if a.name != "group"]
+        del node.attribute[:]
+        node.attribute.extend([*attrs, helper.make_attribute("group", groups)])
+
+
+def _fix_reshape_constants(m: OnnxModule, out: onnx.ModelProto) -> None:
+    """Rewrite Reshape targets whose constant pieces no longer fit the pruned channels."""
+    from .ops_shape import follow_reshape
+
+    producers = {o: node for node in out.graph.node for o in node.output if o}
+    inits = {t.name: t for t in out.graph.initializer}
+    taken = set(inits) | set(producers)
+
+    def const_value(name: str) -> np.ndarray | None:
+        if name in inits:
+            return numpy_helper.to_array(inits[name])
+        node = producers.get(name)
+        if node is not None and node.op_type == "Constant":
+            return constant_node_value(node)[0]
+        return None
+
+    def new_const(base: str, values: np.ndarray) -> str:
+        name, i = f"{base}__resized", 1
+        while name in taken:
+            name, i = f"{base}__resized_{i}", i + 1
+        taken.add(name)
+        out.graph.initializer.append(numpy_helper.from_array(values.astype(np.int64), name))
+        return name
+
+    for spec in m._nodes:
+        if spec.op_type != "Reshape" or spec.opset < 5:
+            continue
+        recorded, live = spec.extra.get("reshape_shapes"), spec.extra.get("reshape_live")
+        if recorded is None or live is None or follow_reshape(recorded, live[0]) is None:
+            continue
+        want = list(live[1])
+        allowzero = bool(spec.attr("allowzero", 0))
+        onnx_node = producers[spec.outputs[0]]
+
+        def fitted(target: np.ndarray, offset: int) -> np.ndarray:
+            res = target.copy().reshape(-1)
+            for k, v in enumerate(res):
+                if v == -1 or (v == 0 and not allowzero):
+                    continue  # inferred from the live input at run time
+                res[k] = want[offset + k]
+            return res
+
+        target_name = onnx_node.input[1]
+        value = const_value(target_name)
+        if value is not None:
+            new = fitted(value, 0)
+            if not np.array_equal(new, value.reshape(-1)):
+                onnx_node.input[1] = new_const(target_name, new.reshape(value.shape))
+            continue
+        concat = producers.get(target_name)
+        if concat is None or concat.op_type != "Concat":
+            raise ValueError(f"Reshape {spec.name!r}: its target is computed by "
+                             f"{concat.op_type if concat else 'an input'}, which cannot be rewritten")
+        pieces = [const_value(i) for i in concat.input]
+        if all(p is None for p in pieces):
+            continue  # computed from live shapes: ONNX Runtime follows the pruned sizes by itself
+        n_dynamic = sum(p is None for p in pieces)
+        fixed = sum(int(p.size) for p in pieces if p is not None)
+        if n_dynamic and (len(want) - fixed) != n_dynamic:
+            raise ValueError(f"Reshape {spec.name!r}: cannot map its Concat target onto {len(want)} dims")
+        offset = 0
+        for k, piece in enumerate(pieces):
+            if piece is None:
+                offset += 1
+                continue
+            new = fitted(piece, offset)
+            if not np.array_equal(new, piece.reshape(-1)):
+                concat.input[k] = new_const(concat.input[k], new.reshape(piece.shape))
+            offset += int(piece.size)
 
 
 def _as_initializers(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:

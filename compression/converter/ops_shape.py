@@ -56,13 +56,92 @@ def _size(m, node, xs):
     return torch.tensor(xs[0].numel(), dtype=torch.int64, device=xs[0].device)
 
 
-@register_op("Reshape")
+def reshape_groups(src: tuple[int, ...], dst: tuple[int, ...]) -> list[tuple[list[int], list[int]]] | None:
+    """Align a reshape ``src -> dst`` into groups of dims whose products match (``[2,32,7,7] -> [2,1568]``
+    gives ``([0],[0]), ([1,2,3],[1])``); None when the shapes hold zeros or do not align."""
+    if math.prod(src) != math.prod(dst) or 0 in src or 0 in dst:
+        return None
+    groups, i, j = [], 0, 0
+    while i < len(src) or j < len(dst):
+        gi, gj = [i] if i < len(src) else [], [j] if j < len(dst) else []
+        if not gi or not gj:  # trailing size-1 dims on one side
+            if any((src[k] if gi else dst[k]) != 1 for k in (gi or gj)):
+                return None
+            groups.append((gi, gj))
+            i, j = i + len(gi), j + len(gj)
+            continue
+        pi, pj = src[i], dst[j]
+        while pi != pj:
+            if pi < pj:
+                gi.append(i + len(gi))
+                pi *= src[gi[-1]]
+            else:
+                gj.append(j + len(gj))
+                pj *= dst[gj[-1]]
+        groups.append((gi, gj))
+        i, j = gi[-1] + 1, gj[-1] + 1
+    return groups
+
+
+def follow_reshape(recorded: tuple[tuple[int, ...], tuple[int, ...]], live_in: tuple[int, ...]) -> list[int] | None:
+    """Where a reshape recorded as ``src -> dst`` must go now that its input is ``live_in``.
+
+    Channel pruning shrinks dims the graph baked into constants (``Reshape(x, [-1, 1568])``). Each
+    aligned group keeps its meaning: a merge is the product of the live dims, a split keeps its inner
+    dims (head size) and lets the outer one (head count) absorb the change. None when nothing
+    structural changed (batch and sequence changes are the graph's own business) or it cannot tell.
+    """
+    src, dst = recorded
+    if tuple(live_in) == tuple(src) or len(live_in) != len(src):
+        return None
+    groups = reshape_groups(tuple(src), tuple(dst))
+    if groups is None:
+        return None
+    out = list(dst)
+    changed = False
+    for gi, gj in groups:
+        live = [live_in[k] for k in gi]
+        if len(gi) == 1 and len(gj) == 1:
+            out[gj[0]] = live[0]
+            continue
+        if live == [src[k] for k in gi]:
+            continue
+        changed = True
+        total = math.prod(live)
+        inner = math.prod(dst[k] for k in gj[1:])
+        if total % max(inner, 1):
+            return None
+        out[gj[0]] = total // inner
+    return out if changed else None
+
+
+def _prepare_reshape(b, node: NodeSpec) -> None:
+    # A target that is a graph constant cannot follow channel pruning by itself (see follow_reshape).
+    node.extra["static_target"] = node.opset < 5 or b.const(node.inputs[1]) is not None
+
+
+@register_op("Reshape", prepare=_prepare_reshape)
 def _reshape(m, node, xs):
     x = xs[0]
     shape = ints(xs[1]) if node.opset >= 5 else list(node.attr("shape"))
     if not node.attr("allowzero", 0):
         shape = [x.shape[i] if d == 0 else d for i, d in enumerate(shape)]
-    return x.reshape(shape)
+    mode = getattr(m, "_shape_probe", None)
+    recorded = node.extra.get("reshape_shapes")
+    followed = follow_reshape(recorded, tuple(x.shape)) if recorded is not None and mode != "record" else None
+    if followed is not None and node.extra.get("static_target"):
+        shape = followed  # a baked target may still "fit" by regrouping the batch: never trust it here
+    try:
+        y = x.reshape(shape)
+    except RuntimeError:
+        if followed is None:
+            raise
+        y = x.reshape(followed)  # a computed target with a stale constant piece
+    if mode == "record":
+        node.extra["reshape_shapes"] = (tuple(x.shape), tuple(y.shape))
+    elif mode == "live":
+        node.extra["reshape_live"] = (tuple(x.shape), tuple(y.shape))
+    return y
 
 
 @register_op("Flatten")

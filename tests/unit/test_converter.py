@@ -599,3 +599,46 @@ def test_minilm_matches_ort_trains_and_writes_back(minilm_onnx: onnx.ModelProto)
     onnx.checker.check_model(written)
     _assert_same_graph(model, written)
     assert_matches_ort(written, module, feeds)
+
+
+# ------------------------------------------------------------------- structural changes (pruning)
+def test_reshape_groups_and_follow_rules():
+    from compression.converter.ops_shape import follow_reshape, reshape_groups
+
+    assert reshape_groups((2, 32, 7, 7), (2, 1568)) == [([0], [0]), ([1, 2, 3], [1])]
+    assert reshape_groups((2, 16, 384), (2, 16, 12, 32)) == [([0], [0]), ([1], [1]), ([2], [2, 3])]
+    # Merge: the product of the live dims; the batch follows too.
+    assert follow_reshape(((2, 32, 7, 7), (2, 1568)), (5, 16, 7, 7)) == [5, 784]
+    # Split: the inner size (head dim) stays, the outer one (head count) absorbs the change.
+    assert follow_reshape(((2, 16, 384), (2, 16, 12, 32)), (2, 16, 320)) == [2, 16, 10, 32]
+    # Batch or sequence changes alone are the graph's own business.
+    assert follow_reshape(((2, 16, 384), (2, 16, 12, 32)), (8, 20, 384)) is None
+
+
+@pytest.mark.parametrize("dynamo", [True, False])
+def test_export_resized_rewrites_baked_reshape_and_keeps_dynamic_batch(dynamo, tmp_path):
+    """Shrink conv2's filters by hand: the dynamo graph's Reshape([-1, 1568]) must follow (to 784)."""
+    torch.manual_seed(0)
+    net = zoo.SmallCNN().eval()
+    model = onnx.load(str(zoo.export_onnx(net, torch.zeros(2, 1, 28, 28), tmp_path / "m.onnx", dynamo=dynamo)))
+    module = to_torch(model)
+    example = torch.randn(2, 1, 28, 28)
+    module.record_shapes(example)
+    convs = [m for m in module.weight_modules().values() if isinstance(m, nn.Conv2d)]
+    fc = [m for m in module.weight_modules().values() if isinstance(m, nn.Linear)][0]
+    keep = torch.arange(16)
+    with torch.no_grad():
+        convs[1].weight = nn.Parameter(convs[1].weight[keep].clone())
+        convs[1].bias = nn.Parameter(convs[1].bias[keep].clone())
+        convs[1].out_channels = 16
+        fc.weight = nn.Parameter(fc.weight.reshape(128, 32, 49)[:, keep].reshape(128, 784).clone())
+        fc.in_features = 784
+    with pytest.raises(ValueError, match="write_back only supports weight-level"):
+        module.write_back(model)
+    out = module.export_resized(model, example)
+    onnx.checker.check_model(out)
+    sess = ort_session(out)
+    for n in (1, 3, 8):
+        x = RNG.standard_normal((n, 1, 28, 28)).astype(np.float32)
+        np.testing.assert_allclose(ort_run(sess, {"input": x})[0], torch_run(module, {"input": x})[0], atol=1e-4)
+    assert not [v for v in out.graph.value_info if v.name not in {"input", "logits"}]

@@ -18,6 +18,7 @@ from compression.zoo import LeNet300100, export_onnx
 CONTRACT_SPECS = {
     "prune": {"method": "prune", "sparsity": 0.5, "finetune": {"epochs": 1}},
     "quantize": {"method": "quantize", "mode": "static", "calibration_samples": 64},
+    "distill": {"method": "distill", "epochs": 1},
 }
 
 

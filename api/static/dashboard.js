@@ -1,0 +1,420 @@
+// netcompress dashboard: plain JS against the public REST API (Bearer key kept in localStorage).
+"use strict";
+
+const KEY_STORE = "netcompress.key";
+const TERMINAL = new Set(["succeeded", "failed", "cancelled"]);
+const PRESETS = {
+  "prune-int8": {steps: [{method: "prune", granularity: "weight", sparsity: 0.5},
+                         {method: "quantize", scheme: "int8", mode: "static"}], eval: {holdout: 0.2}},
+  "int8-dynamic": {steps: [{method: "quantize", scheme: "int8", mode: "dynamic"}]},
+  "fp16": {steps: [{method: "quantize", scheme: "fp16"}]},
+  "cluster4": {steps: [{method: "quantize", scheme: "cluster", bits: 4}]},
+  "channel": {steps: [{method: "prune", granularity: "channel", sparsity: 0.3, finetune: {epochs: 1}}]},
+};
+
+const $ = (sel) => document.querySelector(sel);
+const state = {key: localStorage.getItem(KEY_STORE), jobsTimer: null, follow: null, models: {}};
+
+// -- helpers -------------------------------------------------------------------------------------------
+
+function el(tag, attrs, ...children) {
+  const node = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs || {})) {
+    if (k === "class") node.className = v;
+    else if (k.startsWith("on")) node.addEventListener(k.slice(2), v);
+    else node.setAttribute(k, v);
+  }
+  for (const c of children.flat()) node.append(c instanceof Node ? c : document.createTextNode(c ?? ""));
+  return node;
+}
+
+function svg(tag, attrs, text) {
+  const node = document.createElementNS("http://www.w3.org/2000/svg", tag);
+  for (const [k, v] of Object.entries(attrs || {})) node.setAttribute(k, v);
+  if (text !== undefined) node.textContent = text;
+  return node;
+}
+
+function fmtBytes(n) {
+  if (n == null) return "–";
+  const units = ["B", "KB", "MB", "GB"];
+  let i = 0;
+  while (Math.abs(n) >= 1024 && i < units.length - 1) { n /= 1024; i++; }
+  return i === 0 ? `${n} B` : `${n.toFixed(2)} ${units[i]}`;
+}
+function fmtCount(n) {
+  if (n == null) return "–";
+  for (const [u, d] of [["G", 1e9], ["M", 1e6], ["k", 1e3]]) if (Math.abs(n) >= d) return (n / d).toFixed(2) + u;
+  return String(n);
+}
+const fmtNum = (d) => (v) => (v == null ? "–" : Number(v).toFixed(d));
+const shortId = (id) => id.slice(0, 8);
+const stepLabel = (s) => s.method === "prune" ? `prune ${s.granularity || ""} ${s.sparsity}`
+  : s.method === "quantize" ? `quantize ${s.scheme}${s.mode ? " " + s.mode : ""}` : s.method;
+
+class ApiError extends Error {
+  constructor(status, problem) {
+    super(`${status} ${problem.title || ""}${problem.detail ? ": " + problem.detail : ""}`);
+    this.status = status; this.problem = problem;
+  }
+}
+
+async function api(path, opts = {}) {
+  const headers = Object.assign({Authorization: `Bearer ${state.key}`}, opts.headers || {});
+  const resp = await fetch(path, Object.assign({}, opts, {headers}));
+  if (resp.status === 401) { signOut("Your key was refused (unknown or revoked)."); throw new ApiError(401, {}); }
+  if (!resp.ok) {
+    let problem = {};
+    try { problem = await resp.json(); } catch (e) { problem = {detail: resp.statusText}; }
+    throw new ApiError(resp.status, problem);
+  }
+  return resp;
+}
+const apiJson = async (path, opts) => (await api(path, opts)).json();
+
+// -- routing -------------------------------------------------------------------------------------------
+
+function show(view) {
+  for (const id of ["signin-view", "jobs-view", "submit-view", "detail-view"]) $("#" + id).hidden = id !== view;
+  $("#nav").hidden = view === "signin-view";
+}
+
+function stopTimers() {
+  clearInterval(state.jobsTimer); state.jobsTimer = null;
+  if (state.follow) { state.follow.abort(); state.follow = null; }
+}
+
+function route() {
+  stopTimers();
+  if (!state.key) { show("signin-view"); return; }
+  const hash = location.hash || "#/";
+  const m = hash.match(/^#\/jobs\/([0-9a-f]+)$/);
+  if (m) { show("detail-view"); openJob(m[1]); }
+  else if (hash === "#/submit") { show("submit-view"); prepareSubmit(); }
+  else { show("jobs-view"); refreshJobs(); state.jobsTimer = setInterval(refreshJobs, 2000); }
+}
+
+function signOut(message) {
+  localStorage.removeItem(KEY_STORE);
+  state.key = null;
+  $("#signin-error").textContent = message || "";
+  route();
+}
+
+// -- jobs list -----------------------------------------------------------------------------------------
+
+async function loadModels() {
+  const page = await apiJson("/v1/models?limit=100");
+  for (const m of page.items) state.models[m.id] = m;
+  return page.items;
+}
+
+async function refreshJobs() {
+  try {
+    const [page] = await Promise.all([apiJson("/v1/jobs?limit=50"), loadModels()]);
+    const body = $("#jobs-table tbody");
+    body.replaceChildren(...page.items.map((j) => {
+      const frac = j.status === "succeeded" ? 1 : (j.progress.fraction || 0);
+      const model = state.models[j.model_id];
+      return el("tr", {class: "link", "data-job": j.id, onclick: () => { location.hash = `#/jobs/${j.id}`; }},
+        el("td", {}, el("a", {href: `#/jobs/${j.id}`}, j.name || shortId(j.id))),
+        el("td", {}, model ? model.name : shortId(j.model_id)),
+        el("td", {}, j.spec.steps.map(stepLabel).join(" → ")),
+        el("td", {}, el("span", {class: `badge ${j.status}`}, j.status)),
+        el("td", {}, el("div", {class: "bar"}, el("div", {style: `width:${(100 * frac).toFixed(0)}%`})),
+           ` ${(100 * frac).toFixed(0)}% ${j.status === "running" ? (j.progress.phase || "") : ""}`),
+        el("td", {}, new Date(j.created_at).toLocaleString()));
+    }));
+    $("#jobs-empty").hidden = page.items.length > 0;
+    $("#jobs-updated").textContent = `updated ${new Date().toLocaleTimeString()}`;
+  } catch (e) { if (e.status !== 401) $("#jobs-updated").textContent = `error: ${e.message}`; }
+}
+
+// -- submit --------------------------------------------------------------------------------------------
+
+async function prepareSubmit() {
+  if (!$("#spec").value) $("#spec").value = JSON.stringify(PRESETS[$("#preset").value], null, 2);
+  try {
+    const models = await loadModels();
+    $("#model-select").replaceChildren(el("option", {value: ""}, "—"),
+      ...models.map((m) => el("option", {value: m.id}, `${m.name} (${shortId(m.id)})`)));
+  } catch (e) { /* shown on submit */ }
+}
+
+async function upload(path, file) {
+  const form = new FormData();
+  form.append("file", file, file.name);
+  form.append("name", file.name);
+  return apiJson(path, {method: "POST", body: form});
+}
+
+async function submitJob(ev) {
+  ev.preventDefault();
+  const status = $("#submit-status");
+  status.className = "";
+  try {
+    let spec;
+    try { spec = JSON.parse($("#spec").value); } catch (e) { throw new Error(`the spec is not JSON: ${e.message}`); }
+    let modelId = $("#model-select").value;
+    const modelFile = $("#model-file").files[0];
+    if (modelFile) { status.textContent = "uploading model…"; modelId = (await upload("/v1/models", modelFile)).id; }
+    if (!modelId) throw new Error("choose a model file or an uploaded model");
+    const body = {model_id: modelId, spec};
+    const dataFile = $("#data-file").files[0];
+    if (dataFile) { status.textContent = "uploading dataset…"; body.dataset_id = (await upload("/v1/datasets", dataFile)).id; }
+    if ($("#job-name").value) body.name = $("#job-name").value;
+    status.textContent = "submitting…";
+    const job = await apiJson("/v1/jobs", {method: "POST", body: JSON.stringify(body),
+                                            headers: {"Content-Type": "application/json"}});
+    status.textContent = `job ${job.id} queued`;
+    location.hash = `#/jobs/${job.id}`;
+  } catch (e) {
+    status.className = "error";
+    const errs = (e.problem && e.problem.errors) || [];
+    status.textContent = e.message + (errs.length ? " — " + errs.map((x) => `${x.path}: ${x.message}`).join("; ") : "");
+  }
+}
+
+// -- job detail ----------------------------------------------------------------------------------------
+
+function renderStatus(job) {
+  const badge = $("#detail-badge");
+  badge.className = `badge ${job.status}`;
+  badge.textContent = job.status;
+  const p = job.progress || {};
+  const frac = job.status === "succeeded" ? 1 : (p.fraction || 0);
+  $("#detail-bar").style.width = `${(100 * frac).toFixed(0)}%`;
+  const step = p.steps ? ` · step ${Math.min((p.step || 0) + 1, p.steps)}/${p.steps}` : "";
+  if (TERMINAL.has(job.status)) {
+    const secs = job.started_at && job.finished_at ? (new Date(job.finished_at) - new Date(job.started_at)) / 1000 : null;
+    $("#detail-message").textContent = `${job.status}${secs != null ? ` in ${secs.toFixed(1)} s` : ""}` +
+      (job.attempts > 1 ? ` · ${job.attempts} attempts` : "");
+  } else {
+    $("#detail-message").textContent = `${(100 * frac).toFixed(0)}%${p.phase ? " · " + p.phase : ""}${step}` +
+      (p.message ? ` · ${p.message}` : "");
+  }
+  $("#detail-error").textContent = job.error ? `${job.error.code}: ${job.error.message}` : "";
+  $("#cancel-btn").hidden = TERMINAL.has(job.status);
+}
+
+async function openJob(id) {
+  $("#detail-title").textContent = `Job ${shortId(id)}`;
+  for (const sel of ["#metrics-table thead", "#metrics-table tbody", "#layers", "#artifacts", "#chart-pareto", "#chart-latency"]) {
+    $(sel).replaceChildren();
+  }
+  let job;
+  try { job = await apiJson(`/v1/jobs/${id}`); } catch (e) { $("#detail-error").textContent = e.message; return; }
+  $("#detail-title").textContent = `Job ${job.name || shortId(job.id)} · ${job.spec.steps.map(stepLabel).join(" → ")}`;
+  $("#cancel-btn").onclick = async () => {
+    try { renderStatus(await apiJson(`/v1/jobs/${id}/cancel`, {method: "POST"})); }
+    catch (e) { $("#detail-error").textContent = e.message; }
+  };
+  renderStatus(job);
+  if (!TERMINAL.has(job.status)) job = await follow(id, job);
+  if (job) await renderFinished(job);
+}
+
+// Follow /events with fetch (EventSource cannot send the Authorization header); poll if streaming fails.
+async function follow(id, job) {
+  const ctrl = new AbortController();
+  state.follow = ctrl;
+  try {
+    const resp = await api(`/v1/jobs/${id}/events`, {signal: ctrl.signal, headers: {Accept: "text/event-stream"}});
+    const reader = resp.body.getReader();
+    const decoder = new TextDecoder();
+    let buf = "";
+    for (;;) {
+      const {value, done} = await reader.read();
+      if (done) break;
+      buf += decoder.decode(value, {stream: true});
+      let idx;
+      while ((idx = buf.indexOf("\n\n")) >= 0) {
+        const frame = buf.slice(0, idx); buf = buf.slice(idx + 2);
+        let event = "message"; const data = [];
+        for (const line of frame.split("\n")) {
+          if (line.startsWith("event:")) event = line.slice(6).trim();
+          else if (line.startsWith("data:")) data.push(line.slice(5).replace(/^ /, ""));
+        }
+        if (!data.length) continue;
+        const payload = JSON.parse(data.join("\n"));
+        if (event === "state") { job = Object.assign({}, job, payload); renderStatus(job); }
+        if (event === "done") { renderStatus(payload); return payload; }
+      }
+    }
+  } catch (e) {
+    if (ctrl.signal.aborted) return null;
+  }
+  while (!ctrl.signal.aborted) {  // fallback: poll
+    job = await apiJson(`/v1/jobs/${id}`);
+    renderStatus(job);
+    if (TERMINAL.has(job.status)) return job;
+    await new Promise((r) => setTimeout(r, 1000));
+  }
+  return null;
+}
+
+const METRIC_ROWS = [
+  ["file size", (m) => m.file_bytes, fmtBytes],
+  ["zip size", (m) => m.zip_bytes, fmtBytes],
+  ["params", (m) => m.params, fmtCount],
+  ["nonzero params", (m) => m.nonzero_params, fmtCount],
+  ["MACs / sample", (m) => m.macs, fmtCount],
+  ["latency p50 (ms)", (m) => m.latency_ms && m.latency_ms.p50, fmtNum(3)],
+  ["throughput (/s)", (m) => m.throughput, fmtNum(1)],
+  ["accuracy", (m) => m.accuracy, fmtNum(4)],
+  ["agreement", (m) => m.agreement, fmtNum(4)],
+  ["output cosine", (m) => m.output_cosine, fmtNum(4)],
+];
+
+function renderMetrics(job) {
+  const m = job.metrics;
+  if (!m) return;
+  const cols = [["original", m.original], ...m.steps.map((s, i) => [`${i + 1}. ${s.method}`, s]), ["result", m.result]];
+  $("#metrics-table thead").replaceChildren(el("tr", {}, el("th", {}, "metric"),
+    ...cols.map(([name]) => el("th", {class: "num"}, name)), el("th", {class: "num", title: "how many times smaller or faster than the original (> 1 is better)"}, "gain vs original")));
+  const ratios = (m.result && m.result.ratios) || {};
+  const ratioKey = {"file size": "file_bytes", "zip size": "zip_bytes", "params": "params", "nonzero params": "nonzero_params",
+                    "MACs / sample": "macs", "latency p50 (ms)": "latency_p50_speedup", "throughput (/s)": "throughput"};
+  const rows = [];
+  for (const [label, get, fmt] of METRIC_ROWS) {
+    const values = cols.map(([, c]) => (c ? get(c) : null));
+    if (values.every((v) => v == null)) continue;
+    const r = label === "accuracy" ? ratios.accuracy_delta : ratios[ratioKey[label]];
+    const ratioText = r == null ? "" : label === "accuracy" ? (r >= 0 ? "+" : "") + r.toFixed(4) : `${r.toFixed(2)}×`;
+    rows.push(el("tr", {}, el("td", {}, label), ...values.map((v) => el("td", {class: "num"}, fmt(v))),
+                 el("td", {class: "num"}, ratioText)));
+  }
+  $("#metrics-table tbody").replaceChildren(...rows);
+}
+
+function axes(root, x0, y0, x1, y1, xlabel, ylabel) {
+  root.append(svg("line", {class: "axis", x1: x0, y1: y1, x2: x1, y2: y1}), svg("line", {class: "axis", x1: x0, y1: y0, x2: x0, y2: y1}),
+              svg("text", {x: (x0 + x1) / 2, y: y1 + 30, "text-anchor": "middle"}, xlabel),
+              svg("text", {x: 12, y: (y0 + y1) / 2, transform: `rotate(-90 12 ${(y0 + y1) / 2})`, "text-anchor": "middle"}, ylabel));
+}
+
+async function renderPareto(job) {
+  const root = $("#chart-pareto");
+  root.replaceChildren();
+  const page = await apiJson(`/v1/jobs?model_id=${job.model_id}&status=succeeded&limit=100`);
+  const jobs = page.items.filter((j) => j.metrics && j.metrics.result);
+  if (!jobs.some((j) => j.id === job.id) && job.metrics) jobs.push(job);
+  const quality = (m) => (m.accuracy != null ? m.accuracy : m.agreement);
+  const qualityName = jobs.some((j) => j.metrics.result.accuracy != null) ? "accuracy" : "agreement with original";
+  const points = jobs.map((j) => ({x: j.metrics.result.file_bytes, y: quality(j.metrics.result), id: j.id,
+                                   label: j.name || shortId(j.id), cls: j.id === job.id ? "point current" : "point"}));
+  const orig = job.metrics.original;
+  points.push({x: orig.file_bytes, y: orig.accuracy != null ? orig.accuracy : 1.0, id: "original", label: "original",
+               cls: "point original"});
+  const pts = points.filter((p) => p.x != null && p.y != null);
+  const W = +root.getAttribute("width"), H = +root.getAttribute("height");
+  const [x0, y0, x1, y1] = [56, 14, W - 36, H - 44];
+  const xs = pts.map((p) => p.x), ys = pts.map((p) => p.y);
+  const xmax = Math.max(...xs) * 1.08, xmin = 0;
+  let ymin = Math.min(...ys), ymax = Math.max(...ys);
+  const pad = Math.max((ymax - ymin) * 0.15, 0.005); ymin -= pad; ymax += pad;
+  const sx = (v) => x0 + ((v - xmin) / (xmax - xmin || 1)) * (x1 - x0);
+  const sy = (v) => y1 - ((v - ymin) / (ymax - ymin || 1)) * (y1 - y0);
+  axes(root, x0, y0, x1, y1, "file size", qualityName);
+  for (const t of [0, 0.5, 1]) {
+    root.append(svg("text", {x: sx(xmin + t * (xmax - xmin)), y: y1 + 14, "text-anchor": "middle"}, fmtBytes(Math.round(xmin + t * (xmax - xmin)))));
+    root.append(svg("text", {x: x0 - 4, y: sy(ymin + t * (ymax - ymin)) + 4, "text-anchor": "end"}, (ymin + t * (ymax - ymin)).toFixed(3)));
+  }
+  // Pareto front: no other point is both smaller and at least as good.
+  const front = pts.filter((p) => !pts.some((q) => q !== p && q.x <= p.x && q.y >= p.y && (q.x < p.x || q.y > p.y)))
+    .sort((a, b) => a.x - b.x);
+  if (front.length > 1) root.append(svg("polyline", {class: "front", points: front.map((p) => `${sx(p.x)},${sy(p.y)}`).join(" ")}));
+  for (const p of pts) {
+    const c = svg("circle", {class: p.cls, cx: sx(p.x), cy: sy(p.y), r: p.cls.includes("current") ? 6 : 4, "data-job": p.id});
+    c.append(svg("title", {}, `${p.label}: ${fmtBytes(p.x)}, ${qualityName} ${p.y.toFixed(4)}`));
+    root.append(c, svg("text", {class: "point-label", x: sx(p.x) + 8, y: sy(p.y) - 6}, p.label));
+  }
+}
+
+function renderLatency(job) {
+  const root = $("#chart-latency");
+  root.replaceChildren();
+  const m = job.metrics;
+  const bars = [["original", m.original], ...m.steps.map((s, i) => [`${i + 1}. ${s.method}`, s])]
+    .map(([label, x]) => ({label, v: x && x.latency_ms ? x.latency_ms.p50 : null})).filter((b) => b.v != null);
+  if (!bars.length) return;
+  const W = +root.getAttribute("width"), H = +root.getAttribute("height");
+  const [x0, y0, x1, y1] = [56, 14, W - 14, H - 44];
+  const vmax = Math.max(...bars.map((b) => b.v)) * 1.1;
+  axes(root, x0, y0, x1, y1, "model", "ms");
+  const slot = (x1 - x0) / bars.length;
+  bars.forEach((b, i) => {
+    const h = ((y1 - y0) * b.v) / vmax;
+    const r = svg("rect", {class: i === 0 ? "lat-bar original" : "lat-bar", x: x0 + i * slot + slot * 0.15, y: y1 - h,
+                           width: slot * 0.7, height: h});
+    r.append(svg("title", {}, `${b.label}: ${b.v.toFixed(3)} ms`));
+    root.append(r, svg("text", {x: x0 + i * slot + slot / 2, y: y1 + 14, "text-anchor": "middle"}, b.label),
+                svg("text", {x: x0 + i * slot + slot / 2, y: y1 - h - 4, "text-anchor": "middle"}, b.v.toPrecision(3)));
+  });
+}
+
+async function renderLayers(job) {
+  const box = $("#layers");
+  box.replaceChildren();
+  if (!job.artifacts.some((a) => a.name === "report.json")) return;
+  const report = await apiJson(`/v1/jobs/${job.id}/artifacts/report.json`);
+  for (const [i, step] of (report.steps || []).entries()) {
+    const layers = (step.report && step.report.layers) || [];
+    if (!layers.length) continue;
+    const hasSparsity = layers.some((l) => l.sparsity != null), hasBits = layers.some((l) => l.bits_per_weight != null);
+    const head = ["layer", "params"].concat(hasSparsity ? ["sparsity"] : [], hasBits ? ["bits / weight"] : []);
+    box.append(el("h4", {}, `${i + 1}. ${step.method}`),
+      el("table", {class: "grid layers", "data-step": i},
+        el("thead", {}, el("tr", {}, head.map((h) => el("th", {}, h)))),
+        el("tbody", {}, layers.map((l) => el("tr", {},
+          el("td", {}, l.layer || l.weight || ""), el("td", {class: "num"}, fmtCount(l.params)),
+          hasSparsity ? el("td", {}, el("span", {class: "layerbar", style: `width:${Math.round(100 * (l.sparsity || 0))}px`}),
+                           ` ${l.sparsity != null ? (100 * l.sparsity).toFixed(1) + "%" : "–"}`) : [],
+          hasBits ? el("td", {class: "num"}, l.bits_per_weight != null ? l.bits_per_weight.toFixed(2) : "–") : [])))));
+  }
+  if (!box.children.length) box.append(el("p", {}, "No per-layer facts for these steps."));
+}
+
+function renderArtifacts(job) {
+  $("#artifacts").replaceChildren(...job.artifacts.map((a) => el("li", {},
+    el("a", {href: "#", "data-artifact": a.name, onclick: async (ev) => {
+      ev.preventDefault();
+      const blob = await (await api(`/v1/jobs/${job.id}/artifacts/${encodeURIComponent(a.name)}`)).blob();
+      const url = URL.createObjectURL(blob);
+      const link = el("a", {href: url, download: a.name});
+      document.body.append(link); link.click(); link.remove();
+      setTimeout(() => URL.revokeObjectURL(url), 10000);
+    }}, a.name), ` · ${fmtBytes(a.size_bytes)} · ${a.kind} · sha256 ${a.sha256.slice(0, 12)}…`)));
+}
+
+async function renderFinished(job) {
+  renderStatus(job);
+  renderMetrics(job);
+  renderArtifacts(job);
+  if (job.metrics) {
+    renderLatency(job);
+    try { await renderPareto(job); } catch (e) { $("#chart-pareto").append(svg("text", {x: 20, y: 20}, e.message)); }
+  }
+  try { await renderLayers(job); } catch (e) { $("#layers").textContent = e.message; }
+  document.body.dataset.rendered = job.id;  // for tests and scripts: the detail view is complete
+}
+
+// -- boot ----------------------------------------------------------------------------------------------
+
+$("#signin-form").addEventListener("submit", async (ev) => {
+  ev.preventDefault();
+  state.key = $("#key").value.trim();
+  try {
+    await apiJson("/v1/jobs?limit=1");
+    localStorage.setItem(KEY_STORE, state.key);
+    $("#signin-error").textContent = "";
+    $("#key").value = "";
+    location.hash = "#/";
+    route();
+  } catch (e) { if (e.status !== 401) $("#signin-error").textContent = e.message; }
+});
+$("#signout").addEventListener("click", () => signOut());
+$("#submit-form").addEventListener("submit", submitJob);
+$("#preset").addEventListener("change", () => { $("#spec").value = JSON.stringify(PRESETS[$("#preset").value], null, 2); });
+window.addEventListener("hashchange", route);
+route();

@@ -1,0 +1,137 @@
+"""``scheme: cluster`` — per-layer k-means weight sharing with optional centroid fine-tuning.
+
+The exported layer holds packed indices and a codebook (``Gather(codebook, indices)``): the weights the
+model computes with are exactly codebook values, and the file holds ``bits`` (rounded up to 1/2/4/8)
+per weight instead of 32.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+import onnx
+import torch
+from onnx import numpy_helper
+from torch.nn.utils import parametrize
+
+from compression.context import StepContext, StepResult
+from compression.errors import CompressionError, InvalidSpec
+from compression.quant.fake import ClusterWeight
+from compression.quant.kmeans import kmeans_1d
+from compression.quant.layers import select_layers, weight_layers
+from compression.quant.packing import container_bits, encode_sparse_codebook, encode_weight
+from compression.quant.trainable import finetune, freeze_latent, to_trainable
+
+if TYPE_CHECKING:
+    from compression.techniques.quantization import QuantizeSpec
+
+
+def index_bits(levels: int) -> int:
+    """Bits needed to index ``levels`` values (at least 1)."""
+    return max(1, int(np.ceil(np.log2(max(levels, 2)))))
+
+
+def entropy_bits(codes: np.ndarray) -> float:
+    """Shannon entropy of the codes in bits per weight: what an ideal entropy coder (Huffman ≈) needs."""
+    counts = np.bincount(np.asarray(codes).ravel().astype(np.int64))
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log2(p)).sum())
+
+
+def cluster(model: onnx.ModelProto, spec: QuantizeSpec, ctx: StepContext) -> StepResult:
+    """k-means each selected layer into ≤ 2**bits shared values (zeros keep their own centroid).
+
+    With ``finetune`` the model is converted to torch, each layer computes ``codebook[codes]`` and only
+    the centroids (plus biases and norms) train; a centroid's gradient is the sum over its cluster.
+    """
+    all_layers = weight_layers(model)
+    layers = select_layers(all_layers, spec.layers, spec.exclude_layers)
+    if not layers:
+        raise InvalidSpec("no Conv/Gemm/MatMul weights held as initializers: nothing to cluster")
+    k = 2 ** spec.bits
+    notes: list[str] = []
+    losses: list[float] = []
+    ft = spec.finetune
+    arrays = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    ctx.progress("quantizing", 0.05, f"k-means, {k} clusters per layer")
+    if ft is not None and ft.epochs > 0:
+        tr = to_trainable(model, layers)
+        if tr.untrainable:
+            notes.append(f"clustered without fine-tuning (not held by a trainable layer): {tr.untrainable}")
+        for w, layer in tr.layers.items():
+            cb, codes = kmeans_1d(layer.weight.detach().cpu().numpy(), k, keep_zero=True)
+            zero = bool(cb.size and cb[0] == 0.0 and (layer.weight == 0).any())
+            parametrize.register_parametrization(
+                layer, "weight", ClusterWeight(torch.from_numpy(cb), torch.from_numpy(codes), zero))
+            freeze_latent(layer)
+        losses, ft_notes = finetune(tr, ft, ctx, phase="finetuning")
+        notes += ft_notes
+        float_model = tr.module.write_back(model)
+        arrays = {t.name: numpy_helper.to_array(t) for t in float_model.graph.initializer}
+        books = {w: layer.parametrizations.weight[0].codebook().detach().cpu().numpy() for w, layer in tr.layers.items()}
+    else:
+        float_model = onnx.ModelProto()
+        float_model.CopyFrom(model)
+        books = {}
+    out = float_model
+    rows = []
+    for i, wl in enumerate(layers):
+        w = arrays[wl.weight]
+        if wl.weight in books:
+            cb = books[wl.weight].astype(w.dtype)
+            codes = _lookup(w, cb, wl.weight)
+        else:
+            cb, codes = kmeans_1d(w, k, keep_zero=True)
+            cb = cb.astype(w.dtype)
+        cb, codes = _compact(cb, codes)
+        bits = index_bits(len(cb))
+        width = container_bits(bits)
+        zero_code = int(np.flatnonzero(cb == 0)[0]) if (cb == 0).any() else None
+        if zero_code is not None and _sparse_bytes(codes, zero_code) < -(-codes.size * width // 8):
+            enc = encode_sparse_codebook(out, wl.weight, codes, cb, zero_code)
+        else:
+            enc = encode_weight(out, wl.weight, codes, width, codebook=cb, zero_code=zero_code)
+        rows.append({"layer": wl.node, "weight": wl.weight, "params": wl.size, "centroids": int(len(cb)),
+                     "index_bits": bits, "stored_bits": enc.width, "layout": enc.layout,
+                     "bits_per_weight": round(enc.stored_bytes * 8 / wl.size, 4),
+                     "entropy_bits_per_weight": round(entropy_bits(codes), 4),
+                     "sparsity": round(float((cb[codes] == 0).mean()), 4),
+                     "zero_centroid": zero_code is not None})
+        ctx.progress("quantizing", 0.9 + 0.1 * (i + 1) / len(layers), f"encoded {wl.node}")
+    onnx.checker.check_model(out)
+    total = sum(r["params"] for r in rows)
+    report = {
+        "layers": rows,
+        "clustered_params": total,
+        "bits_per_weight": round(sum(r["bits_per_weight"] * r["params"] for r in rows) / total, 4),
+        "entropy_bits_per_weight": round(sum(r["entropy_bits_per_weight"] * r["params"] for r in rows) / total, 4),
+        "layers_left_float": [x.node for x in all_layers if x not in layers],
+        "storage": "dense: codes packed 1/2/4/8 bits per byte -> BitShift unpack -> Gather(codebook); sparse "
+                   "(mostly-zero layers): 1-bit nonzero mask + nonzero codes -> CumSum rank -> Gather -> Gather(codebook)",
+        "finetune_losses": losses,
+        "notes": notes,
+    }
+    return StepResult(out, report)
+
+
+def _sparse_bytes(codes: np.ndarray, zero_code: int) -> int:
+    """Bytes of the sparse layout: a 1-bit mask plus the nonzeros' codes (see ``encode_sparse_codebook``)."""
+    nnz = int((codes != zero_code).sum())
+    width = container_bits(index_bits(int(codes.max()) + 1))
+    return -(-codes.size // 8) + -(-(nnz + 1) * width // 8)
+
+
+def _lookup(w: np.ndarray, codebook: np.ndarray, name: str) -> np.ndarray:
+    """Codes of weights that are exactly codebook values (after fine-tuning, read back from ONNX)."""
+    order = np.argsort(codebook, kind="stable")
+    sorted_cb = codebook[order]
+    pos = np.clip(np.searchsorted(sorted_cb, w), 0, len(sorted_cb) - 1)
+    if not np.array_equal(sorted_cb[pos], w):
+        raise CompressionError(f"{name}: fine-tuned weights are not codebook values")
+    return order[pos]
+
+
+def _compact(codebook: np.ndarray, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Drop unused and duplicate centroids (fine-tuning can merge two)."""
+    uniq, inverse = np.unique(codebook[codes], return_inverse=True)
+    return uniq.astype(codebook.dtype), inverse.reshape(codes.shape)

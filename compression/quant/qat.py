@@ -1,0 +1,120 @@
+"""``scheme: int8, mode: qat`` — quantization-aware training, exported as ONNX Runtime QDQ.
+
+1. ORT's pre-processing (BatchNorm folded into Conv, constants folded) runs first, so training sees
+   the same weights ORT will quantize.
+2. The graph becomes a torch module; every Conv/Gemm/MatMul weight computes through a per-channel
+   symmetric int8 fake-quant (scale = max|W|/127, ORT's formula) and every such layer's input through
+   an asymmetric uint8 fake-quant with a moving-average range; gradients pass straight through.
+3. After training the weights written back *are* on the int8 grid, so ORT's static quantizer
+   reproduces them exactly; the learned activation ranges are handed to it as ``TensorQuantOverrides``
+   for those inputs, the rest is calibrated on the training split as in ``mode: static``.
+"""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import onnx
+import torch
+from onnx import numpy_helper
+from torch.nn.utils import parametrize
+
+from compression.context import StepContext, StepResult
+from compression.errors import InvalidSpec
+from compression.quant.fake import ActivationFakeQuant, FakeQuantWeight
+from compression.quant.layers import weight_layers
+from compression.quant.trainable import finetune, latent, to_trainable
+
+if TYPE_CHECKING:
+    from compression.techniques.quantization import QuantizeSpec
+
+
+def _prepared(model: onnx.ModelProto, workdir: Path) -> tuple[onnx.ModelProto, str]:
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    from compression.techniques.quantization import _in_dir
+
+    work = Path(tempfile.mkdtemp(prefix="qat-", dir=workdir))
+    src, dst = work / "float.onnx", work / "prepared.onnx"
+    onnx.save_model(model, str(src))
+    with _in_dir(work):
+        try:
+            quant_pre_process(str(src), str(dst), skip_symbolic_shape=True)
+            return onnx.load_model(str(dst)), "ok"
+        except Exception as e:
+            return model, f"skipped: {type(e).__name__}"
+
+
+def qat(model: onnx.ModelProto, spec: QuantizeSpec, ctx: StepContext) -> StepResult:
+    """Fake-quant training, then QDQ export with the trained weights on the int8 grid."""
+    from compression.techniques.quantization import int8_ort
+
+    if ctx.data is None:
+        raise InvalidSpec("int8 qat trains on a dataset", [{"loc": ["mode"], "msg": "qat needs a dataset"}])
+    prepared, pre = _prepared(model, ctx.workdir)
+    layers = weight_layers(prepared)
+    tr = to_trainable(prepared, layers)
+    if not tr.layers:
+        raise InvalidSpec("no trainable Conv/Gemm/MatMul weights: nothing for QAT to train")
+    observers: dict[str, ActivationFakeQuant] = {}
+    hooks = []
+    masks = {w: (layer.weight.detach() != 0).to(layer.weight.dtype) for w, layer in tr.layers.items()
+             if bool((layer.weight == 0).any())}  # an earlier step's pruned zeros stay zero
+    for w, layer in tr.layers.items():
+        cd = tr.channel_dim(w)
+        parametrize.register_parametrization(layer, "weight", FakeQuantWeight(cd if spec.per_channel else None))
+        obs = ActivationFakeQuant()
+        layer.add_module("nc_input_fake_quant", obs)
+        hooks.append(layer.register_forward_pre_hook(lambda mod, args, obs=obs: (obs(args[0]), *args[1:])))
+        observers[w] = obs
+    ctx.progress("finetuning", 0.05, f"QAT on {len(tr.layers)} layers")
+    def keep_zeros() -> None:
+        with torch.no_grad():
+            for w, m in masks.items():
+                latent(tr.layers[w]).mul_(m.to(latent(tr.layers[w]).device))
+
+    losses, notes = finetune(tr, spec.finetune, ctx, phase="finetuning", after_step=keep_zeros if masks else None)
+    for h in hooks:
+        h.remove()
+    trained = tr.module.write_back(prepared)
+    # Learned input ranges of each weight layer, by ONNX tensor name.
+    by_weight = {wl.weight: wl for wl in layers}
+    nodes = {n.name: n for n in prepared.graph.node}
+    overrides: dict[str, list[dict]] = {}
+    for w, obs in observers.items():
+        node = nodes.get(by_weight[w].node)
+        if node is not None and bool(obs.seen) and node.input[0] not in overrides:
+            overrides[node.input[0]] = [{"rmin": np.float32(obs.lo), "rmax": np.float32(obs.hi)}]
+    result = int8_ort(trained, spec, ctx, overrides=overrides or None)
+    result.report.update(
+        qat={"layers": len(tr.layers), "layers_with_pruned_zeros_kept": len(masks), "untrainable": tr.untrainable, "losses": losses, "pre_process": pre,
+             "activation_ranges_from_training": len(overrides),
+             "weights_on_grid_max_error": _grid_error(trained, result.model, [wl.weight for wl in layers])},
+    )
+    result.report.setdefault("notes", []).extend(notes)
+    return result
+
+
+def _grid_error(trained: onnx.ModelProto, quantized: onnx.ModelProto, weights: list[str]) -> float | None:
+    """Largest |dequantized ORT weight − trained weight|: ~0 when the export kept the QAT grid."""
+    tw = {t.name: numpy_helper.to_array(t) for t in trained.graph.initializer if t.name in weights}
+    qi = {t.name: numpy_helper.to_array(t) for t in quantized.graph.initializer}
+    worst = None
+    for n in quantized.graph.node:
+        if n.op_type != "DequantizeLinear" or n.input[0] not in qi:
+            continue
+        base = n.input[0].removesuffix("_quantized")
+        if base not in tw:
+            continue
+        q = qi[n.input[0]].astype(np.float64)
+        s = qi[n.input[1]].astype(np.float64)
+        axis = next((a.i for a in n.attribute if a.name == "axis"), 1)
+        if s.ndim == 1 and q.ndim > 1:
+            shape = [1] * q.ndim
+            shape[axis] = -1
+            s = s.reshape(shape)
+        err = float(np.abs(q * s - tw[base]).max())
+        worst = err if worst is None else max(worst, err)
+    return worst

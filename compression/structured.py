@@ -1,0 +1,525 @@
+"""Structured (channel) pruning of a converted :class:`~compression.converter.OnnxModule`.
+
+Two kinds of groups:
+
+- **DepGraph groups** (CNNs, MLPs): torch-pruning's dependency graph traced through the converted
+  module couples conv filters, BatchNorm channels, residual adds, concats and the next layer's input
+  channels. Layers whose output is a graph output are never pruned (the classifier keeps its classes),
+  and every other layer is *proved* prunable first: one channel of it is removed on a copy, the copy
+  is exported back to ONNX and must run in ONNX Runtime with the same numbers as in torch. Layers that
+  fail that probe are left alone and reported with the reason.
+- **Transformer groups** (attention heads and FFN neurons): DepGraph cannot see through the per-head
+  reshapes of an exported encoder, so the ONNX graph is read instead: ``softmax(Q·Kᵀ)·V → O`` gives
+  one head group per head (rows of Q/K/V, columns of O), ``Linear → activation → Linear`` gives one
+  FFN neuron group per hidden unit. The residual width (tied to the embeddings and every LayerNorm)
+  is kept.
+
+Importance strategies are tiny callables, as in torch-pruning (``l1``, ``l2``, ``taylor``,
+``bn_scale``, ``random``).
+
+Example:
+    >>> module = to_torch(model); module.record_shapes(*example)            # doctest: +SKIP
+    >>> plan = plan_channels(module, model, example)                         # doctest: +SKIP
+    >>> pruner = depgraph_pruner(module, example, plan, importance="l1", sparsity=0.5)  # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import copy
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+IMPORTANCE_NAMES = ("l1", "l2", "taylor", "bn_scale", "random")
+
+# Ops a channel passes through unchanged (elementwise, with scalar or same-source other inputs).
+_ELEMENTWISE = {
+    "Identity", "Relu", "Gelu", "Erf", "Tanh", "Sigmoid", "Add", "Sub", "Mul", "Div", "Pow", "Sqrt",
+    "LeakyRelu", "Elu", "Selu", "HardSigmoid", "HardSwish", "Softplus", "Clip", "Dropout", "Cast", "Neg",
+    "Abs", "Exp", "Log", "PRelu", "Mish",
+}
+_HEAD_PATH = {"Reshape", "Transpose", "Identity", "Mul", "Div", "Cast", "Dropout"}
+_SCORE_PATH = {"Add", "Mul", "Div", "Where", "Identity", "Cast", "Sub"}
+_PROB_PATH = {"Where", "Dropout", "Identity", "Cast", "IsNaN"}
+
+
+@dataclass
+class Layer:
+    """One prunable layer: ONNX node name, its module key and module, its weight initializer."""
+
+    name: str
+    key: str
+    module: nn.Module
+    weight: str
+    output: str  # the ONNX value the layer's channels leave through (after a fused bias Add)
+
+    @property
+    def channels(self) -> int:
+        m = self.module
+        return int(m.out_channels if isinstance(m, nn.modules.conv._ConvNd) else m.out_features)
+
+
+@dataclass
+class AttentionBlock:
+    q: Layer
+    k: Layer
+    v: Layer
+    o: Layer
+    heads: int
+    head_dim: int
+
+
+@dataclass
+class ChannelPlan:
+    """What can be pruned: prunable layers, the ones left alone (with why), transformer groups."""
+
+    layers: dict[str, Layer]
+    ignored: dict[str, str] = field(default_factory=dict)
+    attention: list[AttentionBlock] = field(default_factory=list)
+    ffn: list[tuple[Layer, Layer]] = field(default_factory=list)
+
+    @property
+    def transformer(self) -> bool:
+        return bool(self.attention)
+
+
+# ----------------------------------------------------------------------------------- graph facts
+def prunable_layers(module) -> dict[str, Layer]:  # noqa: ANN001 - OnnxModule
+    """ONNX node name -> :class:`Layer` for every Conv/Gemm/MatMul whose weight became a torch layer."""
+    weight_of = {(s.key, s.attr): name for name, s in module._sources.items() if s.container == "weights"}
+    out: dict[str, Layer] = {}
+    consumers = _consumers(module)
+    for spec in module._nodes:
+        ref = spec.extra.get("module")
+        if not ref or ref[0] != "weights" or spec.op_type not in ("Conv", "Gemm", "MatMul"):
+            continue
+        mod = module.weights[ref[1]]
+        if isinstance(mod, nn.modules.conv._ConvNd) and mod.groups != 1:
+            continue  # depthwise/grouped: pruned through the group of the layer feeding it
+        output = spec.outputs[0]
+        fused = [c for c in consumers.get(output, []) if c.impl == "Identity" and c.name == spec.extra.get("fused_add")]
+        if fused:
+            output = fused[0].outputs[0]
+        out[spec.name] = Layer(spec.name, ref[1], mod, weight_of.get((ref[1], "weight"), ""), output)
+    return out
+
+
+def _consumers(module) -> dict[str, list]:  # noqa: ANN001
+    cons: dict[str, list] = defaultdict(list)
+    for spec in module._nodes:
+        for name in spec.inputs:
+            if name:
+                cons[name].append(spec)
+    return cons
+
+
+def output_layers(module, layers: dict[str, Layer]) -> set[str]:  # noqa: ANN001
+    """Layers whose output channels reach a graph output without passing another layer (e.g. the classifier)."""
+    producers = {o: spec for spec in module._nodes for o in spec.outputs if o}
+    by_output = {spec.outputs[0]: spec.name for spec in module._nodes if spec.name in layers}
+    found, seen = set(), set()
+    stack = list(module.output_names)
+    while stack:
+        name = stack.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        if name in by_output:
+            found.add(by_output[name])
+            continue
+        spec = producers.get(name)
+        if spec is not None:
+            stack.extend(i for i in spec.inputs if i)
+    return found
+
+
+def find_transformer_groups(module, layers: dict[str, Layer]) -> tuple[list[AttentionBlock], list[tuple[Layer, Layer]]]:  # noqa: ANN001
+    """Attention blocks (Q, K, V, O, heads) and FFN pairs (up, down) read from the converted graph."""
+    producers = {o: spec for spec in module._nodes for o in spec.outputs if o}
+    consumers = _consumers(module)
+    const = {n: src.shape for n, src in module._sources.items()}
+    by_spec = {spec.name: layers[spec.name] for spec in module._nodes if spec.name in layers}
+
+    def data_input(spec) -> str | None:  # noqa: ANN001
+        ins = [i for i in spec.inputs if i and i not in const]
+        return ins[0] if ins else None
+
+    def back_to_layer(name: str, allowed: set[str], reshapes: list | None = None) -> Layer | None:
+        for _ in range(16):
+            spec = producers.get(name)
+            if spec is None:
+                return None
+            if spec.name in by_spec:
+                return by_spec[spec.name]
+            if spec.impl == "Identity" and spec.op_type == "Add":  # bias fused into the Linear
+                name = spec.inputs[0]
+                continue
+            if spec.op_type not in allowed:
+                return None
+            if spec.op_type == "Reshape" and reshapes is not None:
+                reshapes.append(spec)
+            nxt = data_input(spec)
+            if nxt is None:
+                return None
+            name = nxt
+        return None
+
+    def back_to(name: str, allowed: set[str], op: str):  # noqa: ANN202
+        for _ in range(16):
+            spec = producers.get(name)
+            if spec is None:
+                return None
+            if spec.op_type == op and spec.name not in by_spec:
+                return spec
+            if spec.op_type not in allowed:
+                return None
+            ins = [i for i in spec.inputs if i and i not in const]
+            if not ins:
+                return None
+            name = ins[-1] if spec.op_type == "Where" else ins[0]
+        return None
+
+    blocks: list[AttentionBlock] = []
+    for sm in (s for s in module._nodes if s.op_type == "Softmax"):
+        score = back_to(sm.inputs[0], _SCORE_PATH, "MatMul")
+        ctx = _forward_to(sm.outputs[0], consumers, _PROB_PATH, "MatMul", by_spec)
+        if score is None or ctx is None or len(score.inputs) < 2 or len(ctx.inputs) < 2:
+            continue
+        q_shapes: list = []
+        q = back_to_layer(score.inputs[0], _HEAD_PATH, q_shapes)
+        k = back_to_layer(score.inputs[1], _HEAD_PATH)
+        v = back_to_layer(ctx.inputs[1], _HEAD_PATH)
+        o = _forward_to_layer(ctx.outputs[0], consumers, by_spec)
+        if None in (q, k, v, o) or not q_shapes:
+            continue
+        rec = q_shapes[-1].extra.get("reshape_shapes")  # the first reshape after Q: [N, S, H, d]
+        if rec is None or len(rec[1]) != 4:
+            continue
+        heads, head_dim = int(rec[1][2]), int(rec[1][3])
+        if heads * head_dim != q.channels or k.channels != q.channels or v.channels != q.channels:
+            continue
+        blocks.append(AttentionBlock(q, k, v, o, heads, head_dim))
+    in_attention = {layer.name for b in blocks for layer in (b.q, b.k, b.v, b.o)}
+    ffn = []
+    for up in layers.values():
+        if up.name in in_attention or not isinstance(up.module, nn.Linear):
+            continue
+        down = _sole_next_layer(up, consumers, by_spec, const, module.output_names)
+        if down is not None and isinstance(down.module, nn.Linear) and down.name not in in_attention:
+            ffn.append((up, down))
+    return blocks, ffn
+
+
+def _forward_to(name: str, consumers, allowed: set[str], op: str, by_spec):  # noqa: ANN001, ANN202
+    for _ in range(16):
+        users = [u for u in consumers.get(name, []) if u.op_type != "Shape"]
+        hit = [u for u in users if u.op_type == op and u.name not in by_spec and u.inputs[0] == name]
+        if hit:
+            return hit[0]
+        nxt = [u for u in users if u.op_type in allowed and u.op_type != "IsNaN"]  # IsNaN only builds a mask
+        if len(nxt) != 1:
+            return None
+        name = nxt[0].outputs[0]
+    return None
+
+
+def _forward_to_layer(name: str, consumers, by_spec) -> Layer | None:  # noqa: ANN001
+    for _ in range(16):
+        users = [u for u in consumers.get(name, []) if u.op_type != "Shape"]  # reads sizes, not values
+        if len(users) != 1:
+            return None
+        u = users[0]
+        if u.name in by_spec:
+            return by_spec[u.name]
+        if u.op_type not in ("Transpose", "Reshape", "Identity"):
+            return None
+        name = u.outputs[0]
+    return None
+
+
+def _sole_next_layer(up: Layer, consumers, by_spec, const: dict[str, tuple], outputs: list[str]) -> Layer | None:  # noqa: ANN001
+    """The one layer that up's channels flow into through elementwise ops only (an FFN pair)."""
+    derived, frontier, visited, down = {up.output}, [up.output], [], None
+    while frontier:
+        name = frontier.pop()
+        if name in outputs:
+            return None
+        for u in consumers.get(name, []):
+            if u.name in by_spec:
+                if u.inputs[0] != name or (down is not None and down.name != u.name):
+                    return None
+                down = by_spec[u.name]
+                continue
+            if u.op_type not in _ELEMENTWISE:
+                return None
+            visited.append(u)
+            out = u.outputs[0]
+            if out not in derived:
+                derived.add(out)
+                frontier.append(out)
+    for u in visited:  # every other operand: the same channels (x·gelu(x)) or a scalar constant
+        for other in u.inputs:
+            if other and other not in derived and (other not in const or int(np.prod(const[other])) > 1):
+                return None
+    return down
+
+
+# ------------------------------------------------------------------------------------ DepGraph
+def _tp():
+    import torch_pruning as tp
+
+    return tp
+
+
+def importance(name: str):  # noqa: ANN201
+    """torch-pruning importance for DepGraph groups."""
+    tp = _tp()
+    return {
+        "l1": lambda: tp.importance.GroupMagnitudeImportance(p=1),
+        "l2": lambda: tp.importance.GroupMagnitudeImportance(p=2),
+        "taylor": lambda: tp.importance.GroupTaylorImportance(),
+        "bn_scale": lambda: tp.importance.BNScaleImportance(),
+        "random": lambda: tp.importance.RandomImportance(),
+    }[name]()
+
+
+def _out_fn(layer: Layer):  # noqa: ANN202
+    tp = _tp()
+    return tp.prune_conv_out_channels if isinstance(layer.module, nn.modules.conv._ConvNd) else tp.prune_linear_out_channels
+
+
+def probe(module, model: onnx.ModelProto, example: tuple[torch.Tensor, ...], layers: list[Layer]) -> str | None:  # noqa: ANN001
+    """Remove one output channel of each of ``layers`` on a copy; None when the copy exports to ONNX and
+    ONNX Runtime agrees with torch, else what went wrong."""
+    tp = _tp()
+    from compression.metrics import session
+
+    clone = copy.deepcopy(module)
+    try:
+        with torch.no_grad():
+            ref_shape = tuple(_first(clone(*example)).shape)
+        dg = tp.DependencyGraph().build_dependency(clone, example_inputs=example)
+        for layer in layers:
+            mod = clone.weights[layer.key]
+            if (mod.out_channels if isinstance(mod, nn.modules.conv._ConvNd) else mod.out_features) < 2:
+                continue
+            group = dg.get_pruning_group(mod, _out_fn(layer), idxs=[0])
+            if not dg.check_pruning_group(group):
+                return "no channel of it can be removed (coupled to a layer that must keep its size)"
+            group.prune()
+        with torch.no_grad():
+            y = _first(clone(*example))
+        if tuple(y.shape) != ref_shape:
+            return f"pruning changes the output shape {ref_shape} -> {tuple(y.shape)}"
+        exported = clone.export_resized(model, *example)
+        sess = session(exported, 1)
+        feeds = {n: t.numpy() for n, t in zip(clone.input_names, example, strict=True)}
+        got = sess.run(None, feeds)[0]
+        err = float(np.abs(got - y.numpy()).max())
+        scale = float(np.abs(y.numpy()).max()) + 1e-6
+        if not np.isfinite(err) or err > 1e-3 * scale + 1e-4:
+            return f"exported graph disagrees with torch after pruning (max error {err:.3g})"
+    except Exception as e:  # noqa: BLE001 - any failure means: not safe to prune this way
+        return f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+    return None
+
+
+def _first(y):  # noqa: ANN001, ANN202
+    return y[0] if isinstance(y, (tuple, list)) else y
+
+
+def plan_channels(module, model: onnx.ModelProto, example: tuple[torch.Tensor, ...]) -> ChannelPlan:  # noqa: ANN001
+    """Find what can be pruned. Needs ``module.record_shapes(*example)`` to have run."""
+    layers = prunable_layers(module)
+    plan = ChannelPlan(layers=layers)
+    for spec in module._nodes:
+        if spec.op_type in ("Conv", "Gemm", "MatMul", "ConvTranspose") and spec.name not in layers:
+            ref = spec.extra.get("module")
+            if ref is None and spec.op_type != "MatMul":
+                plan.ignored[spec.name] = "weight is computed at run time (not a constant): no channels to remove"
+            elif ref is not None and spec.op_type == "ConvTranspose":
+                plan.ignored[spec.name] = "ConvTranspose layers are not channel-pruned"
+    attention, ffn = find_transformer_groups(module, layers)
+    if attention:  # an encoder: heads and FFN neurons; otherwise DepGraph handles Linear pairs as well
+        plan.attention, plan.ffn = attention, ffn
+        grouped = {la.name for b in plan.attention for la in (b.q, b.k, b.v, b.o)} | {
+            la.name for pair in plan.ffn for la in pair}
+        for name in layers:
+            if name not in grouped:
+                plan.ignored[name] = ("output width is the residual stream (tied to the embeddings and every "
+                                      "LayerNorm): kept")
+        return plan
+    for spec in module._nodes:
+        ref = spec.extra.get("module")
+        conv = module.weights[ref[1]] if ref and ref[0] == "weights" else None
+        if isinstance(conv, nn.modules.conv._ConvNd) and 1 < conv.groups < conv.out_channels:
+            plan.ignored[spec.name] = (f"grouped convolution (groups={conv.groups}): not channel-pruned "
+                                       "(depthwise convs are pruned with the layer that feeds them)")
+    for name in output_layers(module, layers):
+        plan.ignored[name] = "feeds a graph output (e.g. the classifier): its output size is the model's contract"
+    candidates = [la for n, la in layers.items() if n not in plan.ignored]
+    if candidates and probe(module, model, example, candidates) is not None:
+        for la in candidates:  # find the culprits one by one
+            why = probe(module, model, example, [la])
+            if why is not None:
+                plan.ignored[la.name] = why
+    return plan
+
+
+def depgraph_pruner(module, example: tuple[torch.Tensor, ...], plan: ChannelPlan, *, importance_name: str,  # noqa: ANN001
+                    sparsity: float, scope: str, layer_sparsity: dict[str, float] | None, iterations: int,
+                    max_layer_sparsity: float, round_to: int | None = None):
+    """A torch-pruning ``MetaPruner`` over the plan's prunable layers (``step()`` once per iteration)."""
+    tp = _tp()
+    by_name = {spec.name: module.weights[spec.extra["module"][1]] for spec in module._nodes
+               if spec.extra.get("module") and spec.extra["module"][0] == "weights"}
+    ignored = [by_name[n] for n in plan.ignored if n in by_name]
+    ratio_dict = {plan.layers[n].module: r for n, r in (layer_sparsity or {}).items()} or None
+    return tp.pruner.MetaPruner(
+        module, example, importance=importance(importance_name), global_pruning=scope == "global",
+        pruning_ratio=sparsity, pruning_ratio_dict=ratio_dict, max_pruning_ratio=max_layer_sparsity,
+        iterative_steps=iterations, ignored_layers=ignored, round_to=round_to,
+    )
+
+
+def zero_grads(module) -> None:  # noqa: ANN001
+    module.zero_grad(set_to_none=True)
+
+
+def has_batchnorm(module) -> bool:  # noqa: ANN001
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.norms.values())
+
+
+# ---------------------------------------------------------------------------- transformer groups
+def _score(tensors: list[torch.Tensor], name: str, rng: np.random.Generator) -> float:
+    if name == "random":
+        return float(rng.random())
+    if name == "l1":
+        return float(sum(t.detach().abs().sum() for t in tensors))
+    if name == "l2":
+        return float(sum(t.detach().pow(2).sum() for t in tensors))
+    if name == "taylor":
+        return float(sum((t.detach() * t.grad).abs().sum() if t.grad is not None else 0.0 for t in tensors))
+    raise ValueError(f"importance {name!r} does not apply to attention heads / FFN neurons")
+
+
+def _slice_of(t: torch.Tensor, idx, dim: int) -> torch.Tensor:  # noqa: ANN001
+    """A slice of ``t`` along ``dim`` that carries the matching slice of ``t.grad`` (for Taylor scores)."""
+    out = t.narrow(dim, idx.start, idx.stop - idx.start) if isinstance(idx, slice) else t.index_select(dim, torch.tensor(idx))
+    if t.grad is not None:
+        g = t.grad.narrow(dim, idx.start, idx.stop - idx.start) if isinstance(idx, slice) else t.grad.index_select(dim, torch.tensor(idx))
+        out = out.detach().clone()
+        out.grad = g.clone()
+    return out
+
+
+def head_scores(block: AttentionBlock, name: str, rng: np.random.Generator) -> list[float]:
+    d = block.head_dim
+    out = []
+    for h in range(block.heads):
+        sl = slice(h * d, (h + 1) * d)
+        parts = []
+        for la in (block.q, block.k, block.v):
+            parts.append(_slice_of(la.module.weight, sl, 0))
+            if la.module.bias is not None:
+                parts.append(_slice_of(la.module.bias, sl, 0))
+        parts.append(_slice_of(block.o.module.weight, sl, 1))
+        out.append(_score(parts, name, rng))
+    return out
+
+
+def neuron_scores(up: Layer, down: Layer, name: str, rng: np.random.Generator) -> list[float]:
+    if name == "random":
+        return list(rng.random(up.channels))
+    w1, w2 = up.module.weight, down.module.weight
+    if name in ("l1", "l2"):
+        f = (lambda t: t.abs()) if name == "l1" else (lambda t: t.pow(2))
+        s = f(w1.detach()).sum(1) + f(w2.detach()).sum(0)
+        if up.module.bias is not None:
+            s = s + f(up.module.bias.detach())
+        return s.tolist()
+    if name == "taylor":
+        def tay(t: torch.Tensor, dim: int) -> torch.Tensor:
+            return (t.detach() * t.grad).abs().sum(dim) if t.grad is not None else torch.zeros(t.shape[1 - dim])
+        s = tay(w1, 1) + tay(w2, 0)
+        if up.module.bias is not None and up.module.bias.grad is not None:
+            s = s + (up.module.bias.detach() * up.module.bias.grad).abs()
+        return s.tolist()
+    raise ValueError(f"importance {name!r} does not apply to attention heads / FFN neurons")
+
+
+def _keep_linear(lin: nn.Linear, keep: torch.Tensor, dim: int) -> None:
+    """Keep only ``keep`` rows (dim 0: output features) or columns (dim 1: input features) of ``lin``."""
+    with torch.no_grad():
+        lin.weight = nn.Parameter(lin.weight.detach().index_select(dim, keep).clone())
+        if dim == 0:
+            if lin.bias is not None:
+                lin.bias = nn.Parameter(lin.bias.detach().index_select(0, keep).clone())
+            lin.out_features = int(keep.numel())
+        else:
+            lin.in_features = int(keep.numel())
+
+
+def prune_heads(block: AttentionBlock, drop: list[int]) -> None:
+    if not drop:
+        return
+    d = block.head_dim
+    keep_heads = [h for h in range(block.heads) if h not in set(drop)]
+    keep = torch.tensor([h * d + i for h in keep_heads for i in range(d)], dtype=torch.long)
+    for la in (block.q, block.k, block.v):
+        _keep_linear(la.module, keep, 0)
+    _keep_linear(block.o.module, keep, 1)
+    block.heads = len(keep_heads)
+
+
+def prune_neurons(up: Layer, down: Layer, drop: list[int]) -> None:
+    if not drop:
+        return
+    dropped = set(drop)
+    keep = torch.tensor([i for i in range(up.channels) if i not in dropped], dtype=torch.long)
+    _keep_linear(up.module, keep, 0)
+    _keep_linear(down.module, keep, 1)
+
+
+def choose(scores: dict[str, list[float]], totals: dict[str, int], fraction: dict[str, float], scope: str,
+           max_fraction: float, minimum: int = 1, round_to: int | None = None) -> dict[str, list[int]]:
+    """Indices to drop per group so that ``fraction[group]`` of its *original* units (``totals``) are gone.
+
+    ``layer`` scope drops each group's fraction; ``global`` ranks mean-normalised scores across groups and
+    drops the overall fraction (a group never loses more than ``max_fraction`` of its units nor keeps
+    fewer than ``minimum``).
+    """
+    drop: dict[str, list[int]] = {}
+    if scope == "layer":
+        for key, s in scores.items():
+            n_now, n0 = len(s), totals[key]
+            target = min(int(round(fraction[key] * n0)), int(math.floor(max_fraction * n0)), n0 - minimum)
+            if round_to and round_to < n0:  # keep a multiple of round_to (rounded up: never prune more)
+                target = n0 - min(n0, int(math.ceil((n0 - target) / round_to)) * round_to)
+            k = max(0, target - (n0 - n_now))
+            drop[key] = [int(i) for i in np.argsort(s, kind="stable")[:k]]
+        return drop
+    pool = []
+    for key, s in scores.items():
+        mean = float(np.mean(s)) or 1.0
+        pool.extend((v / mean, key, i) for i, v in enumerate(s))
+    pool.sort(key=lambda t: t[0])
+    want = int(round(sum(fraction[k] * totals[k] for k in totals))) - sum(totals[k] - len(s) for k, s in scores.items())
+    caps = {k: min(int(math.floor(max_fraction * totals[k])), totals[k] - minimum) - (totals[k] - len(s))
+            for k, s in scores.items()}
+    for _, key, i in pool:
+        if want <= 0:
+            break
+        if len(drop.setdefault(key, [])) < caps[key]:
+            drop[key].append(i)
+            want -= 1
+    if round_to:  # give back the weakest cuts until every group keeps a multiple of round_to
+        for key, cut in drop.items():
+            keep = len(scores[key]) - len(cut)
+            extra = (-keep) % round_to if keep < totals[key] else 0
+            drop[key] = cut[:len(cut) - extra] if extra else cut
+    return drop

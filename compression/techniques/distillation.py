@@ -1,0 +1,173 @@
+"""Knowledge distillation (Hinton et al. 2015): a student learns from one or more teachers' outputs.
+
+Class scores: ``(1 - alpha)·KL(softmax(t/T) ‖ softmax(s/T))·T² + alpha·CE(s, y)`` (CE only when the
+dataset has labels). Several teachers are an ensemble: the target is the *average of their softened
+distributions*. Outputs that are not class scores (embeddings, regressions) use MSE or cosine to the
+(mean) teacher output. The student is the current model of the pipeline (prune → distill recovers a
+pruned model) or an uploaded one (``student_model_id``); teachers are ``"original"`` and/or model ids.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+import onnx
+from pydantic import Field, model_validator
+
+from compression.context import StepContext, StepResult
+from compression.errors import InvalidSpec, NotTrainable
+from compression.registry import register_technique
+from compression.spec import StrictModel
+from compression.training import LossConfig, ensemble_targets, predict, teacher_outputs, train
+
+ORIGINAL = "original"
+
+
+class DistillSpec(StrictModel):
+    method: Literal["distill"] = "distill"
+    teachers: list[str] = Field(default_factory=lambda: [ORIGINAL], min_length=1, max_length=8,
+                                description='"original" and/or model ids; several = an ensemble')
+    student_model_id: str | None = Field(None, description="an uploaded student; default: the pipeline's current model")
+    temperature: float = Field(4.0, gt=0, le=100)
+    alpha: float = Field(0.5, ge=0, le=1, description="weight of CE on labels (when the dataset has labels)")
+    epochs: int = Field(5, ge=1, le=1000)
+    lr: float = Field(1e-3, gt=0, le=10)
+    batch_size: int = Field(64, ge=1, le=65536)
+    loss: Literal["auto", "kl", "mse", "cosine"] = Field(
+        "auto", description="distillation term: auto = KL·T² for class scores, MSE for other outputs"
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> "DistillSpec":
+        if len(set(self.teachers)) != len(self.teachers):
+            raise ValueError("teachers must be distinct")
+        if any(not t.strip() for t in self.teachers):
+            raise ValueError("teacher ids must not be empty")
+        return self
+
+    @property
+    def needs_data(self) -> bool:
+        return True  # inputs to run the teachers on; labels are optional
+
+    @property
+    def model_refs(self) -> list[tuple[list, str]]:
+        """Model ids this step reads, with their spec path (checked for ownership at submit)."""
+        refs: list[tuple[list, str]] = [(["teachers", i], t) for i, t in enumerate(self.teachers) if t != ORIGINAL]
+        if self.student_model_id:
+            refs.append((["student_model_id"], self.student_model_id))
+        return refs
+
+
+def _resolve(ctx: StepContext, model_id: str, loc: list) -> onnx.ModelProto:
+    if ctx.load_model is None:
+        raise InvalidSpec(f"model id {model_id!r} cannot be resolved here (no model store)",
+                          [{"loc": loc, "msg": "cannot resolve model ids"}])
+    try:
+        return ctx.load_model(model_id)
+    except KeyError:
+        raise InvalidSpec(f"no model {model_id!r} in this team", [{"loc": loc, "msg": "model not found"}]) from None
+
+
+def _accuracy(out: np.ndarray, labels: np.ndarray | None) -> float | None:
+    if labels is None or out.ndim != 2 or out.shape[1] < 2:
+        return None
+    return round(float((out.argmax(1) == labels).mean()), 6)
+
+
+@register_technique("distill", DistillSpec, phase="distilling")
+def distill(model: onnx.ModelProto, spec: DistillSpec, ctx: StepContext) -> StepResult:
+    """Train a student on its teachers' (softened, averaged) outputs, plus labels when there are any.
+
+    Args:
+        model: the current model of the pipeline (the student unless ``student_model_id``).
+        spec: teachers, student, temperature, alpha, epochs, lr, batch_size, loss.
+        ctx: the dataset (labels optional), the original model, ``load_model`` for ids, progress.
+
+    Returns:
+        StepResult with the trained student; the report holds each teacher's and the ensemble's held-out
+        accuracy, the student's before and after, and the loss per epoch.
+
+    Raises:
+        InvalidSpec: no dataset, an unknown model id, a student whose inputs/outputs do not match the
+            teachers', or ``loss: kl`` on outputs that are not class scores.
+        NotTrainable: the student's graph cannot be made trainable.
+
+    Example:
+        >>> distill(model, DistillSpec(teachers=["original"], temperature=4), ctx).report["teachers"]  # doctest: +SKIP
+    """
+    from compression.converter import UnsupportedOp, to_torch
+
+    data = ctx.data
+    if data is None:
+        raise InvalidSpec("distillation needs a dataset (labels optional)", [{"loc": ["method"], "msg": "needs a dataset"}])
+    student_model = model
+    if spec.student_model_id:
+        student_model = _resolve(ctx, spec.student_model_id, ["student_model_id"])
+    teachers = [ctx.original if t == ORIGINAL else _resolve(ctx, t, ["teachers", i]) for i, t in enumerate(spec.teachers)]
+    try:
+        student = to_torch(student_model)
+    except UnsupportedOp as e:
+        raise NotTrainable(f"the student cannot be made trainable; unsupported ops: {e.op_types}") from None
+    names = list(student.input_names)
+    missing = [n for n in names if n not in data.train.inputs]
+    if missing:
+        raise InvalidSpec(f"the student's inputs {missing} are not in the dataset",
+                          [{"loc": ["student_model_id"], "msg": "inputs do not match the dataset"}])
+    ctx.progress("distilling", 0.0, f"running {len(teachers)} teacher(s)")
+    train_outs, hold_outs = [], []
+    for i, t in enumerate(teachers):
+        try:
+            train_outs.append(teacher_outputs(t, data.train, ctx.threads))
+            hold_outs.append(teacher_outputs(t, data.holdout, ctx.threads))
+        except Exception as e:  # noqa: BLE001 - ORT's errors name the bad input; say which teacher
+            raise InvalidSpec(f"teacher {spec.teachers[i]!r} does not run on the dataset: {str(e)[:300]}",
+                              [{"loc": ["teachers", i], "msg": "does not run on the dataset"}]) from None
+    shapes = {o.shape[1:] for o in train_outs}
+    if len(shapes) != 1:
+        raise InvalidSpec(f"teachers disagree on the output shape: {sorted(map(list, shapes))}",
+                          [{"loc": ["teachers"], "msg": "output shapes differ"}])
+    class_scores = train_outs[0].ndim == 2 and train_outs[0].shape[1] > 1
+    if spec.loss == "kl" and not class_scores:
+        raise InvalidSpec(f"loss 'kl' needs class scores [N, C]; the output is {list(train_outs[0].shape[1:])}: "
+                          "use mse or cosine", [{"loc": ["loss"], "msg": "output is not class scores"}])
+    before = predict(student, names, data.holdout, device=ctx.device)
+    if before.shape[1:] != train_outs[0].shape[1:]:
+        raise InvalidSpec(f"student output shape {list(before.shape[1:])} differs from the teachers' "
+                          f"{list(train_outs[0].shape[1:])}", [{"loc": ["student_model_id"], "msg": "output shape differs"}])
+    target = ensemble_targets(train_outs, spec.temperature, class_scores)
+    hold_target = ensemble_targets(hold_outs, spec.temperature, class_scores)
+    labels = data.train.labels if class_scores else None
+    cfg = LossConfig(use_labels=labels is not None, distill=True, temperature=spec.temperature, alpha=spec.alpha,
+                     kd_loss=spec.loss)
+
+    def on_epoch(epoch: int, loss: float) -> None:
+        ctx.progress("distilling", (epoch + 1) / spec.epochs, f"epoch {epoch + 1}/{spec.epochs}: loss {loss:.4f}")
+
+    history = train(student, names, data.train, epochs=spec.epochs, lr=spec.lr, batch_size=spec.batch_size, loss=cfg,
+                    teacher=target, seed=ctx.seed, device=ctx.device, on_epoch=on_epoch)
+    student.cpu()
+    after = predict(student, names, data.holdout)
+    out = student.write_back(student_model)
+    hl = data.holdout.labels
+    notes = []
+    if data.train.labels is None:
+        notes.append("dataset has no labels: the student learned from the teachers alone")
+    elif not class_scores:
+        notes.append("outputs are not class scores: labels unused")
+    report = {
+        "teachers": [{"teacher": name, "holdout_accuracy": _accuracy(o, hl)} for name, o in zip(spec.teachers, hold_outs)],
+        "ensemble": len(teachers) > 1,
+        "ensemble_holdout_accuracy": _accuracy(hold_target, hl) if len(teachers) > 1 else None,
+        "student": spec.student_model_id or "pipeline model",
+        "student_holdout_accuracy_before": _accuracy(before, hl),
+        "student_holdout_accuracy_after": _accuracy(after, hl),
+        "loss": ("kl" if class_scores else "mse") if spec.loss == "auto" else spec.loss,
+        "class_scores": class_scores, "labels_used": cfg.use_labels,
+        "temperature": spec.temperature, "alpha": spec.alpha if cfg.use_labels else 0.0,
+        "epochs": spec.epochs, "loss_per_epoch": [round(h, 6) for h in history], "notes": notes,
+    }
+    if not class_scores:
+        a, b = after.reshape(len(after), -1), hold_target.reshape(len(hold_target), -1)
+        cos = (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
+        report["student_teacher_cosine"] = round(float(cos.mean()), 6)
+    return StepResult(out, report)

@@ -1,0 +1,129 @@
+"""The web dashboard in a real headless Chromium (Debian's chromium + chromedriver, driven by Selenium):
+sign in, upload and submit from the page, watch the job go live to ``succeeded``, and find the metrics
+table, the charts, the per-layer table and the artifacts rendered."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+
+import pytest
+
+from tests.stack import tiny_classifier
+
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage", "--window-size=1400,1800"]
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    if not (shutil.which(CHROMIUM) and shutil.which(CHROMEDRIVER)):
+        msg = "Debian's chromium and chromium-driver are not installed (make setup installs them)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(msg)
+        pytest.skip(msg)
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for f in FLAGS:
+        opts.add_argument(f)
+    opts.add_argument(f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}")
+    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
+    driver.set_page_load_timeout(30)
+    yield driver
+    driver.quit()
+
+
+def wait_for(driver, js: str, timeout: float = 30, what: str = ""):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = driver.execute_script(js)
+        if value:
+            return value
+        time.sleep(0.2)
+    raise TimeoutError(f"{what or js} not true after {timeout}s; page: {driver.current_url}")
+
+
+def test_dashboard_submit_watch_and_charts(stack, browser, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    onnx_path, npz_path = tiny_classifier(tmp_path)
+    d = browser
+    d.get(stack.url + "/dashboard")
+    assert d.find_element(By.ID, "signin-view").is_displayed()
+
+    # a wrong key is refused, the right one signs in and is kept in localStorage
+    d.find_element(By.ID, "key").send_keys("nc_wrong")
+    d.find_element(By.ID, "signin").click()
+    wait_for(d, "return document.querySelector('#signin-error').textContent.includes('refused')", what="401 shown")
+    d.find_element(By.ID, "key").clear()
+    d.find_element(By.ID, "key").send_keys(stack.key)
+    d.find_element(By.ID, "signin").click()
+    wait_for(d, "return !document.querySelector('#jobs-view').hidden", what="jobs view")
+    assert d.execute_script("return localStorage.getItem('netcompress.key')") == stack.key
+
+    # upload + submit from the page
+    d.get(stack.url + "/dashboard#/submit")
+    wait_for(d, "return !document.querySelector('#submit-view').hidden", what="submit view")
+    d.find_element(By.ID, "model-file").send_keys(str(onnx_path))
+    d.find_element(By.ID, "data-file").send_keys(str(npz_path))
+    spec = {"steps": [{"method": "prune", "granularity": "weight", "sparsity": 0.5},
+                      {"method": "quantize", "scheme": "int8", "mode": "static"}],
+            "eval": {"holdout": 0.3, "latency_runs": 5}}
+    d.execute_script("document.querySelector('#spec').value = arguments[0]", json.dumps(spec))
+    d.find_element(By.ID, "job-name").send_keys("from-the-browser")
+    # record every status the detail badge shows, to see it go live rather than jump to the end
+    d.execute_script("""
+        window.__badges = [];
+        new MutationObserver(() => window.__badges.push(document.querySelector('#detail-badge').textContent))
+          .observe(document.querySelector('#detail-badge'), {childList: true, characterData: true, subtree: true});
+    """)
+    d.find_element(By.ID, "submit-btn").click()
+    job_id = wait_for(d, "const m = location.hash.match(/^#\\/jobs\\/([0-9a-f]+)$/); return m && m[1]",
+                      timeout=60, what="navigated to the job")
+    wait_for(d, f"return document.body.dataset.rendered === '{job_id}'", timeout=150, what="job finished and rendered")
+
+    badges = d.execute_script("return window.__badges")
+    assert badges[-1] == "succeeded" and ({"queued", "running"} & set(badges)), badges
+    assert d.find_element(By.ID, "detail-badge").text == "succeeded"
+    assert d.find_element(By.ID, "detail-message").text.startswith("succeeded in ")
+    job = stack.client().get(f"/v1/jobs/{job_id}").json()
+    assert job["status"] == "succeeded" and job["name"] == "from-the-browser"
+
+    # metrics table: original, two steps, result; the result column shows the server's file size
+    heads = [th.text for th in d.find_elements(By.CSS_SELECTOR, "#metrics-table thead th")]
+    assert heads[:5] == ["metric", "original", "1. prune", "2. quantize", "result"], heads
+    rows = {tr.find_elements(By.TAG_NAME, "td")[0].text: tr for tr in d.find_elements(By.CSS_SELECTOR, "#metrics-table tbody tr")}
+    assert {"file size", "nonzero params", "latency p50 (ms)", "accuracy"} <= set(rows)
+    ratio = job["metrics"]["result"]["ratios"]["nonzero_params"]
+    assert rows["nonzero params"].text.endswith(f"{ratio:.2f}×")
+
+    # charts: points for the original and this job (highlighted), bars for original + each step
+    pareto = d.execute_script("""const s = document.querySelector('#chart-pareto');
+        return {points: s.querySelectorAll('circle').length, current: s.querySelectorAll('circle.current').length,
+                width: s.getBoundingClientRect().width, texts: s.querySelectorAll('text').length};""")
+    assert pareto["points"] >= 2 and pareto["current"] == 1 and pareto["width"] > 100 and pareto["texts"] >= 6
+    bars = d.execute_script("return [...document.querySelectorAll('#chart-latency rect.lat-bar')]"
+                            ".map(r => +r.getAttribute('height'))")
+    assert len(bars) == 3 and all(h > 0 for h in bars), bars
+
+    # per-layer sparsity from report.json, artifact links
+    layer_rows = d.find_elements(By.CSS_SELECTOR, "#layers table[data-step='0'] tbody tr")
+    assert {r.find_elements(By.TAG_NAME, "td")[0].text for r in layer_rows} == {"fc1", "fc2"}
+    assert all("%" in r.text for r in layer_rows)
+    links = {a.get_attribute("data-artifact") for a in d.find_elements(By.CSS_SELECTOR, "#artifacts a")}
+    assert links == {a["name"] for a in job["artifacts"]}
+    d.save_screenshot(str(tmp_path / "job.png"))
+
+    # the jobs list shows it, live-updated, with its status
+    d.get(stack.url + "/dashboard#/")
+    wait_for(d, f"return document.querySelector('tr[data-job=\"{job_id}\"] .badge')?.textContent === 'succeeded'",
+             what="job row")
+    severe = [e for e in d.get_log("browser") if e["level"] == "SEVERE" and "favicon" not in e["message"]
+              and "401" not in e["message"]]
+    assert severe == [], severe

@@ -1,0 +1,173 @@
+"""``GET /v1/jobs/{id}/events`` (Server-Sent Events) and ``POST /v1/jobs/preflight`` on the live stack."""
+from __future__ import annotations
+
+import json
+import time
+
+import onnx
+import pytest
+
+from compression.converter import unsupported_ops
+from tests.stack import tiny_classifier, wait_job
+
+FAST_EVAL = {"holdout": 0.3, "latency_runs": 5}
+
+
+@pytest.fixture(scope="module")
+def uploaded(stack, tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny-ev")
+    onnx_path, npz_path = tiny_classifier(d)
+    det_path, _ = tiny_classifier(d, extra_op="Det")
+    c = stack.client()
+    ids = {}
+    for key, path, route in (("model", onnx_path, "/v1/models"), ("det", det_path, "/v1/models"),
+                             ("data", npz_path, "/v1/datasets")):
+        with open(path, "rb") as f:
+            r = c.post(route, files={"file": (path.name, f)})
+        assert r.status_code == 201, r.text
+        ids[key] = r.json()["id"]
+    ids["det_path"] = det_path
+    return ids
+
+
+def read_events(client, job_id: str, timeout: float = 120) -> list[tuple[str, dict]]:
+    events, event, data = [], None, []
+    deadline = time.time() + timeout
+    with client.stream("GET", f"/v1/jobs/{job_id}/events") as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        for line in r.iter_lines():
+            assert time.time() < deadline, events
+            if line.startswith("event:"):
+                event = line[6:].strip()
+            elif line.startswith("data:"):
+                data.append(line[5:].strip())
+            elif line == "" and data:
+                events.append((event, json.loads("\n".join(data))))
+                event, data = None, []
+    return events
+
+
+@pytest.fixture(scope="module")
+def finished(stack, uploaded):
+    """The job the events test followed (the other tests need a finished job, not another run)."""
+    return {}
+
+
+def test_events_stream_progress_until_done(stack, uploaded, finished):
+    c = stack.client()
+    spec = {"steps": [{"method": "prune", "granularity": "weight", "sparsity": 0.5,
+                       "finetune": {"epochs": 2, "batch_size": 32}},
+                      {"method": "quantize", "scheme": "int8", "mode": "dynamic"}], "eval": FAST_EVAL}
+    r = c.post("/v1/jobs", json={"model_id": uploaded["model"], "dataset_id": uploaded["data"], "spec": spec})
+    assert r.status_code == 202, r.text
+    job_id = r.json()["id"]
+    events = read_events(c, job_id)
+    kinds = [e for e, _ in events]
+    assert kinds[-1] == "done" and kinds.count("done") == 1 and set(kinds) == {"state", "done"}
+    states = [d for e, d in events if e == "state"]
+    assert states[0]["id"] == job_id
+    statuses = [s["status"] for s in states]
+    assert "running" in statuses and statuses[-1] == "succeeded"
+    phases = {s["progress"].get("phase") for s in states}
+    # the API samples the row every 0.5 s: a phase shorter than that may be skipped, the long ones are seen
+    assert "pruning" in phases and len(phases - {"queued"}) >= 3, phases
+    running = [s["progress"]["fraction"] for s in states if s["status"] == "running"]
+    assert running == sorted(running) and len(running) >= 3
+    # no event repeats the one before it (an event is a change)
+    assert all(a != b for a, b in zip(states, states[1:]))
+    done = events[-1][1]
+    assert done["status"] == "succeeded" and done["metrics"]["result"]["file_bytes"] > 0
+    assert {a["name"] for a in done["artifacts"]} >= {"model.onnx", "report.json"}
+    # a finished job: its state and done at once, then the stream ends
+    again = read_events(c, job_id, timeout=10)
+    assert [e for e, _ in again] == ["state", "done"] and again[1][1]["id"] == job_id
+    finished["id"] = job_id
+
+
+def test_events_auth_and_other_team(stack, uploaded, finished):
+    job_id = finished.get("id") or wait_job(stack.client(), stack.client().post("/v1/jobs", json={
+        "model_id": uploaded["model"], "spec": {"steps": [{"method": "quantize", "scheme": "fp16"}],
+                                                "eval": FAST_EVAL}}).json()["id"])["id"]
+    other = stack.client(stack.new_key("team-events-other"))
+    r = other.get(f"/v1/jobs/{job_id}/events")
+    assert r.status_code == 404 and r.headers["content-type"] == "application/problem+json"
+    assert r.json()["code"] == "not_found"
+    r = stack.client(key="nc_nope").get(f"/v1/jobs/{job_id}/events")
+    assert r.status_code == 401
+
+
+def test_preflight_reports_steps_blockers_and_cost(stack, uploaded):
+    c = stack.client()
+    spec = {"steps": [{"method": "prune", "granularity": "weight", "sparsity": 0.5},
+                      {"method": "prune", "granularity": "channel", "sparsity": 0.25},
+                      {"method": "quantize", "scheme": "int8", "mode": "static"}]}
+    before = c.get("/v1/jobs", params={"limit": 100}).json()["items"]
+    r = c.post("/v1/jobs/preflight", json={"model_id": uploaded["det"], "dataset_id": uploaded["data"], "spec": spec})
+    assert r.status_code == 200, r.text
+    rep = r.json()
+    blockers = unsupported_ops(onnx.load(uploaded["det_path"]))
+    assert blockers, "the test model needs an op the converter lacks; pick another extra_op"
+    assert rep["model"]["unsupported_ops"] == blockers
+    assert rep["model"]["macs"] == 16 * 32 + 32 * 4 and rep["model"]["macs_source"] == "measured"
+    weight, channel, quant = rep["steps"]
+    assert weight["applies"] and not weight["trains"] and weight["blocking_ops"] == [] and weight["targets"] == 2
+    assert not channel["applies"] and channel["needs_torch"] and channel["blocking_ops"] == blockers
+    assert quant["applies"] and quant["needs_data"] and not quant["trains"] and quant["forward_passes"] > 0
+    assert rep["runnable"] is False and rep["rejection"] is None and rep["dataset_samples"] == 300
+    assert rep["cost"]["seconds_cpu"] > 0 and rep["cost"]["size"] == "small"
+    assert c.get("/v1/jobs", params={"limit": 100}).json()["items"] == before  # nothing queued
+
+
+def test_preflight_explains_what_submit_refuses(stack, uploaded):
+    c = stack.client()
+    spec = {"steps": [{"method": "prune", "sparsity": 0.5, "finetune": {"epochs": 1}}]}
+    r = c.post("/v1/jobs/preflight", json={"model_id": uploaded["model"], "spec": spec})
+    assert r.status_code == 200, r.text
+    rep = r.json()
+    step = rep["steps"][0]
+    assert step["trains"] and step["needs_data"] and not step["applies"]
+    assert any("dataset" in n for n in step["notes"])
+    assert rep["rejection"]["status"] == 422 and rep["rejection"]["code"] == "invalid_spec"
+    assert c.post("/v1/jobs", json={"model_id": uploaded["model"], "spec": spec}).status_code == 422
+    # with the data it trains and is runnable; training multiplies the estimated cost
+    r2 = c.post("/v1/jobs/preflight", json={"model_id": uploaded["model"], "dataset_id": uploaded["data"], "spec": spec})
+    assert r2.json()["runnable"] is True
+    assert r2.json()["steps"][0]["forward_passes"] > rep["steps"][0]["forward_passes"]
+    # what preflight cannot analyse is the same error as submit's
+    bad = {"steps": [{"method": "prune", "sparsity": 3}]}
+    r = c.post("/v1/jobs/preflight", json={"model_id": uploaded["model"], "spec": bad})
+    assert r.status_code == 422 and r.json()["errors"][0]["path"] == "$.spec.steps[0].sparsity"
+    r = stack.client(stack.new_key("team-pf-other")).post("/v1/jobs/preflight",
+                                                           json={"model_id": uploaded["model"], "spec": spec})
+    assert r.status_code == 404
+
+
+def test_metrics_endpoint(stack, uploaded, finished):
+    c = stack.client()
+    if not finished.get("id"):  # run alone: make one finished job
+        wait_job(c, c.post("/v1/jobs", json={"model_id": uploaded["model"], "spec": {
+            "steps": [{"method": "quantize", "scheme": "fp16"}], "eval": FAST_EVAL}}).json()["id"])
+    r = httpx_get(stack.url + "/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    text = r.text
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            samples[name] = float(value)
+    assert samples["netcompress_database_up"] == 1.0
+    assert samples['netcompress_jobs{status="succeeded"}'] >= 1
+    assert samples["netcompress_queue_depth"] == samples['netcompress_jobs{status="queued"}']
+    count = samples['netcompress_job_duration_seconds_count{status="succeeded"}']
+    assert count == samples['netcompress_jobs{status="succeeded"}']
+    assert samples['netcompress_job_duration_seconds_bucket{le="+Inf",status="succeeded"}'] == count
+    assert samples['netcompress_job_duration_seconds_sum{status="succeeded"}'] > 0
+    key = 'netcompress_http_request_duration_seconds_count{method="POST",route="/v1/jobs",status="202"}'
+    assert samples[key] >= 1, [k for k in samples if "http" in k][:20]
+    assert any('route="/v1/jobs/{job_id}"' in k for k in samples)  # templates, not ids
+
+
+def httpx_get(url: str):
+    import httpx
+
+    return httpx.get(url, timeout=30)

@@ -1,0 +1,293 @@
+"""Channel (structured) pruning and lottery tickets: the exported graph really has fewer channels, runs in
+ONNX Runtime with a dynamic batch, and keeps accuracy within bounds."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import numpy_helper
+
+from compression.analysis import count_params, macs
+from compression.context import StepContext
+from compression.data import Arrays, split
+from compression.errors import InvalidSpec
+from compression.refdata import fit
+from compression.registry import get_technique
+from compression.spec import parse_spec
+from compression.zoo import LeNet300100, TinyResNet, export_onnx
+
+
+def _apply(spec: dict, model, data, tmp_path, **ctx):
+    step = parse_spec({"steps": [spec]}).steps[0]
+    return get_technique(step.method).apply(model, step, StepContext(workdir=tmp_path, data=data, original=model,
+                                                                      threads=1, **ctx))
+
+
+def _run(model: onnx.ModelProto, X: np.ndarray) -> np.ndarray:
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(None, {sess.get_inputs()[0].name: X})[0]
+
+
+def _acc(model, data) -> float:
+    return float((_run(model, data.holdout.inputs["input"]).argmax(1) == data.holdout.labels).mean())
+
+
+def _weights(model, op: str) -> list[list[int]]:
+    inits = {t.name: list(t.dims) for t in model.graph.initializer}
+    return [inits[n.input[1]] for n in model.graph.node if n.op_type == op and n.input[1] in inits]
+
+
+@pytest.fixture(scope="module")
+def cnn_data(mnist_data):
+    """Fine-tune on 2,000 of the images the CNN was trained on; measure on 500 it never saw."""
+    from compression.data import DataSplit
+
+    X, y = mnist_data
+    return DataSplit(Arrays({"input": X[2000:4000]}, y[2000:4000]), Arrays({"input": X[4500:5000]}, y[4500:5000]))
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "legacy"])
+def test_channel_pruning_removes_filters_and_keeps_accuracy(exporter, cnn_onnx, cnn_data, tmp_path):
+    model = onnx.load(str(cnn_onnx[exporter]))
+    base = _acc(model, cnn_data)
+    res = _apply({"method": "prune", "granularity": "channel", "sparsity": 0.5, "scope": "layer",
+                  "finetune": {"epochs": 3, "lr": 2e-3, "distill": True}}, model, cnn_data, tmp_path)
+    out = res.model
+    onnx.checker.check_model(out)
+    assert [w[0] for w in _weights(out, "Conv")] == [8, 16]  # 16 -> 8 and 32 -> 16 filters
+    gemms = _weights(out, "Gemm")
+    assert gemms[0] == [64, 784] and gemms[1] == [10, 64]  # flatten input follows the filters; 10 classes kept
+    assert count_params(out)[0] < 0.3 * count_params(model)[0]
+    sample = {"input": cnn_data.holdout.inputs["input"][:1]}
+    assert macs(out, sample) * 3 < macs(model, sample)
+    # The batch stays dynamic: a baked [-1, 1568] reshape was rewritten, not specialised to one batch size.
+    for n in (1, 7):
+        assert _run(out, cnn_data.holdout.inputs["input"][:n]).shape == (n, 10)
+    assert _acc(out, cnn_data) >= base - 0.03
+    assert res.report["channels_after"] < res.report["channels_before"]
+    assert res.report["ignored"][0]["reason"].startswith("feeds a graph output")
+    assert res.report["export_max_abs_error"] < 1e-4
+
+
+def test_global_scope_prunes_layers_unevenly_and_overrides_apply(cnn_onnx, cnn_data, tmp_path):
+    model = onnx.load(str(cnn_onnx["legacy"]))
+    glob = _apply({"method": "prune", "granularity": "channel", "sparsity": 0.5}, model, cnn_data, tmp_path)
+    kept = [la["channels_after"] / la["channels_before"] for la in glob.report["layers"][:3]]
+    assert max(kept) - min(kept) > 0.05
+    first = glob.report["layers"][0]["layer"]
+    layer = _apply({"method": "prune", "granularity": "channel", "sparsity": 0.5, "scope": "layer",
+                    "layers": {first: 0.25}}, model, cnn_data, tmp_path)
+    assert [w[0] for w in _weights(layer.model, "Conv")] == [12, 16]
+    with pytest.raises(InvalidSpec, match="unknown layers"):
+        _apply({"method": "prune", "granularity": "channel", "layers": {"nope": 0.3}}, model, cnn_data, tmp_path)
+
+
+def test_iterative_taylor_with_finetune(cnn_onnx, cnn_data, tmp_path):
+    from compression.data import DataSplit
+
+    model = onnx.load(str(cnn_onnx["dynamo"]))
+    small = DataSplit(cnn_data.train.take(np.arange(1000)), cnn_data.holdout)
+    res = _apply({"method": "prune", "granularity": "channel", "sparsity": 0.5, "importance": "taylor",
+                  "iterations": 2, "finetune": {"epochs": 1, "lr": 2e-3}}, model, small, tmp_path)
+    rounds = res.report["rounds"]
+    assert len(rounds) == 2 and rounds[0]["channels"] > rounds[1]["channels"]
+    assert _acc(res.model, cnn_data) > 0.85
+
+
+@pytest.fixture(scope="module")
+def resnet_bn(tmp_path_factory):
+    """An untrained TinyResNet exported with BatchNorm kept (structure is what is tested)."""
+    torch.manual_seed(0)
+    net = TinyResNet(width=8).eval()
+    with torch.no_grad():  # non-trivial BN scales so bn_scale has something to rank
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):  # (distinct biases too: the legacy exporter shares equal ones)
+                m.weight.uniform_(0.1, 1.0)
+                m.bias.uniform_(-0.1, 0.1)
+    d = tmp_path_factory.mktemp("resnet")
+    ex = torch.zeros(2, 1, 28, 28)
+    return {"bn": onnx.load(str(export_onnx(net, ex, d / "bn.onnx", dynamo=True, optimize=False))),
+            "folded": onnx.load(str(export_onnx(net, ex, d / "f.onnx", dynamo=False)))}
+
+
+def test_residual_network_with_batchnorm_bn_scale(resnet_bn, mnist_data, tmp_path):
+    X, y = mnist_data
+    data = split(Arrays({"input": X[:200]}, y[:200]), holdout=0.5, seed=0, max_eval=100)
+    model = resnet_bn["bn"]
+    res = _apply({"method": "prune", "granularity": "channel", "sparsity": 0.5, "importance": "bn_scale",
+                  "scope": "layer"}, model, data, tmp_path)
+    inits = {t.name: t for t in res.model.graph.initializer}
+    before = {t.name: t for t in model.graph.initializer}
+    bn_before = sum(int(before[n.input[1]].dims[0]) for n in model.graph.node if n.op_type == "BatchNormalization")
+    bn_after = sum(int(inits[n.input[1]].dims[0]) for n in res.model.graph.node if n.op_type == "BatchNormalization")
+    assert bn_after <= 0.55 * bn_before
+    # Residual adds stay consistent: the block input and its shortcut lose the same channels.
+    out = _run(res.model, X[:3])
+    assert out.shape == (3, 10) and np.isfinite(out).all()
+    sample = {"input": X[:1]}
+    assert macs(res.model, sample) * 2.5 < macs(model, sample)
+    with pytest.raises(InvalidSpec, match="bn_scale"):
+        _apply({"method": "prune", "granularity": "channel", "importance": "bn_scale"}, resnet_bn["folded"], data,
+               tmp_path)
+
+
+class _SplitNet(torch.nn.Module):
+    """conv1's channels go through a Split with constant sizes: not prunable by rewriting weights alone."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(1, 8, 3, padding=1)
+        self.conv2 = torch.nn.Conv2d(8, 16, 3, padding=1)
+        self.head = torch.nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = torch.split(torch.relu(self.conv1(x)), [3, 5], dim=1)
+        y = torch.relu(self.conv2(torch.cat([b, a], 1)))
+        return self.head(y.mean((2, 3)))
+
+
+def test_layer_that_cannot_be_pruned_safely_is_left_alone_and_reported(mnist_data, tmp_path):
+    X, y = mnist_data
+    torch.manual_seed(0)
+    path = export_onnx(_SplitNet().eval(), torch.zeros(2, 1, 28, 28), tmp_path / "split.onnx", dynamo=False)
+    model = onnx.load(str(path))
+    data = split(Arrays({"input": X[:100]}, y[:100]), holdout=0.5, seed=0, max_eval=50)
+    res = _apply({"method": "prune", "granularity": "channel", "sparsity": 0.5, "scope": "layer"}, model, data,
+                 tmp_path)
+    ignored = {i["layer"]: i["reason"] for i in res.report["ignored"]}
+    conv1 = [n.name for n in model.graph.node if n.op_type == "Conv"][0]
+    assert conv1 in ignored and "feeds a graph output" not in ignored[conv1]
+    assert [w[0] for w in _weights(res.model, "Conv")] == [8, 8]  # conv1 kept, conv2 halved
+    assert _run(res.model, X[:4]).shape == (4, 10)
+
+
+# --------------------------------------------------------------------------------- lottery tickets
+@pytest.fixture(scope="module")
+def lenet_init_and_trained(mnist_data, tmp_path_factory):
+    X, y = mnist_data
+    Xf = X.reshape(len(X), -1)
+    d = tmp_path_factory.mktemp("lottery")
+    torch.manual_seed(0)
+    net = LeNet300100()
+    init = onnx.load(str(export_onnx(net, torch.zeros(2, 784), d / "init.onnx", dynamo=False)))
+    fit(net, Xf[:2000], y[:2000], epochs=2)
+    trained = onnx.load(str(export_onnx(net, torch.zeros(2, 784), d / "trained.onnx", dynamo=False)))
+    data = split(Arrays({"input": Xf[:2000]}, y[:2000]), holdout=0.25, seed=0, max_eval=500)
+    return init, trained, data
+
+
+def test_lottery_ticket_rewinds_to_init_and_reports_rounds(lenet_init_and_trained, tmp_path):
+    init, trained, data = lenet_init_and_trained
+    spec = {"method": "prune", "sparsity": 0.8, "iterations": 2, "rewind": "init", "rewind_model_id": "init-id",
+            "finetune": {"epochs": 2, "lr": 3e-3}}
+    with pytest.raises(InvalidSpec, match="cannot be resolved"):
+        _apply(spec, trained, data, tmp_path)
+    res = _apply(spec, trained, data, tmp_path, load_model={"init-id": init}.__getitem__)
+    rounds = res.report["rounds"]
+    assert [r["round"] for r in rounds] == [0, 1, 2]
+    assert rounds[1]["kept"] == pytest.approx(0.4472, abs=1e-3) and rounds[2]["kept"] == pytest.approx(0.2, abs=1e-3)
+    assert all(r["accuracy"] > 0.8 for r in rounds)
+    w = [numpy_helper.to_array(t) for t in res.model.graph.initializer if len(t.dims) == 2]
+    zeros = sum(int((a == 0).sum()) for a in w) / sum(a.size for a in w)
+    assert zeros == pytest.approx(0.8, abs=0.01)
+    ctl = _apply({**spec, "rewind": "random", "rewind_model_id": None}, trained, data, tmp_path)
+    assert ctl.report["rewind"] == "random" and len(ctl.report["rounds"]) == 3
+    assert _acc(res.model, data) > 0.85 and _acc(ctl.model, data) > 0.5
+
+
+def test_lottery_refuses_a_rewind_model_of_another_graph(lenet_init_and_trained, tmp_path):
+    _, trained, data = lenet_init_and_trained
+    path = export_onnx(torch.nn.Linear(784, 10), torch.zeros(2, 784), tmp_path / "other.onnx", dynamo=False)
+    other = onnx.load(str(path))
+    with pytest.raises(InvalidSpec, match="not the same graph"):
+        _apply({"method": "prune", "sparsity": 0.5, "rewind": "init", "rewind_model_id": "x",
+                "finetune": {"epochs": 1}}, trained, data, tmp_path, load_model=lambda _: other)
+
+
+@pytest.mark.parametrize("bad", [
+    {"granularity": "channel", "rewind": "random", "finetune": {"epochs": 1}},
+    {"rewind": "init", "finetune": {"epochs": 1}},
+    {"rewind": "random"},
+    {"importance": "bn_scale"},
+    {"head_sparsity": 0.5},
+])
+def test_invalid_prune_specs_are_refused_at_validation(bad):
+    with pytest.raises(InvalidSpec):
+        parse_spec({"steps": [{"method": "prune", **bad}]})
+
+
+# ------------------------------------------------------------------------------------ transformers
+@pytest.mark.slow
+def test_minilm_heads_and_ffn_neurons_pruned_and_recovered_by_distillation(tmp_path):
+    """all-MiniLM-L6-v2: half the heads and FFN neurons go; distillation on sentences recovers cosine."""
+    from compression.metrics import session
+    from compression.zoo import export_minilm, minilm_example_inputs
+
+    path = export_minilm(tmp_path / "minilm.onnx", dynamo=False)
+    model = onnx.load(str(path))
+    sentences = [f"{a} {b} the {c}." for a in ("A cat", "The committee", "My neighbour", "This model")
+                 for b in ("watched", "approved", "painted", "ignored") for c in ("river", "budget", "fence")]
+    data = split(Arrays(minilm_example_inputs(sentences, seq_len=10), None), holdout=0.25, seed=0, max_eval=100)
+    res = _apply({"method": "prune", "granularity": "channel", "sparsity": 0.5, "scope": "layer",
+                  "finetune": {"epochs": 2, "lr": 3e-4, "batch_size": 12}}, model, data, tmp_path)
+    assert [h["heads_after"] for h in res.report["heads"]] == [6] * 6
+    assert [f["neurons_after"] for f in res.report["ffn"]] == [768] * 6
+    shapes = _weights(res.model, "MatMul")
+    assert [384, 192] in shapes and [768, 384] in shapes  # Q/K/V columns and FFN-down rows
+    assert count_params(res.model)[0] < count_params(model)[0] - 5_000_000
+    hold = data.holdout.inputs
+    ref = session(model).run(None, hold)[0]
+
+    def cosine(m) -> float:
+        got = session(m).run(None, hold)[0]
+        return float(((ref * got).sum(-1) / np.linalg.norm(ref, axis=-1) / np.linalg.norm(got, axis=-1)).mean())
+
+    untuned = _apply({"method": "prune", "granularity": "channel", "sparsity": 0.5, "scope": "layer"}, model, data,
+                     tmp_path)
+    assert cosine(res.model) > cosine(untuned.model) + 0.05
+    one = {k: v[:1] for k, v in hold.items()}
+    assert macs(res.model, one) < 0.6 * macs(model, one)
+
+
+class _Depthwise(torch.nn.Module):
+    """conv → depthwise → pointwise → grouped (groups=4) conv → head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = torch.nn.Conv2d(1, 8, 3, padding=1)
+        self.dw = torch.nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.pw = torch.nn.Conv2d(8, 16, 1)
+        self.g = torch.nn.Conv2d(16, 16, 3, padding=1, groups=4)
+        self.fc = torch.nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.pw(torch.relu(self.dw(torch.relu(self.c1(x))))))
+        return self.fc(torch.relu(self.g(y)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("dynamo", [True, False])
+def test_depthwise_follows_its_input_and_grouped_conv_is_reported(dynamo, tmp_path):
+    torch.manual_seed(0)
+    model = onnx.load(str(export_onnx(_Depthwise().eval(), torch.zeros(2, 1, 28, 28), tmp_path / "dw.onnx",
+                                      dynamo=dynamo)))
+    res = _apply({"method": "prune", "granularity": "channel", "sparsity": 0.5, "scope": "layer"}, model, None,
+                 tmp_path)  # no dataset: weight magnitudes only
+    convs = _weights(res.model, "Conv")
+    assert convs[:2] == [[4, 1, 3, 3], [4, 1, 3, 3]]  # c1 and its depthwise conv lose the same channels
+    groups = [next(a.i for a in n.attribute if a.name == "group") for n in res.model.graph.node if n.op_type == "Conv"]
+    assert groups[1] == 4
+    reasons = " ".join(i["reason"] for i in res.report["ignored"])
+    assert "grouped convolution (groups=4)" in reasons
+    assert _run(res.model, np.random.default_rng(0).random((3, 1, 28, 28), dtype=np.float32)).shape == (3, 10)
+
+
+def test_round_to_keeps_channel_counts_multiples_of_8(cnn_onnx, cnn_data, tmp_path):
+    model = onnx.load(str(cnn_onnx["legacy"]))
+    odd = _apply({"method": "prune", "granularity": "channel", "sparsity": 0.3, "scope": "layer"}, model, None, tmp_path)
+    assert [w[0] for w in _weights(odd.model, "Conv")] == [11, 22]
+    assert any("round_to: 8" in n for n in odd.report["notes"])
+    even = _apply({"method": "prune", "granularity": "channel", "sparsity": 0.3, "scope": "layer", "round_to": 8},
+                  model, None, tmp_path)
+    assert all(w[0] % 8 == 0 for w in _weights(even.model, "Conv")) and not even.report["notes"]
