@@ -498,8 +498,8 @@ def choose(scores: dict[str, list[float]], totals: dict[str, int], fraction: dic
         for key, s in scores.items():
             n_now, n0 = len(s), totals[key]
             target = min(int(round(fraction[key] * n0)), int(math.floor(max_fraction * n0)), n0 - minimum)
-            if round_to and round_to < n0:  # keep a multiple of round_to (rounded up: never prune more)
-                target = n0 - min(n0, int(math.ceil((n0 - target) / round_to)) * round_to)
+            if round_to and round_to < n0:  # keep a multiple of round_to, rounded down as torch-pruning does
+                target = n0 - max(round_to, (n0 - target) // round_to * round_to)
             k = max(0, target - (n0 - n_now))
             drop[key] = [int(i) for i in np.argsort(s, kind="stable")[:k]]
         return drop

@@ -126,7 +126,7 @@ def start_embedded(home: Path, **extra_env: str) -> Stack:
     return stack
 
 
-def wait_job(client: httpx.Client, job_id: str, timeout: float = 240) -> dict:
+def wait_job(client: httpx.Client, job_id: str, timeout: float = 600) -> dict:
     deadline = time.time() + timeout
     while time.time() < deadline:
         job = client.get(f"/v1/jobs/{job_id}").json()

@@ -2,7 +2,9 @@
 
 The exported layer holds packed indices and a codebook (``Gather(codebook, indices)``): the weights the
 model computes with are exactly codebook values, and the file holds ``bits`` (rounded up to 1/2/4/8)
-per weight instead of 32.
+per weight instead of 32 — or, when a pruned layer is mostly zeros, a 1-bit nonzero mask plus the
+nonzeros' indices, whichever is smaller. The report gives bits per weight per layer: as stored, and the
+entropy of the indices (what an ideal entropy coder such as Deep Compression's Huffman stage needs).
 """
 from __future__ import annotations
 

@@ -25,7 +25,7 @@ def tiny(tmp_path_factory):
     return tiny_classifier(tmp_path_factory.mktemp("tiny"))
 
 
-def cli(stack, *args: str, check: bool = True, timeout: float = 180) -> subprocess.CompletedProcess:
+def cli(stack, *args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
     env = {**stack.env, "NETCOMPRESS_URL": stack.url, "NETCOMPRESS_API_KEY": stack.key}
     out = subprocess.run(NC + list(args), env=env, capture_output=True, text=True, timeout=timeout)
     if check:
@@ -129,7 +129,7 @@ def test_sdk_flow_with_arrays_progress_and_metrics(stack, tiny, tmp_path):
         spec = {"steps": [{"method": "prune", "granularity": "weight", "sparsity": 0.6},
                           {"method": "quantize", "scheme": "int8", "mode": "static"}], "eval": FAST_EVAL}
         job = nc.submit(model, spec, ds, name="sdk")
-        job.wait(timeout=180, progress=lambda j: seen.append((j.status, j.progress.get("fraction") or 0.0)))
+        job.wait(timeout=600, progress=lambda j: seen.append((j.status, j.progress.get("fraction") or 0.0)))
         assert job.status == "succeeded"
         assert ("succeeded", 1.0) == seen[-1] and any(s == "running" for s, _ in seen), seen
         fractions = [f for s, f in seen if s == "running"]
@@ -156,7 +156,7 @@ def test_sdk_typed_errors(stack, tiny, tmp_path):
             nc.submit(model, {"steps": [{"method": "quantize", "scheme": "int8", "mode": "static"}]})
         done = nc.jobs(status="succeeded", limit=1)  # an earlier test's, or one made now when run alone
         job = done[0] if done else nc.submit(model, {"steps": [{"method": "quantize", "scheme": "fp16"}],
-                                                     "eval": FAST_EVAL}).wait(timeout=120)
+                                                     "eval": FAST_EVAL}).wait(timeout=600)
         with pytest.raises(Conflict):
             job.cancel()
     other = Client(stack.url, stack.new_key("team-sdk-other"))

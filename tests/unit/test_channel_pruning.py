@@ -291,3 +291,15 @@ def test_round_to_keeps_channel_counts_multiples_of_8(cnn_onnx, cnn_data, tmp_pa
     even = _apply({"method": "prune", "granularity": "channel", "sparsity": 0.3, "scope": "layer", "round_to": 8},
                   model, None, tmp_path)
     assert all(w[0] % 8 == 0 for w in _weights(even.model, "Conv")) and not even.report["notes"]
+
+
+def test_choose_heads_and_neurons_by_scope():
+    from compression.structured import choose
+
+    scores = {"a": [float(i) for i in range(16)], "b": [10.0 * i for i in range(16)]}
+    totals = {"a": 16, "b": 16}
+    layer = choose(scores, totals, {"a": 0.5, "b": 0.25}, "layer", 0.9)
+    assert sorted(layer["a"]) == list(range(8)) and sorted(layer["b"]) == list(range(4))
+    assert len(choose(scores, totals, {"a": 0.3, "b": 0.3}, "layer", 0.9, round_to=8)["a"]) == 8  # keeps 8
+    glob = choose(scores, totals, {"a": 0.5, "b": 0.5}, "global", 0.9)
+    assert len(glob["a"]) + len(glob["b"]) == 16  # mean-normalised: both lose their weakest half
