@@ -16,8 +16,9 @@ FAST_EVAL = {"holdout": 0.3, "latency_runs": 5}
 @pytest.fixture(scope="module")
 def uploaded(stack, tmp_path_factory):
     d = tmp_path_factory.mktemp("tiny-ev")
-    onnx_path, npz_path = tiny_classifier(d)
-    det_path, _ = tiny_classifier(d, extra_op="Det")
+    # 8,000 samples: a fine-tune epoch lasts long enough that the 0.5 s sampling of the row sees it
+    onnx_path, npz_path = tiny_classifier(d, samples=8000)
+    det_path, _ = tiny_classifier(d / "det", extra_op="Det")
     c = stack.client()
     ids = {}
     for key, path, route in (("model", onnx_path, "/v1/models"), ("det", det_path, "/v1/models"),
@@ -56,7 +57,7 @@ def finished(stack, uploaded):
 def test_events_stream_progress_until_done(stack, uploaded, finished):
     c = stack.client()
     spec = {"steps": [{"method": "prune", "granularity": "weight", "sparsity": 0.5,
-                       "finetune": {"epochs": 2, "batch_size": 32}},
+                       "finetune": {"epochs": 6, "batch_size": 32}},
                       {"method": "quantize", "scheme": "int8", "mode": "dynamic"}], "eval": FAST_EVAL}
     r = c.post("/v1/jobs", json={"model_id": uploaded["model"], "dataset_id": uploaded["data"], "spec": spec})
     assert r.status_code == 202, r.text
@@ -114,7 +115,7 @@ def test_preflight_reports_steps_blockers_and_cost(stack, uploaded):
     assert weight["applies"] and not weight["trains"] and weight["blocking_ops"] == [] and weight["targets"] == 2
     assert not channel["applies"] and channel["needs_torch"] and channel["blocking_ops"] == blockers
     assert quant["applies"] and quant["needs_data"] and not quant["trains"] and quant["forward_passes"] > 0
-    assert rep["runnable"] is False and rep["rejection"] is None and rep["dataset_samples"] == 300
+    assert rep["runnable"] is False and rep["rejection"] is None and rep["dataset_samples"] == 8000
     assert rep["cost"]["seconds_cpu"] > 0 and rep["cost"]["size"] == "small"
     assert c.get("/v1/jobs", params={"limit": 100}).json()["items"] == before  # nothing queued
 
@@ -148,6 +149,8 @@ def test_metrics_endpoint(stack, uploaded, finished):
     if not finished.get("id"):  # run alone: make one finished job
         wait_job(c, c.post("/v1/jobs", json={"model_id": uploaded["model"], "spec": {
             "steps": [{"method": "quantize", "scheme": "fp16"}], "eval": FAST_EVAL}}).json()["id"])
+    else:
+        assert c.get(f"/v1/jobs/{finished['id']}").status_code == 200
     r = httpx_get(stack.url + "/metrics")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
     text = r.text
@@ -165,7 +168,7 @@ def test_metrics_endpoint(stack, uploaded, finished):
     assert samples['netcompress_job_duration_seconds_sum{status="succeeded"}'] > 0
     key = 'netcompress_http_request_duration_seconds_count{method="POST",route="/v1/jobs",status="202"}'
     assert samples[key] >= 1, [k for k in samples if "http" in k][:20]
-    assert any('route="/v1/jobs/{job_id}"' in k for k in samples)  # templates, not ids
+    assert any('route="/v1/jobs/{job_id}"' in k for k in samples), sorted(k for k in samples if "route" in k)  # templates, not ids
 
 
 def httpx_get(url: str):
