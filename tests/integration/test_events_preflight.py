@@ -57,7 +57,7 @@ def finished(stack, uploaded):
 def test_events_stream_progress_until_done(stack, uploaded, finished):
     c = stack.client()
     spec = {"steps": [{"method": "prune", "granularity": "weight", "sparsity": 0.5,
-                       "finetune": {"epochs": 6, "batch_size": 32}},
+                       "finetune": {"epochs": 8, "batch_size": 4}},
                       {"method": "quantize", "scheme": "int8", "mode": "dynamic"}], "eval": FAST_EVAL}
     r = c.post("/v1/jobs", json={"model_id": uploaded["model"], "dataset_id": uploaded["data"], "spec": spec})
     assert r.status_code == 202, r.text
@@ -72,7 +72,7 @@ def test_events_stream_progress_until_done(stack, uploaded, finished):
     phases = {s["progress"].get("phase") for s in states}
     # the API samples the row every 0.5 s: a phase shorter than that may be skipped, the long ones are seen
     # (on a loaded machine a sample can fall between short phases; the fine-tune epochs are always seen)
-    assert phases & {"pruning", "finetuning"} and len(phases - {"queued"}) >= 2, phases
+    assert phases & {"pruning", "finetuning"} and len(phases - {"queued"}) >= 2, states
     running = [s["progress"]["fraction"] for s in states if s["status"] == "running"]
     assert running == sorted(running) and len(running) >= 2
     # no event repeats the one before it (an event is a change)

@@ -38,7 +38,7 @@ def test_cli_submit_shorthand_wait_out(stack, tiny, tmp_path):
     # a larger dataset and a few fine-tune epochs: the job runs for seconds, so progress is seen mid-way
     onnx_path, npz_path = tiny_classifier(tmp_path / "slow", samples=8000)
     out_dir = tmp_path / "out"
-    r = cli(stack, "submit", str(onnx_path), "--data", str(npz_path), "--prune", "0.5", "--finetune-epochs", "6",
+    r = cli(stack, "submit", str(onnx_path), "--data", str(npz_path), "--prune", "0.5", "--finetune-epochs", "30",
             "--quantize", "int8", "--name", "cli-shorthand", "--wait", "--out", str(out_dir))
     # not a terminal: one progress line per change, e.g. "[1a2b3c4d] running · quantizing · step 2/2 · 55% · ..."
     progress = [line for line in r.stderr.splitlines() if line.startswith("[")]

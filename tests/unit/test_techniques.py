@@ -19,6 +19,7 @@ CONTRACT_SPECS = {
     "prune": {"method": "prune", "sparsity": 0.5, "finetune": {"epochs": 1}},
     "quantize": {"method": "quantize", "mode": "static", "calibration_samples": 64},
     "distill": {"method": "distill", "epochs": 1},
+    "early_exit": {"method": "early_exit", "epochs": 1, "latency_samples": 20, "latency_rounds": 1},
 }
 
 
