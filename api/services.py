@@ -16,7 +16,7 @@ from api.uploads import Upload
 from compression.data import check_against_model, inspect_npz
 from compression.errors import InvalidDataset, InvalidSpec
 from compression.modelio import describe, read_upload, save
-from compression.spec import parse_spec
+from compression.spec import ParsedSpec, parse_spec
 from store.artifacts import LocalArtifactStore
 from store.jobs import mark_enqueued
 from store.models import DatasetRecord, Job, JobStatus, ModelRecord, Team, new_id
@@ -67,6 +67,29 @@ def ingest_dataset(*, upload: Upload, settings: Settings, store: LocalArtifactSt
     return {"id": ds_id, "storage_key": key, "arrays": arrays, "samples": samples}
 
 
+def _search_needs(spec: ParsedSpec, dataset: DatasetRecord | None) -> list[dict]:
+    """A search's own data needs: an accuracy target needs labels; a searched value may add training."""
+    from compression.data import LABELS
+    from compression.registry import get_technique
+    from compression.search_space import TargetSpec, expand
+
+    errors = []
+    target = spec.target or TargetSpec()
+    has_labels = dataset is not None and LABELS in (dataset.arrays or {})
+    if target.metric == "accuracy" and not has_labels:
+        errors.append({"loc": ["target", "metric"],
+                       "msg": "accuracy needs a dataset with labels: upload one, or use agreement or output_cosine"})
+    if dataset is None:
+        for cand in expand(spec.raw_steps(), spec.search if spec.search is not None else "auto"):
+            for i, raw in enumerate(cand.steps):
+                step = get_technique(raw["method"]).spec_model.model_validate(raw)
+                if getattr(step, "needs_data", False):
+                    errors.append({"loc": ["search"], "msg": f"candidate {cand.values} makes step {i} "
+                                                             f"({raw['method']}) train: it needs a dataset"})
+                    return errors
+    return errors
+
+
 def validate_job(*, session: Session, team: Team, body: JobCreate) -> tuple[ModelRecord, DatasetRecord | None, dict]:
     """Everything that can be checked before queueing: ownership, spec, dataset vs model inputs."""
     model = session.get(ModelRecord, body.model_id)
@@ -92,6 +115,8 @@ def validate_job(*, session: Session, team: Team, body: JobCreate) -> tuple[Mode
     for i, step in enumerate(spec.steps):
         if getattr(step, "needs_data", False) and dataset is None:
             errors.append({"loc": ["steps", i], "msg": f"{step.method} with these settings needs a dataset"})
+    if spec.is_search and not errors:
+        errors.extend(_search_needs(spec, dataset))
     if errors:
         raise Problem(422, "invalid_spec", "invalid spec", "a step needs a dataset", validation_errors(["spec"], errors))
     missing = []  # model ids named inside steps (teachers, students, rewind inits): this team's only

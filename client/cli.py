@@ -145,6 +145,32 @@ def print_metrics(job: Job) -> None:
     for row in metrics_rows(job.metrics):
         table.add_row(*row)
     _console().print(table)
+    if job.metrics.get("search"):
+        print_search(job.metrics["search"])
+
+
+def print_search(s: dict[str, Any]) -> None:
+    """A search job: every candidate (front members starred, the best marked), and how the search ended."""
+    from rich.table import Table
+
+    t = s["target"]
+    table = Table(title=f"search · {s['finished']}/{s['grid_size']} candidates · stopped by {s['stopped_by']}"
+                        + (" · partial" if s["partial"] else "") + f" · target {t['metric']} drop ≤ {t['max_accuracy_drop']}")
+    for col in ("candidate", f"{t['metric']} drop", t["optimize"], "meets", "front"):
+        table.add_column(col)
+    front = set(s["front"])
+    for c in s["candidates"]:
+        if c.get("status") != "done":
+            table.add_row(", ".join(f"{k}={v}" for k, v in c["values"].items()), "failed", c.get("error", ""), "", "")
+            continue
+        label = ", ".join(f"{k}={v}" for k, v in c["values"].items()) or c["id"]
+        if c["id"] == s["best"]["id"]:
+            label = f"[bold]{label} (best)[/bold]"
+        table.add_row(label, f"{c['drop']:+.4f}", f"{c['objective']:.6g}", "yes" if c["meets_target"] else "no",
+                      "*" if c["id"] in front else "")
+    _console().print(table)
+    if not s["target_met"]:
+        _console().print("[yellow]no candidate met the target: the result is the closest one[/yellow]")
 
 
 def print_job(job: Job) -> None:

@@ -71,6 +71,7 @@ def run_pipeline(
     device: str = "cpu",
     threads: int = 0,
     load_model: Callable[[str], onnx.ModelProto] | None = None,
+    checkpoint: Any = None,
 ) -> PipelineResult:
     """Apply ``spec`` to ``original`` and measure everything.
 
@@ -82,6 +83,8 @@ def run_pipeline(
         progress: receives ``{phase, step, steps, fraction, message}``; may raise ``Cancelled``.
         input_sha256: sha256 of the uploaded model/dataset, for the reproducibility manifest.
         load_model: resolves model ids named in steps (teachers, students, rewind inits); None: none can be.
+        checkpoint: a search's durable store of finished candidates (:class:`compression.search.Checkpoint`),
+            so a retried job resumes; None: a search starts over.
 
     Returns:
         PipelineResult with ``metrics = {original, steps[], result}``, the report, and files to publish.
@@ -89,7 +92,11 @@ def run_pipeline(
     n = len(spec.steps)
     seed = spec.eval.seed
 
+    quiet = [False]  # a search stopped by a cancel publishes what it has: no more progress (it would re-raise)
+
     def report_progress(phase: str, step: int, fraction: float, message: str) -> None:
+        if quiet[0]:
+            return
         overall = (step + max(0.0, min(1.0, fraction))) / (n + 1)
         progress({"phase": phase, "step": step, "steps": n, "fraction": round(overall, 4), "message": message})
 
@@ -102,7 +109,13 @@ def run_pipeline(
     metrics: dict[str, Any] = {"original": m_orig, "steps": []}
     current = original
     reports = []
-    for i, step in enumerate(spec.steps):
+    files_extra: list[OutputFile] = []
+    if spec.is_search:
+        current, reports = _search(original, spec, data, workdir, ev, m_orig, metrics, files_extra,
+                                   report_progress=report_progress, device=device, threads=threads,
+                                   load_model=load_model, checkpoint=checkpoint)
+        quiet[0] = metrics["search"]["stopped_by"] not in ("grid exhausted", "trials budget", "time budget")
+    for i, step in enumerate([] if spec.is_search else spec.steps):
         tech = get_technique(step.method)
 
         def step_progress(phase: str, fraction: float, message: str, i: int = i) -> None:
@@ -124,6 +137,7 @@ def run_pipeline(
         for extra_name, extra_model in result.extra_models.items():
             for f in modelio.save(extra_model, workdir / extra_name):
                 files.append(OutputFile(f.name, f, "model"))
+    files.extend(files_extra)
     report_progress("exporting", n, 0.5, "writing artifacts")
     final_files = modelio.save(current, workdir / "model.onnx")
     result_metrics = dict(metrics["steps"][-1])
@@ -158,6 +172,43 @@ def run_pipeline(
     files.append(OutputFile("report.json", report_path, "report"))
     report_progress("exporting", n, 1.0, "done")
     return PipelineResult(metrics=json.loads(json.dumps(metrics, default=_json_default)), report=report, files=files)
+
+
+def _search(original: onnx.ModelProto, spec: ParsedSpec, data: DataSplit | None, workdir: Path, ev: EvalData,
+            m_orig: dict[str, Any], metrics: dict[str, Any], files: list[OutputFile], *,
+            report_progress: Callable[..., None], device: str, threads: int,
+            load_model: Callable[[str], onnx.ModelProto] | None, checkpoint: Any) -> tuple[onnx.ModelProto, list]:
+    """Run a search (spec ``target``/``search``/``budget``): the best candidate becomes the job's model,
+    every front member and the front's plot become artifacts, the summary goes into the metrics."""
+    from compression.search import run_search, write_plot
+
+    n = len(spec.steps)
+    stopped = [False]
+
+    def progress(phase: str, fraction: float, message: str) -> None:
+        if not stopped[0]:  # the search spans the steps' share of the job's progress
+            overall = max(0.0, min(1.0, fraction)) * n * 0.999
+            report_progress(phase, int(overall), overall - int(overall), message)
+
+    try:
+        outcome = run_search(original, spec, data, workdir, ev=ev, m_orig=m_orig, progress=progress,
+                             device=device, threads=threads, load_model=load_model, checkpoint=checkpoint)
+    finally:
+        stopped[0] = True
+    best = outcome.best
+    assert best is not None and outcome.best_model is not None
+    label = ", ".join(f"{k}={v}" for k, v in best["values"].items()) or "as written"
+    step_metrics = dict(best["metrics"])
+    metrics["steps"].append({"method": f"search best ({label})", **step_metrics})
+    metrics["search"] = outcome.summary
+    for name, model in outcome.front_models.items():
+        for f in modelio.save(model, workdir / name):
+            files.append(OutputFile(f.name, f, "search_front"))
+    files.append(OutputFile("pareto.svg", write_plot(outcome.summary, workdir / "pareto.svg"), "plot"))
+    # the final model must be written as the last "step": the loop below is skipped, so save it here
+    for f in modelio.save(outcome.best_model, workdir / f"step{n}-search.onnx"):
+        files.append(OutputFile(f.name, f, "step_model"))
+    return outcome.best_model, outcome.reports
 
 
 def _json_default(o: Any) -> Any:

@@ -6,16 +6,16 @@ import json
 import math
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from typing import Literal
+
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from compression.errors import InvalidSpec
 from compression.registry import get_technique, list_techniques
+from compression.search_space import BudgetSpec, TargetSpec
+from compression.spec_base import StrictModel
 
-
-class StrictModel(BaseModel):
-    """Base for spec models: unknown keys and NaN/inf numbers are refused."""
-
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+__all__ = ["BudgetSpec", "EvalSpec", "FinetuneSpec", "JobSpec", "ParsedSpec", "StrictModel", "TargetSpec", "parse_spec"]
 
 
 class FinetuneSpec(StrictModel):
@@ -39,14 +39,43 @@ class EvalSpec(StrictModel):
 class JobSpec(StrictModel):
     steps: list[Any] = Field(min_length=1, max_length=32)
     eval: EvalSpec = Field(default_factory=EvalSpec)
+    target: TargetSpec | None = Field(
+        None, description="search: what the result must keep (max drop of a metric) and what it minimises")
+    search: dict[str, list[Any]] | Literal["auto"] | None = Field(
+        None, description="search: lists of values for step fields ('prune.sparsity': [0.5, 0.9], "
+                          "'cluster.bits': [4, 5]) or 'auto'; a target alone searches 'auto'")
+    budget: BudgetSpec | None = Field(None, description="search: stop after this many minutes or trials")
+
+    @model_validator(mode="after")
+    def _search_parts(self) -> "JobSpec":
+        if self.budget is not None and self.target is None and self.search is None:
+            raise ValueError("budget applies to a search: give target and/or search too")
+        return self
 
 
 class ParsedSpec(BaseModel):
     steps: list[Any]
     eval: EvalSpec
+    target: TargetSpec | None = None
+    search: dict[str, list[Any]] | Literal["auto"] | None = None
+    budget: BudgetSpec | None = None
+
+    def raw_steps(self) -> list[dict[str, Any]]:
+        """The steps as the user wrote them (defaults left unset): what a search varies."""
+        return [s.model_dump(mode="json", exclude_unset=True) | {"method": s.method} for s in self.steps]
+
+    @property
+    def is_search(self) -> bool:
+        return self.target is not None or self.search is not None
 
     def to_json(self) -> dict[str, Any]:
-        return {"steps": [s.model_dump(mode="json") for s in self.steps], "eval": self.eval.model_dump(mode="json")}
+        out: dict[str, Any] = {"steps": [s.model_dump(mode="json") for s in self.steps],
+                               "eval": self.eval.model_dump(mode="json")}
+        if self.is_search:
+            out["target"] = (self.target or TargetSpec()).model_dump(mode="json")
+            out["search"] = self.search if self.search is not None else "auto"
+            out["budget"] = (self.budget or BudgetSpec()).model_dump(mode="json")
+        return out
 
     def sha256(self) -> str:
         return hashlib.sha256(json.dumps(self.to_json(), sort_keys=True).encode()).hexdigest()
@@ -89,7 +118,12 @@ def parse_spec(raw: Any) -> ParsedSpec:
             errors.extend({"loc": _loc(["steps", i], x["loc"]), "msg": x["msg"]} for x in e.errors())
     if errors:
         raise InvalidSpec("invalid spec", errors)
-    return ParsedSpec(steps=steps, eval=top.eval)
+    parsed = ParsedSpec(steps=steps, eval=top.eval, target=top.target, search=top.search, budget=top.budget)
+    if parsed.is_search:
+        from compression.search_space import expand
+
+        expand(parsed.raw_steps(), parsed.search if parsed.search is not None else "auto")
+    return parsed
 
 
 def _reject_nonfinite(obj: Any, path: list[Any]) -> None:

@@ -60,12 +60,21 @@ def model_table(model: type[BaseModel]) -> list[str]:
 def render() -> str:
     """The whole reference: top level, ``eval``, ``finetune``, then every registered technique."""
     from compression.registry import get_technique, list_techniques
-    from compression.spec import EvalSpec, FinetuneSpec
+    from compression.spec import BudgetSpec, EvalSpec, FinetuneSpec, TargetSpec
 
     out = ["A spec is `{\"steps\": [step, ...], \"eval\": {...}}` (JSON over REST, YAML or JSON in the CLI); "
            "each step's `method` picks its technique. Unknown fields are refused (422 with the JSON path).", "",
            "#### `eval`", "", *model_table(EvalSpec), "",
-           "#### `finetune` (inside a step)", "", *model_table(FinetuneSpec), ""]
+           "#### `finetune` (inside a step)", "", *model_table(FinetuneSpec), "",
+           "#### `target`, `search`, `budget` (a search job)", "",
+           "`search` maps `<method>.<field>`, `<scheme>.<field>` (e.g. `cluster.bits`) or `steps[i].<field>` to a "
+           "list of values, or is `\"auto\"`; `prune.allocation: [uniform, sensitivity]` lets a per-layer "
+           "sensitivity scan set each layer's sparsity. A `target` alone searches `auto`. The job keeps every "
+           "candidate's metrics, publishes the best one meeting the target as `model.onnx`, each Pareto-front "
+           "member as `front-<k>-<id>.onnx` and the front as `pareto.svg`; a cancel or time-out ends it "
+           "`succeeded` with the best so far (`metrics.search.partial`), and a retried job resumes after the "
+           "last finished candidate.", "",
+           "`target`:", "", *model_table(TargetSpec), "", "`budget`:", "", *model_table(BudgetSpec), ""]
     for name in list_techniques():
         tech = get_technique(name)
         out += [f"#### `method: {name}` — {tech.summary}", "", *model_table(tech.spec_model), ""]

@@ -35,6 +35,29 @@ class TimeLimitExceeded(Cancelled):
     code = "time_limit"
 
 
+class StoreCheckpoint:
+    """A search's finished candidates, kept in the artifact store under ``jobs/<id>/checkpoint/``.
+
+    Not under an attempt's prefix: the next attempt (after a worker was lost) reads them and resumes.
+    The prefix is removed when the job ends for good.
+    """
+
+    def __init__(self, store: Any, job_id: str) -> None:
+        self.store, self.prefix = store, f"jobs/{job_id}/checkpoint"
+
+    def get(self, name: str) -> bytes | None:
+        key = f"{self.prefix}/{name}"
+        if not self.store.exists(key):
+            return None
+        return b"".join(self.store.iter_bytes(key))
+
+    def put(self, name: str, data: bytes) -> None:
+        self.store.put_stream(f"{self.prefix}/{name}", iter([data]))
+
+    def clear(self) -> None:
+        self.store.delete_prefix(self.prefix)
+
+
 DB_ERRORS = (OperationalError, DBAPIError)
 
 
@@ -117,6 +140,7 @@ def run_job(job_id: str, settings: Settings | None = None) -> str:
         team_id = job.team_id
 
     store = get_artifact_store(settings)
+    checkpoint = StoreCheckpoint(store, job_id)
     workdir = settings.home / "work" / job_id / attempt_id
     workdir.mkdir(parents=True, exist_ok=True)
     heartbeat = _Heartbeat(job_id, attempt_id, settings.heartbeat_s)
@@ -163,7 +187,8 @@ def run_job(job_id: str, settings: Settings | None = None) -> str:
 
         result = run_pipeline(original, spec, data, workdir, progress=progress,
                               input_sha256={"model": model_sha, **({"dataset": ds_sha} if ds_sha else {})},
-                              device=_device(), threads=settings.worker_threads, load_model=load_model)
+                              device=_device(), threads=settings.worker_threads, load_model=load_model,
+                              checkpoint=checkpoint if spec.is_search else None)
         # Publish: files first (atomic renames, under this attempt's prefix), then rows + status at once.
         prefix = f"jobs/{job_id}/{attempt_id}"
         stored = []
@@ -182,6 +207,7 @@ def run_job(job_id: str, settings: Settings | None = None) -> str:
                 return res
 
         done = with_db_retry(publish, budget_s=settings.db_retry_s)
+        checkpoint.clear()
         if not done.accepted:
             store.delete_prefix(prefix)  # cancelled or reaped meanwhile: leave nothing behind
             return f"discarded ({done.reason})"
@@ -189,9 +215,11 @@ def run_job(job_id: str, settings: Settings | None = None) -> str:
     except Cancelled as e:
         _finish(job_id, attempt_id, JobStatus.cancelled if not isinstance(e, TimeLimitExceeded) else JobStatus.failed,
                 e.code, str(e))
+        checkpoint.clear()
         return e.code
     except CompressionError as e:
         _finish(job_id, attempt_id, JobStatus.failed, e.code, str(e))
+        checkpoint.clear()
         return "failed"
     except MemoryError:
         _finish(job_id, attempt_id, JobStatus.failed, "out_of_memory", "the job ran out of memory")

@@ -199,7 +199,7 @@ function renderStatus(job) {
 
 async function openJob(id) {
   $("#detail-title").textContent = `Job ${shortId(id)}`;
-  for (const sel of ["#metrics-table thead", "#metrics-table tbody", "#layers", "#artifacts", "#chart-pareto", "#chart-latency"]) {
+  for (const sel of ["#metrics-table thead", "#metrics-table tbody", "#layers", "#artifacts", "#chart-pareto", "#chart-latency", "#search-front"]) {
     $(sel).replaceChildren();
   }
   let job;
@@ -293,9 +293,65 @@ function axes(root, x0, y0, x1, y1, xlabel, ylabel) {
               svg("text", {x: 12, y: (y0 + y1) / 2, transform: `rotate(-90 12 ${(y0 + y1) / 2})`, "text-anchor": "middle"}, ylabel));
 }
 
+const OBJECTIVE_LABEL = {latency: "latency p50 (ms)", file_bytes: "file size", compressed_bytes: "compressed size",
+                         macs: "MACs", params: "params"};
+
+// A search job: every candidate as (objective, metric), its own Pareto front joined, the best ringed,
+// the target's bound dashed; the front's members listed below with their downloads.
+function renderSearch(job) {
+  const root = $("#chart-pareto");
+  const s = job.metrics.search, t = s.target;
+  $("#chart-pareto-caption").textContent = `Search: ${s.finished} of ${s.grid_size} candidates` +
+    `${s.partial ? ` (partial: ${s.stopped_by})` : ""}; best ${s.target_met ? "meets" : "misses"} the target`;
+  const base = s.original.metric;
+  const done = s.candidates.filter((c) => c.status === "done");
+  const pts = done.map((c) => ({x: c.objective, y: base - c.drop, c}));
+  pts.push({x: s.original.objective, y: base, c: null});
+  const W = +root.getAttribute("width"), H = +root.getAttribute("height");
+  const [x0, y0, x1, y1] = [56, 14, W - 36, H - 44];
+  const xs = pts.map((p) => p.x), ys = pts.map((p) => p.y).concat([base - t.max_accuracy_drop]);
+  const xmax = Math.max(...xs) * 1.08, xmin = 0;
+  let ymin = Math.min(...ys), ymax = Math.max(...ys);
+  const pad = Math.max((ymax - ymin) * 0.15, 0.005); ymin -= pad; ymax += pad;
+  const sx = (v) => x0 + ((v - xmin) / (xmax - xmin || 1)) * (x1 - x0);
+  const sy = (v) => y1 - ((v - ymin) / (ymax - ymin || 1)) * (y1 - y0);
+  axes(root, x0, y0, x1, y1, OBJECTIVE_LABEL[t.optimize] || t.optimize, t.metric);
+  for (const tk of [0, 0.5, 1]) {
+    const xv = xmin + tk * (xmax - xmin);
+    root.append(svg("text", {x: sx(xv), y: y1 + 14, "text-anchor": "middle"}, t.optimize.endsWith("bytes") ? fmtBytes(Math.round(xv)) : xv.toPrecision(3)));
+    root.append(svg("text", {x: x0 - 4, y: sy(ymin + tk * (ymax - ymin)) + 4, "text-anchor": "end"}, (ymin + tk * (ymax - ymin)).toFixed(3)));
+  }
+  const bound = sy(base - t.max_accuracy_drop);
+  root.append(svg("line", {class: "target", x1: x0, x2: x1, y1: bound, y2: bound, "stroke-dasharray": "4 3", stroke: "#c00"}));
+  const front = new Set(s.front);
+  const fpts = pts.filter((p) => p.c && front.has(p.c.id)).sort((a, b) => a.x - b.x);
+  if (fpts.length > 1) root.append(svg("polyline", {class: "front", points: fpts.map((p) => `${sx(p.x)},${sy(p.y)}`).join(" ")}));
+  for (const p of pts) {
+    const label = p.c ? Object.entries(p.c.values).map(([k, v]) => `${k}=${v}`).join(", ") : "original";
+    const cls = !p.c ? "point original" : p.c.id === s.best.id ? "point current" : front.has(p.c.id) ? "point front" : "point";
+    const c = svg("circle", {class: cls, cx: sx(p.x), cy: sy(p.y), r: cls.includes("current") ? 6 : 4, "data-candidate": p.c ? p.c.id : "original"});
+    c.append(svg("title", {}, `${label}: ${p.x.toPrecision(4)}, ${t.metric} ${p.y.toFixed(4)}`));
+    root.append(c);
+  }
+  const names = Object.fromEntries(job.artifacts.filter((a) => a.name.startsWith("front-")).map((a) => [a.name.split("-")[2].replace(".onnx", ""), a.name]));
+  $("#search-front").replaceChildren(el("table", {class: "grid", id: "search-front-table"},
+    el("thead", {}, el("tr", {}, ["candidate", t.metric, OBJECTIVE_LABEL[t.optimize] || t.optimize, "meets target", "download"].map((h) => el("th", {}, h)))),
+    el("tbody", {}, s.front.map((id) => {
+      const c = s.candidates.find((x) => x.id === id);
+      return el("tr", {"data-candidate": id, class: id === s.best.id ? "best" : ""},
+        el("td", {}, Object.entries(c.values).map(([k, v]) => `${k}=${v}`).join(", ") || id),
+        el("td", {class: "num"}, (base - c.drop).toFixed(4)), el("td", {class: "num"}, String(c.objective)),
+        el("td", {}, c.meets_target ? "yes" : "no"),
+        el("td", {}, names[id] ? el("a", {href: "#", "data-artifact": names[id], onclick: (ev) => { ev.preventDefault(); $(`#artifacts a[data-artifact="${names[id]}"]`).click(); }}, names[id]) : "–"));
+    }))));
+}
+
 async function renderPareto(job) {
   const root = $("#chart-pareto");
   root.replaceChildren();
+  $("#search-front").replaceChildren();
+  if (job.metrics && job.metrics.search) return renderSearch(job);
+  $("#chart-pareto-caption").textContent = "Size vs accuracy, all jobs of this model (Pareto front)";
   const page = await apiJson(`/v1/jobs?model_id=${job.model_id}&status=succeeded&limit=100`);
   const jobs = page.items.filter((j) => j.metrics && j.metrics.result);
   if (!jobs.some((j) => j.id === job.id) && job.metrics) jobs.push(job);

@@ -127,3 +127,38 @@ def test_dashboard_submit_watch_and_charts(stack, browser, tmp_path):
     severe = [e for e in d.get_log("browser") if e["level"] == "SEVERE" and "favicon" not in e["message"]
               and "401" not in e["message"]]
     assert severe == [], severe
+
+
+def test_dashboard_shows_a_search_front(stack, browser, tmp_path):
+    """A search job: the chart plots its candidates and front, the table lists the front's downloads."""
+    from selenium.webdriver.common.by import By
+
+    from tests.stack import wait_job
+
+    onnx_path, npz_path = tiny_classifier(tmp_path / "s", samples=1000)
+    c = stack.client()
+    ids = []
+    for path, route in ((onnx_path, "/v1/models"), (npz_path, "/v1/datasets")):
+        with open(path, "rb") as f:
+            ids.append(c.post(route, files={"file": (path.name, f)}).json()["id"])
+    spec = {"steps": [{"method": "prune", "sparsity": 0.5}], "search": {"prune.sparsity": [0.2, 0.5, 0.8]},
+            "target": {"metric": "agreement", "max_accuracy_drop": 0.2}, "eval": {"latency_runs": 5}}
+    r = c.post("/v1/jobs", json={"model_id": ids[0], "dataset_id": ids[1], "spec": spec})
+    job = wait_job(c, r.json()["id"], timeout=300)
+    assert job["status"] == "succeeded", job["error"]
+    s = job["metrics"]["search"]
+    d = browser
+    d.get(stack.url + "/dashboard")
+    d.execute_script("localStorage.setItem('netcompress.key', arguments[0])", stack.key)
+    d.get(stack.url + f"/dashboard#/jobs/{job['id']}")
+    d.refresh()
+    wait_for(d, f"return document.body.dataset.rendered === '{job['id']}'", what="search job rendered")
+    dots = d.find_elements(By.CSS_SELECTOR, "#chart-pareto circle[data-candidate]")
+    assert len(dots) == s["finished"] + 1  # every candidate and the original
+    best = d.find_elements(By.CSS_SELECTOR, "#chart-pareto circle.current")
+    assert [b.get_attribute("data-candidate") for b in best] == [s["best"]["id"]]
+    rows = d.find_elements(By.CSS_SELECTOR, "#search-front-table tbody tr")
+    assert [r.get_attribute("data-candidate") for r in rows] == s["front"]
+    assert d.find_element(By.ID, "chart-pareto-caption").text.startswith(f"Search: {s['finished']} of 3 candidates")
+    links = [a.get_attribute("data-artifact") for a in d.find_elements(By.CSS_SELECTOR, "#search-front-table a")]
+    assert links and all(name.startswith("front-") for name in links)

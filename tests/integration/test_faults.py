@@ -99,6 +99,31 @@ def test_sigkill_mid_job_requeues_and_another_worker_finishes(fault):
     assert len(names) == len(set(names)) and "model.onnx" in names
 
 
+def test_search_resumes_after_the_last_finished_candidate(fault):
+    """A worker lost mid-search: the next attempt takes the finished candidates from the checkpoint."""
+    spec = {"steps": [{"method": "prune", "sparsity": 0.5, "finetune": {"epochs": 1, "batch_size": 32}}],
+            "search": {"prune.sparsity": [0.3, 0.5, 0.7, 0.8, 0.9]},
+            "target": {"max_accuracy_drop": 0.05, "optimize": "file_bytes"}, "eval": {"latency_runs": 5}}
+    job = _submit(fault, spec)
+    c = fault["stack"].client()
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        cur = c.get(f"/v1/jobs/{job['id']}").json()
+        if cur["status"] == "running" and "candidate 3 " in (cur["progress"].get("message") or ""):
+            break
+        assert cur["status"] in ("queued", "running"), cur
+        time.sleep(0.1)
+    _kill_worker_of(fault, job["id"])
+    done = wait_job(c, job["id"], timeout=300)
+    assert done["status"] == "succeeded", done
+    assert done["attempts"] == 2
+    s = done["metrics"]["search"]
+    assert s["resumed"] >= 2 and s["finished"] == 5 and not s["partial"], s
+    assert sum(1 for x in s["candidates"] if x["resumed"]) == s["resumed"]
+    # the checkpoint is gone once the job is done; one attempt's artifacts remain
+    assert len(_artifact_attempt_dirs(fault, job["id"])) == 1
+
+
 def test_attempt_limit_ends_failed(fault):
     job = _submit(fault)
     for attempt in (1, 2):

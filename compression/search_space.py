@@ -1,0 +1,258 @@
+"""What a search explores: the ``target``, ``search`` and ``budget`` sections of a spec, and the candidates.
+
+A search key names a step field as ``<selector>.<field>``: the selector is a method (``prune``), a
+quantize scheme (``cluster`` — applies only to quantize steps using that scheme in the candidate) or a
+step index (``steps[1]``). Values are lists. The grid is the product of every key's values; candidates
+that come out identical (``cluster.bits`` on an ``int8`` candidate) are kept once.
+
+``prune.allocation: [uniform, sensitivity]`` is the one pseudo-field: ``sensitivity`` gives each layer its
+own sparsity from a quick per-layer scan (the search fills ``scope: layer`` and ``layers`` in), so layers
+that barely affect the output are pruned harder and the fragile ones are spared.
+
+Example:
+    >>> space = SearchSpace.model_validate({"prune.sparsity": [0.5, 0.9]})       # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError
+
+from compression.errors import InvalidSpec
+from compression.spec_base import StrictModel
+
+QUANT_SCHEMES = ("int8", "fp16", "cluster", "binary", "ternary")
+ALLOCATION = "allocation"
+MAX_CANDIDATES = 512
+MAX_VALUES = 32
+_KEY = re.compile(r"^(?:(?P<method>[a-z_][a-z0-9_]*)|steps\[(?P<index>\d+)\])\.(?P<field>[a-z_][a-z0-9_.]*)$")
+
+# What ``search: auto`` tries for each kind of step (the rest of a step is kept as written).
+AUTO_GRID: dict[str, dict[str, list[Any]]] = {
+    "prune:weight": {"sparsity": [0.5, 0.7, 0.8, 0.9, 0.95], ALLOCATION: ["uniform", "sensitivity"]},
+    "prune:channel": {"sparsity": [0.25, 0.4, 0.5, 0.6]},
+    "quantize": {"scheme": ["int8", "cluster"]},
+    "quantize:cluster": {"bits": [4, 5, 6]},
+    "lowrank": {"energy": [0.8, 0.9, 0.95]},
+}
+
+
+class TargetSpec(StrictModel):
+    """What "good enough" and "better" mean for a search."""
+
+    max_accuracy_drop: float = Field(0.01, ge=0.0, le=1.0,
+                                     description="the most the metric may fall below the original's (absolute)")
+    metric: Literal["accuracy", "agreement", "output_cosine"] = Field(
+        "accuracy", description="accuracy needs labels; agreement (top-1 vs the original) and output_cosine do not")
+    optimize: Literal["latency", "file_bytes", "compressed_bytes", "macs", "params"] = Field(
+        "file_bytes", description="what the best candidate minimises among those meeting the target")
+
+
+class BudgetSpec(StrictModel):
+    """When the search stops; whichever comes first. The best candidate so far is kept (``partial``)."""
+
+    minutes: float = Field(30.0, gt=0, le=24 * 60)
+    trials: int = Field(24, ge=1, le=MAX_CANDIDATES)
+
+
+@dataclass
+class Candidate:
+    """One point of the grid: its steps (raw dicts, validated), the searched values, a stable id."""
+
+    steps: list[dict[str, Any]]
+    values: dict[str, Any]
+    sensitivity_steps: list[int] = field(default_factory=list)  # prune steps to allocate per layer
+    cost: float = 1.0
+
+    @property
+    def id(self) -> str:
+        blob = json.dumps({"steps": self.steps, "sens": self.sensitivity_steps}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def _selector_matches(step: dict[str, Any], method: str | None, index: int | None, i: int) -> bool:
+    if index is not None:
+        return index == i
+    if method == step.get("method"):
+        return True
+    return step.get("method") == "quantize" and step.get("scheme", "int8") == method
+
+
+def validate_search_keys(search: dict[str, list[Any]], steps: list[dict[str, Any]]) -> None:
+    """Every key names a step that exists and a field its spec model has; raises InvalidSpec otherwise."""
+    from compression.registry import get_technique, list_techniques
+
+    errors = []
+    for key, values in search.items():
+        m = _KEY.match(key)
+        if not m:
+            errors.append({"loc": ["search", key], "msg": "key must be '<method>.<field>', '<scheme>.<field>' "
+                                                          "or 'steps[i].<field>'"})
+            continue
+        if not isinstance(values, list) or not values or len(values) > MAX_VALUES:
+            errors.append({"loc": ["search", key], "msg": f"give a list of 1 to {MAX_VALUES} values"})
+            continue
+        method, index, fld = m["method"], m["index"], m["field"]
+        index = int(index) if index is not None else None
+        if index is not None and index >= len(steps):
+            errors.append({"loc": ["search", key], "msg": f"there is no step {index}"})
+            continue
+        if method is not None and method not in list_techniques() and method not in QUANT_SCHEMES:
+            errors.append({"loc": ["search", key], "msg": f"unknown method or scheme {method!r}"})
+            continue
+        targets = [s for i, s in enumerate(steps) if _selector_matches(s, method, index, i)
+                   or (method in QUANT_SCHEMES and s.get("method") == "quantize"
+                       and method in search.get("quantize.scheme", []))]
+        if not targets:
+            errors.append({"loc": ["search", key], "msg": f"no step matches {key.split('.')[0]!r}"})
+            continue
+        if fld == ALLOCATION:
+            if not all(s.get("method") == "prune" for s in targets):
+                errors.append({"loc": ["search", key], "msg": "allocation applies to prune steps"})
+            elif any(v not in ("uniform", "sensitivity") for v in values):
+                errors.append({"loc": ["search", key], "msg": "allocation values: uniform, sensitivity"})
+            continue
+        model = get_technique(targets[0]["method"]).spec_model
+        if fld.split(".")[0] not in model.model_fields:
+            errors.append({"loc": ["search", key], "msg": f"{targets[0]['method']} has no field {fld.split('.')[0]!r}"})
+    if errors:
+        raise InvalidSpec("invalid search", errors)
+
+
+def _set(step: dict[str, Any], fld: str, value: Any) -> None:
+    """Set ``a.b`` in a step dict (``finetune.epochs``), creating the section when missing."""
+    parts = fld.split(".")
+    cur = step
+    for p in parts[:-1]:
+        if not isinstance(cur.get(p), dict):
+            cur[p] = {}
+        cur = cur[p]
+    cur[parts[-1]] = value
+
+
+def _drop_foreign_options(step: dict[str, Any]) -> None:
+    """A searched scheme change (int8 → cluster) drops the options the new scheme does not take (``mode``)."""
+    if step.get("method") != "quantize":
+        return
+    from compression.techniques.quantization import _APPLIES
+
+    scheme = step.get("scheme", "int8")
+    for opt, schemes in _APPLIES.items():
+        if opt in step and scheme not in schemes:
+            del step[opt]
+
+
+def auto_space(steps: list[dict[str, Any]]) -> dict[str, list[Any]]:
+    """The grid ``search: auto`` explores for these steps (by step index, so two prune steps vary alone)."""
+    space: dict[str, list[Any]] = {}
+    for i, s in enumerate(steps):
+        method = s.get("method")
+        if method == "prune":
+            grid = AUTO_GRID[f"prune:{s.get('granularity', 'weight')}"]
+        elif method == "quantize":
+            if "scheme" in s and s["scheme"] not in ("int8", "cluster"):
+                continue  # the user chose fp16/binary/ternary: keep it
+            grid = {**AUTO_GRID["quantize"], **AUTO_GRID["quantize:cluster"]}
+        else:
+            grid = AUTO_GRID.get(method or "", {})
+        for fld, values in grid.items():
+            if fld == ALLOCATION and (s.get("rewind", "none") != "none" or s.get("layers")):
+                continue
+            space[f"steps[{i}].{fld}"] = list(values)
+    return space
+
+
+def _step_cost(step: Any) -> float:
+    """A rough relative cost: training epochs dominate; calibration and clustering are cheap."""
+    epochs = 0.0
+    ft = getattr(step, "finetune", None)
+    if ft is not None:
+        epochs += ft.epochs * getattr(step, "iterations", 1)
+    epochs += getattr(step, "epochs", 0) or 0
+    if getattr(step, "mode", None) == "qat":
+        epochs += 2
+    return 1.0 + epochs
+
+
+def expand(steps: list[dict[str, Any]], search: dict[str, list[Any]] | str) -> list[Candidate]:
+    """Every distinct candidate of the grid, validated, cheapest first (stable within equal cost).
+
+    Raises:
+        InvalidSpec: a bad key, a value a step refuses (with the searched key in ``loc``), or a grid
+            larger than MAX_CANDIDATES.
+    """
+    from compression.registry import get_technique
+
+    space = auto_space(steps) if search == "auto" else dict(search)
+    if search != "auto":
+        validate_search_keys(space, steps)
+    # scheme changes first, so a scheme selector (cluster.bits) sees the candidate's scheme
+    keys = sorted(space, key=lambda k: (0 if k.endswith(".scheme") else 1, k))
+    size = 1
+    for k in keys:
+        size *= len(space[k])
+    if size > MAX_CANDIDATES * 4:
+        raise InvalidSpec(f"the search grid has {size} points; at most {MAX_CANDIDATES * 4}",
+                          [{"loc": ["search"], "msg": "grid too large"}])
+    seen: dict[str, Candidate] = {}
+    for combo in itertools.product(*(space[k] for k in keys)):
+        cand_steps = json.loads(json.dumps(steps))
+        values: dict[str, Any] = {}
+        sens: set[int] = set()
+        for key, value in zip(keys, combo):
+            m = _KEY.match(key)
+            assert m is not None
+            method, index, fld = m["method"], m["index"], m["field"]
+            index = int(index) if index is not None else None
+            hit = False
+            for i, s in enumerate(cand_steps):
+                if not _selector_matches(s, method, index, i):
+                    continue
+                if fld == ALLOCATION:
+                    if s.get("granularity", "weight") != "weight":
+                        continue
+                    if value == "sensitivity":
+                        sens.add(i)
+                    hit = True
+                    continue
+                if method in QUANT_SCHEMES and fld != "scheme" and s.get("scheme", "int8") != method:
+                    continue
+                if s.get("method") == "quantize" and index is not None and fld == "bits" \
+                        and s.get("scheme", "int8") != "cluster":
+                    continue  # bits only mean something for clustering
+                _set(s, fld, value)
+                hit = True
+            if hit:
+                values[key] = value
+        for s in cand_steps:
+            _drop_foreign_options(s)
+        validated = []
+        for i, s in enumerate(cand_steps):
+            try:
+                validated.append(get_technique(s["method"]).spec_model.model_validate(s))
+            except ValidationError as e:
+                err = e.errors()[0]
+                raise InvalidSpec(f"search value makes step {i} invalid: {err['msg']}",
+                                  [{"loc": ["search", *values.keys()] or ["search"], "msg": err["msg"]}]) from None
+        cand = Candidate(steps=[v.model_dump(mode="json") for v in validated], values=values,
+                         sensitivity_steps=sorted(sens), cost=sum(_step_cost(v) for v in validated))
+        seen.setdefault(cand.id, cand)
+    if len(seen) > MAX_CANDIDATES:
+        raise InvalidSpec(f"the search has {len(seen)} distinct candidates; at most {MAX_CANDIDATES}",
+                          [{"loc": ["search"], "msg": "too many candidates"}])
+    cands = list(seen.values())
+    spread = {c.id: _bit_reverse(i, len(cands)) for i, c in enumerate(cands)}
+    # cheapest first; within a cost tier, a bit-reversed grid order, so a search cut short by its budget
+    # has still sampled the whole grid coarsely instead of one corner of it finely
+    return sorted(cands, key=lambda c: (c.cost, spread[c.id]))
+
+
+def _bit_reverse(i: int, n: int) -> int:
+    """Van der Corput order of ``i`` among ``n``: 0, n/2, n/4, 3n/4, …"""
+    bits = max((n - 1).bit_length(), 1)
+    return int(format(i, f"0{bits}b")[::-1], 2)

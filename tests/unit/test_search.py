@@ -1,0 +1,198 @@
+"""Search to a target (compression.search, compression.search_space) on LeNet-300-100 in-process."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from compression.data import Arrays, split
+from compression.errors import Cancelled, InvalidSpec
+from compression.pipeline import run_pipeline
+from compression.refdata import fit
+from compression.search import allocate, pareto_front
+from compression.search_space import expand
+from compression.spec import parse_spec
+from compression.zoo import LeNet300100, export_onnx
+
+EVAL = {"latency_runs": 5, "holdout": 0.4}
+
+
+class DictCheckpoint(dict):
+    """The Checkpoint protocol over a dict (the service uses the artifact store)."""
+
+    def get(self, name):  # noqa: ANN001, ANN201
+        return dict.get(self, name)
+
+    def put(self, name, data):  # noqa: ANN001, ANN201
+        self[name] = data
+
+
+@pytest.fixture(scope="module")
+def lenet(mnist_data, tmp_path_factory):
+    torch.set_num_threads(1)
+    X, y = mnist_data
+    Xf = X.reshape(len(X), -1)
+    torch.manual_seed(0)
+    net = fit(LeNet300100(), Xf[:3000], y[:3000], epochs=2)
+    path = export_onnx(net, torch.zeros(2, 784), tmp_path_factory.mktemp("lenet-s") / "lenet.onnx", dynamo=True)
+    data = split(Arrays({"input": Xf[3000:4000]}, y[3000:4000]), holdout=0.4, seed=0, max_eval=1000)
+    return onnx.load(str(path)), data
+
+
+def _steps(spec):  # noqa: ANN001, ANN202
+    p = parse_spec(spec)
+    return p.raw_steps(), p.search
+
+
+def test_grid_is_the_product_without_duplicates_and_validated():
+    steps, search = _steps({"steps": [{"method": "prune", "sparsity": 0.5},
+                                      {"method": "quantize", "scheme": "int8", "mode": "dynamic"}],
+                            "search": {"prune.sparsity": [0.5, 0.9], "quantize.scheme": ["int8", "cluster"],
+                                       "cluster.bits": [4, 6]}})
+    cands = expand(steps, search)
+    # int8 ignores cluster.bits: 2 sparsities × (int8 + cluster×2 bits) = 6, not 8
+    assert len(cands) == 6 and len({c.id for c in cands}) == 6
+    clusters = [c for c in cands if c.steps[1]["scheme"] == "cluster"]
+    assert sorted((c.steps[0]["sparsity"], c.steps[1]["bits"]) for c in clusters) == [(0.5, 4), (0.5, 6), (0.9, 4), (0.9, 6)]
+    assert all("mode" not in c.steps[1] or c.steps[1]["mode"] is None for c in clusters)  # int8's option dropped
+
+
+@pytest.mark.parametrize("search, loc", [
+    ({"prune.sparsity": [1.5]}, ["search", "prune.sparsity"]),
+    ({"quantize.bits": [4]}, ["search", "quantize.bits"]),
+    ({"prune.nope": [1]}, ["search", "prune.nope"]),
+    ({"bogus": [1]}, ["search", "bogus"]),
+    ({"prune.sparsity": []}, ["search", "prune.sparsity"]),
+    ({"steps[3].sparsity": [0.5]}, ["search", "steps[3].sparsity"]),
+])
+def test_bad_search_refused_with_its_key(search, loc):
+    with pytest.raises(InvalidSpec) as e:
+        parse_spec({"steps": [{"method": "prune"}], "search": search})
+    assert e.value.errors[0]["loc"] == loc
+
+
+def test_auto_grid_and_cheapest_first():
+    steps, _ = _steps({"steps": [{"method": "prune", "sparsity": 0.5, "finetune": {"epochs": 3}},
+                                 {"method": "quantize", "scheme": "int8"}], "target": {}})
+    cands = expand(steps, "auto")
+    sparsities = {c.steps[0]["sparsity"] for c in cands}
+    assert sparsities == {0.5, 0.7, 0.8, 0.9, 0.95}
+    assert {c.steps[1]["scheme"] for c in cands} == {"int8", "cluster"}
+    assert any(c.sensitivity_steps == [0] for c in cands) and any(not c.sensitivity_steps for c in cands)
+    costs = [c.cost for c in cands]
+    assert costs == sorted(costs)
+    # the first few already span the grid (bit-reversed order), not one corner
+    assert len({c.steps[0]["sparsity"] for c in cands[:6]}) >= 3
+
+
+def test_pareto_front():
+    pts = [("a", 0.0, 10.0), ("b", 0.01, 5.0), ("c", 0.02, 6.0), ("d", 0.05, 1.0), ("e", 0.0, 12.0)]
+    assert pareto_front(pts) == ["a", "b", "d"]
+
+
+def test_allocation_meets_the_target_and_spares_the_sensitive_layer():
+    levels = [0.0, 0.5, 0.9]
+    sens = {"robust": {"params": 900, "levels": levels, "relative_error": [0.0, 0.01, 0.05]},
+            "fragile": {"params": 100, "levels": levels, "relative_error": [0.0, 0.3, 0.9]}}
+    alloc = allocate(sens, 0.8)
+    removed = sum(alloc[k] * sens[k]["params"] for k in sens)
+    assert removed >= 0.8 * 1000 - 1e-6
+    assert alloc["robust"] == 0.9 and alloc["fragile"] < alloc["robust"]
+
+
+def test_search_finds_best_meeting_target_and_resumes(lenet, tmp_path):
+    model, data = lenet
+    spec = parse_spec({"steps": [{"method": "prune", "sparsity": 0.5}, {"method": "quantize", "scheme": "int8",
+                                                                          "mode": "dynamic"}],
+                       "search": {"prune.sparsity": [0.3, 0.6, 0.9, 0.97], "prune.allocation": ["uniform", "sensitivity"]},
+                       "target": {"max_accuracy_drop": 0.01, "metric": "accuracy", "optimize": "compressed_bytes"},
+                       "eval": EVAL})
+    ck = DictCheckpoint()
+    (tmp_path / "a").mkdir()
+    res = run_pipeline(model, spec, data, tmp_path / "a", checkpoint=ck)
+    s = res.metrics["search"]
+    assert s["tried"] == s["finished"] == 8 and not s["partial"] and s["stopped_by"] == "grid exhausted"
+    orig_acc = res.metrics["original"]["accuracy"]
+    done = s["candidates"]
+    for c in done:  # drops are the measured ones
+        assert c["drop"] == pytest.approx(orig_acc - c["metrics"]["accuracy"], abs=1e-6)
+        assert c["meets_target"] == (c["drop"] <= 0.01 + 1e-9)
+    meeting = [c for c in done if c["meets_target"]]
+    assert meeting and s["target_met"]
+    assert s["best"]["objective"] == min(c["objective"] for c in meeting)
+    # the published model is the best candidate: its compressed size is the objective
+    assert res.metrics["result"]["compressed_bytes"] == s["best"]["objective"]
+    # the front: no member is beaten on both axes by any candidate, and every non-member is
+    pts = {c["id"]: (c["drop"], c["objective"]) for c in done}
+    for pid, (d, o) in pts.items():
+        beaten = any(d2 <= d and o2 <= o and (d2, o2) != (d, o) for d2, o2 in pts.values())
+        assert beaten == (pid not in s["front"])
+    names = {f.name for f in res.files}
+    assert {"model.onnx", "pareto.svg", "report.json"} <= names
+    fronts = sorted(n for n in names if n.startswith("front-"))
+    assert len(fronts) == len(s["front"])
+    for f in res.files:
+        if f.name.startswith("front-") or f.name == "model.onnx":
+            sess = ort.InferenceSession(str(f.path), providers=["CPUExecutionProvider"])
+            out = sess.run(None, {"input": data.holdout.inputs["input"][:8]})[0]
+            assert out.shape == (8, 10) and np.isfinite(out).all()
+    svg = (tmp_path / "a" / "pareto.svg").read_text()
+    assert svg.startswith("<svg") and svg.count("<circle") >= len(done)
+    # the sensitivity scan ran once and allocation used it: a sensitivity candidate prunes layers unevenly
+    assert "sensitivity.json" in ck and set(s["sensitivity"])
+    report = json.loads((tmp_path / "a" / "report.json").read_text())
+    assert report["metrics"]["search"]["best"]["id"] == s["best"]["id"]
+
+    # a second run with the same checkpoint resumes every candidate and picks the same best
+    (tmp_path / "b").mkdir()
+    again = run_pipeline(model, spec, data, tmp_path / "b", checkpoint=ck)
+    s2 = again.metrics["search"]
+    assert s2["resumed"] == 8 and s2["best"]["id"] == s["best"]["id"]
+    assert all(c["resumed"] for c in s2["candidates"])
+
+
+def test_cancel_keeps_what_finished_and_trials_budget(lenet, tmp_path):
+    model, data = lenet
+    spec = parse_spec({"steps": [{"method": "prune", "sparsity": 0.5}],
+                       "search": {"prune.sparsity": [0.2, 0.4, 0.6, 0.8, 0.9]},
+                       "target": {"metric": "agreement", "max_accuracy_drop": 0.05, "optimize": "file_bytes"},
+                       "eval": EVAL})
+    seen = set()
+
+    def progress(p):  # noqa: ANN001, ANN202 - a user's cancel once the third candidate starts
+        msg = p.get("message", "")
+        seen.add(msg.split(" (")[0])
+        if msg.startswith("candidate 3 "):
+            raise Cancelled("cancelled by user")
+
+    res = run_pipeline(model, spec, data, tmp_path, progress=progress)
+    s = res.metrics["search"]
+    assert s["partial"] and s["stopped_by"] == "cancelled" and s["finished"] == 2
+    assert res.metrics["result"]["file_bytes"] == s["best"]["objective"]
+
+    # cancelled before anything finished: the cancel stands
+    def early(p):  # noqa: ANN001, ANN202
+        if p.get("message", "").startswith("candidate 1 "):
+            raise Cancelled("cancelled by user")
+
+    (tmp_path / "c").mkdir()
+    with pytest.raises(Cancelled):
+        run_pipeline(model, spec, data, tmp_path / "c", progress=early)
+
+    budget = parse_spec({**spec.to_json(), "budget": {"trials": 2, "minutes": 30}})
+    (tmp_path / "d").mkdir()
+    s = run_pipeline(model, budget, data, tmp_path / "d").metrics["search"]
+    assert s["tried"] == 2 and s["stopped_by"] == "trials budget" and not s["partial"] and s["grid_size"] == 5
+
+
+def test_no_candidate_meets_target_still_returns_closest(lenet, tmp_path):
+    model, data = lenet
+    spec = parse_spec({"steps": [{"method": "prune"}], "search": {"prune.sparsity": [0.97, 0.99]},
+                       "target": {"max_accuracy_drop": 0.0, "metric": "agreement"}, "eval": EVAL})
+    s = run_pipeline(model, spec, data, tmp_path).metrics["search"]
+    assert not s["target_met"]
+    assert s["best"]["drop"] == min(c["drop"] for c in s["candidates"])
