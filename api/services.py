@@ -15,7 +15,7 @@ from api.schemas import JobCreate
 from api.uploads import Upload
 from compression.data import check_against_model, inspect_npz
 from compression.errors import InvalidDataset, InvalidSpec
-from compression.modelio import describe, read_upload, save
+from compression.modelio import describe, read_upload, save, uses_external_data
 from compression.spec import ParsedSpec, parse_spec
 from store.artifacts import LocalArtifactStore
 from store.jobs import mark_enqueued
@@ -31,7 +31,8 @@ def ingest_model(*, upload: Upload, settings: Settings, store: LocalArtifactStor
 
     Runs in a worker thread (ONNX parsing and an ORT load are CPU work).
     """
-    loaded = read_upload(upload.path, upload.filename, upload.folder, max_unpacked_bytes=settings.max_upload_bytes * 4)
+    loaded = read_upload(upload.path, upload.filename, upload.folder, max_unpacked_bytes=settings.max_upload_bytes * 4,
+                         lazy_above=settings.model_inline_max_bytes)
     info = describe(loaded.model)
     if info["params"] > settings.max_model_params:
         raise Problem(413, "too_large", "model too large", f"{info['params']} params; limit {settings.max_model_params}")
@@ -39,6 +40,10 @@ def ingest_model(*, upload: Upload, settings: Settings, store: LocalArtifactStor
     key = f"models/{model_id}/model.onnx"
     if loaded.format == "onnx":
         store.put_file(key, upload.path)  # keep the user's bytes exactly
+    elif loaded.format == "onnx_zip" and uses_external_data(loaded.model):
+        # weights never loaded here: the validated zip itself is stored, and opened by load_stored
+        key = f"models/{model_id}/model.zip"
+        store.put_file(key, upload.path)
     else:
         files = save(loaded.model, upload.folder / "model.onnx")
         if len(files) > 1:

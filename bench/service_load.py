@@ -58,12 +58,17 @@ def _api(stack: Stack, workers: int) -> tuple[subprocess.Popen, str]:
     url = f"http://127.0.0.1:{port}"
     import httpx
 
-    for _ in range(100):
+    deadline = time.time() + 120
+    while True:  # a loaded machine can take a while to import the app; never measure a server that is not up
         try:
-            if httpx.get(url + "/healthz").status_code == 200:
+            if httpx.get(url + "/readyz").status_code == 200:
                 break
         except httpx.HTTPError:
-            time.sleep(0.2)
+            pass
+        if time.time() > deadline or p.poll() is not None:
+            p.kill()
+            raise RuntimeError("the API process did not become ready")
+        time.sleep(0.2)
     return p, url
 
 

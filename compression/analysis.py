@@ -62,6 +62,11 @@ def count_params(model: onnx.ModelProto) -> tuple[int, int]:
                     zero_points[n.input[0]] = int(zp.flat[0])
     params = nonzero = 0
     for t in weight_tensors(model):
+        if t.data_location == onnx.TensorProto.EXTERNAL:  # weights not loaded (an upload checked lazily):
+            n = int(np.prod(t.dims, dtype=np.int64)) if t.dims else 1  # the shape counts; zeros unknown
+            params += n
+            nonzero += n
+            continue
         arr = numpy_helper.to_array(t)
         params += arr.size
         nonzero += int(np.count_nonzero(arr != zero_points.get(t.name, 0)))

@@ -41,17 +41,22 @@ def _is_pickle(path: Path) -> bool:
     return len(head) == 2 and head[0] == 0x80 and head[1] <= 5
 
 
-def read_upload(path: Path, filename: str, workdir: Path, *, max_unpacked_bytes: int) -> LoadedModel:
-    """Turn an uploaded file into a validated in-memory ONNX model.
+def read_upload(path: Path, filename: str, workdir: Path, *, max_unpacked_bytes: int,
+                lazy_above: int | None = None) -> LoadedModel:
+    """Turn an uploaded file into a validated ONNX model.
 
     Args:
         path: the uploaded bytes on disk.
         filename: the client's file name (only its suffix is used as a hint).
         workdir: an empty private folder for unpacking.
         max_unpacked_bytes: cap on what a zip may unpack to (zip bombs).
+        lazy_above: for a ``.zip`` whose external data exceeds this many bytes, validate without loading
+            the weights into this process (the API: a 1 GiB model must not cost it gigabytes); the graph
+            comes back with its external references, and the zip itself is what gets stored
+            (:func:`load_stored` opens it later). None: always load.
 
     Returns:
-        LoadedModel with every external tensor loaded into memory.
+        LoadedModel; every external tensor loaded into memory unless ``lazy``.
 
     Raises:
         UnsupportedModelFormat: pickled checkpoints (``torch.save``), never unpickled.
@@ -69,7 +74,7 @@ def read_upload(path: Path, filename: str, workdir: Path, *, max_unpacked_bytes:
             )
         if suffix == ".pt2" or any(n.endswith("archive_format") for n in names):
             return LoadedModel(pt2_to_onnx(path, workdir), "pt2")
-        return LoadedModel(_load_onnx_zip(path, workdir, max_unpacked_bytes), "onnx_zip")
+        return LoadedModel(_load_onnx_zip(path, workdir, max_unpacked_bytes, lazy_above=lazy_above), "onnx_zip")
     if suffix in (".pt", ".pth", ".ckpt", ".bin", ".pkl"):
         raise UnsupportedModelFormat(f"{suffix} checkpoints are refused; upload ONNX or a torch.export .pt2")
     model = _parse_onnx(path)
@@ -132,7 +137,8 @@ def safe_extract(path: Path, dest: Path, *, max_unpacked_bytes: int) -> list[Pat
     return out
 
 
-def _load_onnx_zip(path: Path, workdir: Path, max_unpacked_bytes: int) -> onnx.ModelProto:
+def _load_onnx_zip(path: Path, workdir: Path, max_unpacked_bytes: int, *,
+                   lazy_above: int | None = None) -> onnx.ModelProto:
     root = workdir / "unzipped"
     root.mkdir(parents=True, exist_ok=True)
     files = safe_extract(path, root, max_unpacked_bytes=max_unpacked_bytes)
@@ -146,6 +152,7 @@ def _load_onnx_zip(path: Path, workdir: Path, max_unpacked_bytes: int) -> onnx.M
         raise InvalidModel(f"the zip must hold one .onnx (or one named model.onnx), found {len(onnx_files)}")
     model = _parse_onnx(onnx_path)
     base = onnx_path.parent.resolve()
+    external_bytes = 0
     for t in _all_tensors(model):
         if external_data_helper.uses_external_data(t):
             info = external_data_helper.ExternalDataInfo(t)
@@ -161,11 +168,78 @@ def _load_onnx_zip(path: Path, workdir: Path, max_unpacked_bytes: int) -> onnx.M
             if info.offset is not None and info.length is not None:
                 if info.offset < 0 or info.length < 0 or info.offset + info.length > target.stat().st_size:
                     raise InvalidModel(f"tensor {t.name!r}: external data range is out of the file")
+            external_bytes += _check_external_size(t, info, target)
+    if lazy_above is not None and external_bytes > lazy_above:
+        validate_on_disk(model, onnx_path)
+        shutil.rmtree(root, ignore_errors=True)
+        return model
     try:
         external_data_helper.load_external_data_for_model(model, str(base))
     except Exception as e:
         raise InvalidModel(f"could not load external data: {e}") from None
     validate(model)
+    shutil.rmtree(root, ignore_errors=True)
+    return model
+
+
+def _check_external_size(t: onnx.TensorProto, info: external_data_helper.ExternalDataInfo, target: Path) -> int:
+    """The bytes an external tensor points at must be exactly what its shape and type need."""
+    numel = int(np.prod([int(d) for d in t.dims], dtype=np.float64)) if t.dims else 1
+    if any(d < 0 for d in t.dims) or numel > 2**34:
+        raise InvalidModel(f"tensor {t.name!r} declares an impossible shape {list(t.dims)}")
+    if t.data_type == onnx.TensorProto.STRING:
+        raise InvalidModel(f"tensor {t.name!r}: string tensors cannot be external data")
+    bits = {onnx.TensorProto.INT4: 4, onnx.TensorProto.UINT4: 4}.get(t.data_type)
+    want = (numel * bits + 7) // 8 if bits else numel * helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+    offset = info.offset or 0
+    have = info.length if info.length is not None else target.stat().st_size - offset
+    if have != want or offset + want > target.stat().st_size:
+        raise InvalidModel(f"tensor {t.name!r}: external data holds {have} bytes, shape {list(t.dims)} needs {want}")
+    return want
+
+
+_ORT_CHECK = ("import sys, onnxruntime as ort\n"
+              "try:\n    ort.InferenceSession(sys.argv[1], providers=['CPUExecutionProvider'])\n"
+              "except Exception as e:\n    sys.stderr.write(str(e)[:500]); sys.exit(3)\n")
+
+
+def validate_on_disk(model: onnx.ModelProto, onnx_path: Path, *, timeout_s: float = 600) -> None:
+    """:func:`validate` for a model whose weights stay in their files: the checker reads the path (it
+    checks external references without loading them) and ONNX Runtime loads it in a child process, so
+    the weights never enter this one."""
+    import subprocess
+    import sys
+
+    for t in _all_tensors(model):
+        if any(d < 0 for d in t.dims):
+            raise InvalidModel(f"tensor {t.name!r} declares an impossible shape {list(t.dims)}")
+    try:
+        onnx.checker.check_model(str(onnx_path))
+    except Exception as e:
+        raise InvalidModel(f"ONNX checker: {str(e)[:500]}") from None
+    try:
+        out = subprocess.run([sys.executable, "-c", _ORT_CHECK, str(onnx_path)], capture_output=True, text=True,
+                             timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        raise InvalidModel(f"ONNX Runtime did not load it within {timeout_s:.0f} s") from None
+    if out.returncode != 0:
+        raise InvalidModel(f"ONNX Runtime cannot load it: {(out.stderr or 'crashed').strip()[-500:]}")
+
+
+def load_stored(path: Path, workdir: Path, *, max_unpacked_bytes: int = 1 << 40) -> onnx.ModelProto:
+    """Open a stored model: a plain ``.onnx``, or a validated ``.zip`` of ONNX + external data (unpacked
+    into ``workdir``, weights loaded). The worker's and preflight's way in."""
+    if not _is_zip(path):
+        return onnx.load_model(str(path))
+    root = workdir / "unzipped-stored"
+    root.mkdir(parents=True, exist_ok=True)
+    files = safe_extract(path, root, max_unpacked_bytes=max_unpacked_bytes)  # checked at upload; checked again
+    onnx_files = [f for f in files if f.suffix == ".onnx"]
+    onnx_path = next((f for f in onnx_files if f.name == "model.onnx"), onnx_files[0] if onnx_files else None)
+    if onnx_path is None:
+        raise InvalidModel("the stored zip holds no .onnx")
+    model = onnx.load_model(str(onnx_path), load_external_data=False)
+    external_data_helper.load_external_data_for_model(model, str(onnx_path.parent))
     shutil.rmtree(root, ignore_errors=True)
     return model
 
@@ -191,8 +265,17 @@ def pt2_to_onnx(path: Path, workdir: Path) -> onnx.ModelProto:
     return model
 
 
-def _all_tensors(model: onnx.ModelProto):
+def all_tensors(model: onnx.ModelProto):  # noqa: ANN201 - an iterator of TensorProto
+    """Every tensor of the model: initializers, Constant attributes, subgraphs'."""
     yield from external_data_helper._get_all_tensors(model)
+
+
+_all_tensors = all_tensors
+
+
+def uses_external_data(model: onnx.ModelProto) -> bool:
+    """Whether some tensor's bytes live in a file beside the graph (not loaded)."""
+    return any(external_data_helper.uses_external_data(t) for t in all_tensors(model))
 
 
 def validate(model: onnx.ModelProto) -> None:

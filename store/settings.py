@@ -36,6 +36,9 @@ class Settings(BaseSettings):
         2 * 1024**3, ge=1024, description="Cap on the total uncompressed size of an uploaded .npz."
     )
     max_model_params: int = Field(2_000_000_000, ge=1, description="Largest accepted model, in parameters.")
+    model_inline_max_bytes: int = Field(
+        16 * 1024**2, ge=0, description="A .zip upload whose external data is larger is validated without loading its "
+                                        "weights into the API and stored as the zip; smaller ones become one .onnx.")
     job_time_limit_s: int = Field(6 * 3600, ge=10, le=7 * 24 * 3600, description="Wall-clock limit of one job.")
     max_attempts: int = Field(3, ge=1, le=20, description="Attempts before a repeatedly lost job fails.")
     heartbeat_s: float = Field(10.0, gt=0, le=600, description="How often a worker touches its job row.")

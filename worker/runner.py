@@ -18,7 +18,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 
 from compression.data import load_npz, split
 from compression.errors import Cancelled, CompressionError
-from compression.modelio import describe
+from compression.modelio import describe, load_stored
 from compression.pipeline import run_pipeline
 from compression.spec import parse_spec
 from store.artifacts import get_artifact_store
@@ -169,7 +169,7 @@ def run_job(job_id: str, settings: Settings | None = None) -> str:
         _configure_threads(settings)
         spec = parse_spec(spec_raw)
         progress({"phase": "loading", "step": 0, "steps": len(spec.steps), "fraction": 0.0, "message": "loading model"})
-        original = onnx.load_model(str(store.local_file(model_key, workdir / "inputs" / "model.onnx")))
+        original = load_stored(store.local_file(model_key, workdir / "inputs" / Path(model_key).name), workdir / "inputs")
         data = None
         if ds_key:
             dtypes = {i["name"]: np.dtype(i["dtype"]) for i in describe(original)["inputs"]}
@@ -183,7 +183,8 @@ def run_job(job_id: str, settings: Settings | None = None) -> str:
                 key = rec.storage_key if rec is not None and rec.team_id == team_id else None
             if key is None:
                 raise KeyError(model_id)
-            return onnx.load_model(str(store.local_file(key, workdir / "inputs" / f"{model_id}.onnx")))
+            name = f"{model_id}{Path(key).suffix}"
+            return load_stored(store.local_file(key, workdir / "inputs" / name), workdir / "inputs" / model_id)
 
         result = run_pipeline(original, spec, data, workdir, progress=progress,
                               input_sha256={"model": model_sha, **({"dataset": ds_sha} if ds_sha else {})},

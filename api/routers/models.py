@@ -56,9 +56,11 @@ def get_model(model: ModelDep) -> ModelRecord:
 
 @router.get("/{model_id}/file")
 def download_model(model: ModelDep, store: StoreDep) -> StreamingResponse:
-    """The model as ONNX (a .zip or .pt2 upload is served as the single ONNX it was converted to)."""
+    """The model as ONNX (a .pt2 upload as the ONNX it was converted to; a .zip with external data as the
+    validated .zip it was uploaded as — its weights are never loaded into the API)."""
+    ext = ".zip" if model.storage_key.endswith(".zip") else ".onnx"
     return StreamingResponse(store.iter_bytes(model.storage_key), media_type="application/octet-stream",
-                             headers={"Content-Disposition": f'attachment; filename="{model.id}.onnx"',
+                             headers={"Content-Disposition": f'attachment; filename="{model.id}{ext}"',
                                       "ETag": f'"{model.sha256}"'})
 
 

@@ -140,15 +140,15 @@ def _weighted_nodes(model: Any, ops: set[str]) -> int:
 def analyse(*, settings: Any, store: Any, model: dict[str, Any], dataset: dict[str, Any] | None, spec: Any,
             rejection: dict[str, Any] | None) -> dict[str, Any]:
     """The preflight report (runs in a worker thread: it parses the model and may run one forward)."""
-    import onnx
 
     from compression.analysis import macs, op_histogram
     from compression.converter import unsupported_ops
-    from compression.modelio import describe
+    from compression.modelio import describe, load_stored
 
     tmp = Path(tempfile.mkdtemp(prefix="preflight-", dir=_tmp_root(settings)))
     try:
-        onnx_model = onnx.load_model(str(store.local_file(model["storage_key"], tmp / "model.onnx")))
+        key = model["storage_key"]
+        onnx_model = load_stored(store.local_file(key, tmp / key.rsplit("/", 1)[-1]), tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     hist = op_histogram(onnx_model)

@@ -79,3 +79,31 @@ def test_pt2_program(stack, mnist_data, tmp_path):
     model = r.json()
     assert model["format"] == "pt2" and model["outputs"][0]["shape"][-1] == 10
     _check_job(stack, model, X, tmp_path)
+
+
+def test_large_zip_is_stored_as_uploaded_and_runs(mnist_data, tmp_path):
+    """A zip over the inline threshold (0 here) is checked without loading its weights in the API, stored
+    as the zip, served back as the zip, and opened by the worker."""
+    from tests.stack import start_embedded
+
+    X, _ = _lenet_data(mnist_data)
+    net = _trained_lenet(mnist_data)
+    d = tmp_path / "export"
+    d.mkdir()
+    torch.onnx.export(net, (torch.zeros(2, 784),), str(d / "model.onnx"), dynamo=True, external_data=True,
+                      input_names=["input"], dynamic_shapes=({0: torch.export.Dim("batch")},))
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for p in d.iterdir():
+            zf.write(p, p.name)
+    stack = start_embedded(tmp_path / "lazy", NETCOMPRESS_MODEL_INLINE_MAX_BYTES="0")
+    try:
+        r = stack.client().post("/v1/models", files={"file": ("lenet.zip", buf.getvalue())})
+        assert r.status_code == 201, r.text
+        model = r.json()
+        assert model["format"] == "onnx_zip" and model["params"] == sum(p.numel() for p in net.parameters())
+        got = stack.client().get(f"/v1/models/{model['id']}/file")
+        assert got.content == buf.getvalue() and got.headers["content-disposition"].endswith('.zip"')
+        _check_job(stack, model, X, tmp_path)
+    finally:
+        stack.stop()

@@ -115,3 +115,34 @@ def test_impossible_initializer_shape_refused(tmp_path):
     onnx.save(helper.make_model(g), str(path))
     with pytest.raises(InvalidModel):
         read_upload(path, "big.onnx", tmp_path, max_unpacked_bytes=CAP)
+
+
+def test_lazy_zip_validates_without_loading_weights_and_load_stored_opens_it(lenet_external, tmp_path):
+    """Above ``lazy_above`` bytes of external data the weights stay on disk: the API's memory stays flat."""
+    from compression.modelio import load_stored, uses_external_data
+
+    net, d = lenet_external
+    up = tmp_path / "up.zip"
+    up.write_bytes(_zip(d))
+    loaded = read_upload(up, "up.zip", tmp_path / "w", max_unpacked_bytes=CAP, lazy_above=0)
+    assert loaded.format == "onnx_zip" and uses_external_data(loaded.model)
+    assert all(len(t.raw_data) == 0 for t in loaded.model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL)
+    # below the threshold the same upload is loaded whole, as before
+    assert not uses_external_data(read_upload(up, "up.zip", tmp_path / "w2", max_unpacked_bytes=CAP,
+                                              lazy_above=CAP).model)
+    model = load_stored(up, tmp_path / "stored")
+    x = np.random.default_rng(1).standard_normal((3, 784)).astype(np.float32)
+    np.testing.assert_allclose(_outputs(model, x), net(torch.from_numpy(x)).detach().numpy(), atol=1e-5)
+
+
+def test_lazy_zip_with_short_external_data_refused(lenet_external, tmp_path):
+    _, d = lenet_external
+    src = tmp_path / "src"
+    src.mkdir()
+    for p in d.iterdir():
+        data = p.read_bytes()
+        (src / p.name).write_bytes(data if p.suffix == ".onnx" else data[:-4096])  # weights cut short
+    up = tmp_path / "up.zip"
+    up.write_bytes(_zip(src))
+    with pytest.raises(InvalidModel, match="external data"):
+        read_upload(up, "up.zip", tmp_path / "w", max_unpacked_bytes=CAP, lazy_above=0)
