@@ -5,7 +5,7 @@ from collections.abc import Iterator
 from typing import Annotated
 
 from fastapi import Depends, Request
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, joinedload
 
 from api.errors import Problem, not_found
 from store.artifacts import LocalArtifactStore, get_artifact_store
@@ -72,7 +72,7 @@ def owned_dataset(dataset_id: str, team: TeamDep, session: SessionDep) -> Datase
 
 
 def owned_job(job_id: str, team: TeamDep, session: SessionDep) -> Job:
-    j = session.get(Job, job_id)
+    j = session.get(Job, job_id, options=[joinedload(Job.artifacts)])  # one query: a job is read with its artifacts
     if j is None or j.team_id != team.id:
         raise not_found("job")
     return j

@@ -6,7 +6,7 @@ import hmac
 import secrets
 
 from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, joinedload
 
 from store.models import ApiKey, Team, utcnow
 
@@ -48,7 +48,9 @@ def _lookup(session: Session, key: str) -> ApiKey | None:
     if not key.startswith(KEY_PREFIX) or key.count("_") < 2:
         return None
     prefix = key[len(KEY_PREFIX):].split("_", 1)[0]
-    row = session.execute(select(ApiKey).where(ApiKey.prefix == prefix)).scalar_one_or_none()
+    # the team comes in the same query: authentication is on every request's path
+    row = session.execute(select(ApiKey).options(joinedload(ApiKey.team)).where(ApiKey.prefix == prefix)
+                          ).scalar_one_or_none()
     if row is None or not hmac.compare_digest(row.key_hash, _hash(key)):
         return None
     return row

@@ -48,9 +48,10 @@ def list_jobs(team: TeamDep, session: SessionDep, limit: Annotated[int, Query(ge
 
 
 @router.get("/{job_id}", response_model=JobPublic)
-def get_job(job: JobDep) -> dict:
+def get_job(job: JobDep) -> JSONResponse:
     """Status, progress, attempts, error, metrics and artifacts."""
-    return _public(job)
+    # already validated by JobPublic in _public: skip FastAPI's second validation pass (the hot path of polling)
+    return JSONResponse(_public(job))
 
 
 @router.post("/{job_id}/cancel", response_model=JobPublic, status_code=202, responses=problem_responses(409))
