@@ -5,7 +5,10 @@ import importlib
 
 BENCHES = ["bench.service_baseline", "bench.service_load", "bench.pruning_weight", "bench.distillation",
            "bench.pruning_channel", "bench.lottery", "bench.pruning_overhead",
-           "bench.deep_compression", "bench.int8_cnn", "bench.minilm_int8", "bench.binary_mlp", "bench.quant_peers"]
+           "bench.deep_compression", "bench.int8_cnn", "bench.minilm_int8", "bench.binary_mlp", "bench.quant_peers",
+           "bench.early_exit_cnn", "bench.search"]
+BENCHES += ["bench.slimmable_cnn"]
+BENCHES += ["bench.lowrank_lenet", "bench.depthwise_cnn"]
 
 
 def main() -> None:

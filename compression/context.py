@@ -45,6 +45,24 @@ class StepContext:
     threads: int = 0
     load_model: Callable[[str], onnx.ModelProto] | None = None
 
+    def example_inputs(self, model: onnx.ModelProto, n: int = 2) -> tuple:
+        """``n`` real training samples (synthetic ones without data), as torch tensors in graph input order.
+
+        Two by default: the dynamo exporter specialises size-1 batches, and DepGraph traces with these.
+        """
+        import numpy as np
+        import torch
+
+        from compression.data import synthetic_inputs
+        from compression.modelio import describe
+
+        specs = describe(model)["inputs"]
+        if self.data is not None and self.data.train.samples >= n:
+            arrays = self.data.train.take(np.arange(n)).inputs
+        else:
+            arrays = synthetic_inputs(specs, n, seed=self.seed)
+        return tuple(torch.from_numpy(np.ascontiguousarray(arrays[s["name"]])) for s in specs)
+
 
 @dataclass
 class StepResult:

@@ -126,6 +126,15 @@ def start_embedded(home: Path, **extra_env: str) -> Stack:
     return stack
 
 
+def upload(client: httpx.Client, path: Path) -> dict:
+    """POST a model (``.onnx``/``.zip``/``.pt2``) or a dataset (``.npz``) file; asserts 201, returns the row."""
+    route = "/v1/datasets" if str(path).endswith(".npz") else "/v1/models"
+    with open(path, "rb") as f:
+        r = client.post(route, files={"file": (Path(path).name, f)})
+    assert r.status_code == 201, r.text
+    return r.json()
+
+
 def wait_job(client: httpx.Client, job_id: str, timeout: float = 600) -> dict:
     deadline = time.time() + timeout
     while time.time() < deadline:

@@ -367,17 +367,6 @@ def _lottery(model: onnx.ModelProto, spec: PruneSpec, ctx: StepContext, names: d
 
 
 # ------------------------------------------------------------------------------------- channels
-def _example_inputs(model: onnx.ModelProto, ctx: StepContext) -> tuple[torch.Tensor, ...]:
-    """Two real samples (or synthetic ones): dynamo graphs specialise size-1 batches, so use 2."""
-    from compression.data import synthetic_inputs
-    from compression.modelio import describe
-
-    specs = describe(model)["inputs"]
-    if ctx.data is not None and ctx.data.train.samples >= 2:
-        arrays = ctx.data.train.take(np.arange(2)).inputs
-    else:
-        arrays = synthetic_inputs(specs, 2, seed=ctx.seed)
-    return tuple(torch.from_numpy(np.ascontiguousarray(arrays[s["name"]])) for s in specs)
 
 
 def _channel_overrides(spec: PruneSpec, plan) -> dict[str, float]:  # noqa: ANN001 - ChannelPlan
@@ -401,7 +390,7 @@ def _prune_channels(model: onnx.ModelProto, spec: PruneSpec, ctx: StepContext) -
     from compression.metrics import session
 
     module = _convert(model)
-    example = _example_inputs(model, ctx)
+    example = ctx.example_inputs(model)
     module.record_shapes(*example)
     ctx.progress("pruning", 0.0, "tracing channel dependencies")
     plan = S.plan_channels(module, model, example)

@@ -8,16 +8,9 @@ import torch
 from torch import nn
 
 from compression.zoo import LeNet300100, export_onnx
-from tests.stack import wait_job
+from tests.stack import upload as _upload, wait_job
 
 EVAL = {"holdout": 0.3, "latency_runs": 10}
-
-
-def _upload(c, path) -> dict:  # noqa: ANN001
-    with open(path, "rb") as f:
-        r = c.post("/v1/models" if str(path).endswith(".onnx") else "/v1/datasets", files={"file": (path.name, f)})
-    assert r.status_code == 201, r.text
-    return r.json()
 
 
 def _job(c, model_id: str, dataset_id: str | None, steps: list[dict]) -> dict:  # noqa: ANN001

@@ -59,7 +59,7 @@ def lenet(mnist_data, tmp_path_factory):
     d = tmp_path_factory.mktemp("lenet-lr")
     models = {ex: onnx.load(str(export_onnx(net, torch.zeros(2, 784), d / f"{ex}.onnx", dynamo=ex == "dynamo")))
               for ex in ("dynamo", "legacy")}
-    data = DataSplit(Arrays({"input": Xf[:2000]}, y[:2000]), Arrays({"input": Xf[4500:5000]}, y[4500:5000]))
+    data = DataSplit(Arrays({"input": Xf[:1000]}, y[:1000]), Arrays({"input": Xf[4500:5000]}, y[4500:5000]))
     return models, data
 
 
@@ -79,7 +79,7 @@ def _conv_model(w: np.ndarray, *, bias: bool = True, **attrs) -> onnx.ModelProto
         inputs.append("b")
     node = helper.make_node("Conv", inputs, ["y"], name="conv", kernel_shape=list(w.shape[2:]), **attrs)
     graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", cin, 11, 9])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", cout, "H", "W"])], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
 
 
@@ -104,10 +104,10 @@ def test_lowrank_lenet_graph_has_the_stated_ranks(exporter, lenet, tmp_path):
     # Parameters counted: the whole model's count falls by exactly the reported saving (biases unchanged).
     t = res.report["totals"]
     assert count_params(model)[0] - count_params(out)[0] == t["params_before"] - t["params_after"]
-    assert t["params_ratio"] > 4
+    assert t["params_ratio"] == round(266200 / (60 * 1084 + 20 * 400 + 2 * 110), 4)
     X = data.holdout.inputs["input"]
     assert _run(out, X[:7]).shape == (7, 10)  # batch stays dynamic
-    assert _acc(out, data) > 0.5
+    assert res.report["holdout_accuracy"]["factored"] == pytest.approx(_acc(out, data), abs=1e-6)
 
 
 @pytest.mark.parametrize("exporter", ["dynamo", "legacy"])
@@ -146,6 +146,29 @@ def test_spatial_svd_keeps_strides_pads_dilations(attrs):
     assert rw.params_after == 4 * (4 * 3 + 6 * 5)
 
 
+def test_gemm_attributes_survive_and_3d_convs_are_refused():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(12, 3)).astype(np.float32)  # transA: x is [K, N] = [12, batch 3]
+    w = rng.normal(size=(12, 7)).astype(np.float32)
+    c = rng.normal(size=(7,)).astype(np.float32)
+    node = helper.make_node("Gemm", ["x", "w", "c"], ["y"], name="gemm", transA=1, alpha=0.5, beta=2.0)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [12, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 7])],
+                              [numpy_helper.from_array(w, "w"), numpy_helper.from_array(c, "c")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    out, (rw,) = fz.lowrank_rewrite(model, {"gemm": 7})
+    assert [n.op_type for n in out.graph.node] == ["Gemm", "Gemm"] and rw.kind == "linear"
+    assert float(np.abs(_run(out, a) - _run(model, a)).max()) <= 1e-4
+    conv3d = helper.make_node("Conv", ["x", "w3"], ["y"], name="c3", kernel_shape=[3, 3, 3])
+    graph = helper.make_graph([conv3d], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 5, 5, 5])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 3, 3, 3])],
+                              [numpy_helper.from_array(rng.normal(size=(4, 2, 3, 3, 3)).astype(np.float32), "w3")])
+    (layer,) = fz.find_layers(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    assert layer.reason == "3-D convolution"
+    with pytest.raises(ValueError, match="3-D convolution"):
+        fz.depthwise_rewrite(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), ["c3"])
+
+
 def test_reported_errors_are_real_and_energy_picks_the_smallest_rank(lenet, tmp_path):
     models, data = lenet
     model = fz.name_nodes(models["legacy"])
@@ -178,7 +201,8 @@ def test_minilm_style_matmul_graph_is_factored_exactly_and_trains(tmp_path):
     res = _apply({"method": "lowrank", "rank_ratio": 0.25}, model, None, tmp_path)
     assert [la["rank"] for la in res.report["layers"]] == [8, 8]
     assert [n.op_type for n in res.model.graph.node].count("MatMul") == 4
-    assert res.report["layers"][0]["macs_after"] * 2 == res.report["layers"][0]["macs_before"]  # 8·96 vs 32·64
+    first = res.report["layers"][0]  # per token: 32·64 MACs -> 32·8 + 8·64; 5 tokens per sample
+    assert (first["macs_before"], first["macs_after"]) == (5 * 32 * 64, 5 * (32 * 8 + 8 * 64))
     # Recovery by distillation on an unlabelled dataset (the original's outputs are the target).
     data = DataSplit(Arrays({"input": np.random.default_rng(1).normal(size=(256, 5, 32)).astype(np.float32)}),
                      Arrays({"input": x}))
@@ -196,18 +220,18 @@ def test_layers_that_cannot_be_factored_are_skipped_with_reasons(tmp_path):
         (f(8, 1, 3, 3), "w_group"), (f(8, 8, 3, 3), "w_same"), (f(8, 8, 1, 1), "w_1x1"), (f(8 * 11 * 9, 4), "w_fc"),
         (f(4, 4), "w_small"))]
     nodes = [
-        helper.make_node("Conv", ["x", "w_group"], ["a"], name="grouped", kernel_shape=[3, 3], pads=[1, 1, 1, 1], group=8),
+        helper.make_node("Conv", ["x", "w_group"], ["a"], name="grouped", kernel_shape=[3, 3], pads=[1, 1, 1, 1],
+                         group=8),
         helper.make_node("Conv", ["a", "w_same"], ["b"], name="same", kernel_shape=[3, 3], auto_pad="SAME_UPPER"),
         helper.make_node("Conv", ["b", "w_1x1"], ["c"], name="pointwise", kernel_shape=[1, 1]),
         helper.make_node("Flatten", ["c"], ["d"], name="flatten"),
         helper.make_node("MatMul", ["d", "w_fc"], ["e"], name="fc"),
-        helper.make_node("MatMul", ["e", "e_t"], ["g"], name="dynamic"),
-        helper.make_node("Transpose", ["e"], ["e_t"], name="t"),
+        helper.make_node("Identity", ["w_small"], ["m"], name="copy"),
+        helper.make_node("MatMul", ["e", "m"], ["g"], name="dynamic"),
         helper.make_node("MatMul", ["g", "w_small"], ["y"], name="small"),
     ]
-    nodes = [nodes[i] for i in (0, 1, 2, 3, 4, 6, 5, 7)]
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8, 11, 9])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
     onnx.checker.check_model(model)
     res = _apply({"method": "lowrank", "rank_ratio": 0.5, "exclude": ["fc"]}, model, None, tmp_path)
@@ -223,7 +247,7 @@ def test_layers_that_cannot_be_factored_are_skipped_with_reasons(tmp_path):
     # Depthwise-separable handles the auto_pad conv exactly when its per-channel slices are rank 1.
     w_same = numpy_helper.to_array(inits[1])
     w_rank1 = np.einsum("oc,cij->ocij", f(8, 8), f(8, 3, 3)).astype(np.float32)
-    inits[1].CopyFrom(numpy_helper.from_array(w_rank1, "w_same"))
+    model.graph.initializer[1].CopyFrom(numpy_helper.from_array(w_rank1, "w_same"))
     dw = _apply({"method": "depthwise_separable", "finetune": None}, model, None, tmp_path)
     assert [r["layer"] for r in dw.report["layers"]] == ["same"] and w_same.shape == w_rank1.shape
     assert dw.report["layers"][0]["rank1_relative_error"] < 1e-6

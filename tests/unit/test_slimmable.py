@@ -20,7 +20,7 @@ from compression.refdata import fit
 from compression.registry import get_technique
 from compression.spec import parse_spec
 from compression.structured import plan_channels
-from compression.zoo import SmallCNN, TinyResNet, export_onnx
+from compression.zoo import LeNet300100, SmallCNN, TinyResNet, export_onnx
 
 WIDTHS = [0.25, 0.5, 0.75, 1.0]
 
@@ -114,8 +114,10 @@ def test_bad_widths_are_refused(widths, msg):
 
 
 def test_inplace_distill_with_sum_rule_is_refused():
-    with pytest.raises(InvalidSpec, match="sandwich"):
+    with pytest.raises(InvalidSpec) as e:
         parse_spec({"steps": [{"method": "slimmable", "rule": "sum", "inplace_distill": True}]})
+    assert "sandwich" in e.value.errors[0]["msg"]
+    assert parse_spec({"steps": [{"method": "slimmable", "rule": "sum"}]}).steps[0].rule == "sum"
 
 
 def test_masked_forward_equals_the_exported_sliced_network_per_width(bn_cnn, data):
@@ -203,15 +205,20 @@ def test_slimmable_trains_every_width_with_switchable_bn(bn_cnn, data, tmp_path)
     # The step's model is the width-1.0 network, same graph as the input.
     assert [n.op_type for n in res.model.graph.node] == [n.op_type for n in bn_cnn.graph.node]
     assert res.model.SerializeToString() == res.extra_models["width_1.0.onnx"].SerializeToString()
-    # Each width carries its own BatchNorm statistics (not a slice of the full width's).
-    def bn_mean(m: onnx.ModelProto) -> np.ndarray:
+    # Widths share the conv weights, but each carries its own BatchNorm statistics (not a slice of the full one's).
+    def nth(m: onnx.ModelProto, op: str, i: int, slot: int) -> np.ndarray:
         inits = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
-        return inits[next(n for n in m.graph.node if n.op_type == "BatchNormalization").input[3]]
-    root = res.report["groups"][0]
-    assert root["kept"]["0.5"] == 8 and root["channels"] == 16
-    half, full = bn_mean(res.extra_models["width_0.5.onnx"]), bn_mean(res.model)
-    assert half.shape == (8,) and not any(np.allclose(half, full[idx]) for idx in
-                                          (np.arange(8), np.sort(np.argsort(-np.abs(full))[:8])))
+        return inits[[n for n in m.graph.node if n.op_type == op][i].input[slot]]
+
+    half = res.extra_models["width_0.5.onnx"]
+    c1h, c1f = nth(half, "Conv", 0, 1), nth(res.model, "Conv", 0, 1)
+    kept1 = [int(np.flatnonzero((c1f == row).all(axis=(1, 2, 3)))[0]) for row in c1h]
+    c2h, c2f = nth(half, "Conv", 1, 1), nth(res.model, "Conv", 1, 1)[:, kept1]
+    kept2 = [int(np.flatnonzero((c2f == row).all(axis=(1, 2, 3)))[0]) for row in c2h]
+    assert (len(kept1), len(kept2)) == (8, 16) and kept2 == sorted(set(kept2))
+    # conv2 sees 8 of 16 input channels at width 0.5: its BatchNorm has other statistics than the full one's
+    mean_half, mean_full = nth(half, "BatchNormalization", 1, 3), nth(res.model, "BatchNormalization", 1, 3)
+    assert mean_half.shape == (16,) and np.abs(mean_half - mean_full[kept2]).max() > 1e-2
 
 
 def test_sum_rule_and_unlabelled_data(bn_cnn, data, tmp_path):
@@ -230,3 +237,17 @@ def test_model_without_a_slimmable_layer_is_refused(tmp_path, data):
     model = onnx.load(str(export_onnx(linear, torch.zeros(2, 1, 28, 28), tmp_path / "lin.onnx", dynamo=False)))
     with pytest.raises(InvalidSpec, match="no layer of this model can change width"):
         _apply({"method": "slimmable", "epochs": 1}, model, data, tmp_path)
+
+
+def test_mlp_hidden_neurons_shrink_without_batchnorm(mnist_data, tmp_path):
+    X, y = mnist_data
+    Xf = X.reshape(len(X), -1)
+    torch.manual_seed(0)
+    model = onnx.load(str(export_onnx(LeNet300100().eval(), torch.zeros(2, 784), tmp_path / "lenet.onnx", dynamo=True)))
+    flat = DataSplit(Arrays({"input": Xf[:300]}, y[:300]), Arrays({"input": Xf[4500:4600]}, y[4500:4600]))
+    res = _apply({"method": "slimmable", "widths": [0.25, 0.5, 1.0], "epochs": 1}, model, flat, tmp_path)
+    shapes = {w: [list(a.shape) for a in _weights(res.extra_models[f"width_{w}.onnx"], "Gemm")] for w in (0.25, 0.5)}
+    assert shapes == {0.25: [[75, 784], [25, 75], [10, 25]], 0.5: [[150, 784], [50, 150], [10, 50]]}
+    assert res.report["switchable_batchnorm_layers"] == 0
+    assert any("no BatchNormalization" in n for n in res.report["notes"])
+    assert all(r["export_max_abs_error"] < 1e-4 for r in res.report["widths"])

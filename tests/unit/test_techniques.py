@@ -19,7 +19,10 @@ CONTRACT_SPECS = {
     "prune": {"method": "prune", "sparsity": 0.5, "finetune": {"epochs": 1}},
     "quantize": {"method": "quantize", "mode": "static", "calibration_samples": 64},
     "distill": {"method": "distill", "epochs": 1},
+    "lowrank": {"method": "lowrank", "energy": 0.9},
+    "depthwise_separable": {"method": "depthwise_separable", "finetune": {"epochs": 1}},
     "early_exit": {"method": "early_exit", "epochs": 1, "latency_samples": 20, "latency_rounds": 1},
+    "slimmable": {"method": "slimmable", "widths": [0.5, 1.0], "epochs": 1},
 }
 
 

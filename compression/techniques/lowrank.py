@@ -1,0 +1,249 @@
+"""Low-rank factorisation (``method: lowrank``): truncated SVD of Linear/MatMul weights, spatial SVD of convs.
+
+A weight ``W`` (``M × N``) becomes two smaller ones, ``P`` (``M × K``) and ``Q`` (``K × N``), as two nodes in
+the ONNX graph, so the saving is real in the file, the parameter count, the MACs and (for big enough
+layers) ONNX Runtime's latency. Convolutions use the spatial SVD of Jaderberg et al. (a ``kh×1`` conv to
+``K`` channels, then a ``1×kw`` conv): see :mod:`compression.factorize`. A layer whose factorisation would
+not save parameters (``K·(M + N) ≥ M·N``) is left alone and the report says so. The factored graph can be
+fine-tuned (on labels and/or by distillation from the original) to win back what the truncation lost.
+"""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import numpy as np
+import onnx
+from pydantic import Field, model_validator
+
+from compression import factorize as fz
+from compression.context import StepContext, StepResult
+from compression.errors import InvalidSpec, NotTrainable
+from compression.registry import register_technique
+from compression.spec import FinetuneSpec, StrictModel
+from compression.training import loss_config, teacher_outputs, train
+
+DEFAULT_ENERGY = 0.9
+
+
+class LayerRank(StrictModel):
+    """A per-layer override: exactly one of ``rank_ratio``, ``energy``, ``rank``."""
+
+    rank_ratio: float | None = Field(None, gt=0, le=1, description="K = ⌈ratio · min(M, N)⌉")
+    energy: float | None = Field(None, gt=0, le=1, description="keep this fraction of Σσ²")
+    rank: int | None = Field(None, ge=1, le=1_000_000, description="K itself (clipped to min(M, N))")
+
+    @model_validator(mode="after")
+    def _one(self) -> "LayerRank":
+        if sum(v is not None for v in (self.rank_ratio, self.energy, self.rank)) != 1:
+            raise ValueError("give exactly one of rank_ratio, energy, rank")
+        return self
+
+    def criterion(self) -> dict[str, float | int]:
+        return {k: v for k, v in self.model_dump().items() if v is not None}
+
+
+class LowRankSpec(StrictModel):
+    method: Literal["lowrank"] = "lowrank"
+    rank_ratio: float | None = Field(None, gt=0, le=1, description="rank per layer as a fraction of min(M, N)")
+    energy: float | None = Field(None, gt=0, le=1,
+                                 description=f"rank per layer keeping this fraction of the squared singular values "
+                                             f"(default {DEFAULT_ENERGY} when neither is given)")
+    layers: dict[str, LayerRank] | None = Field(None, description="per-layer overrides by node name: "
+                                                 "{name: {rank_ratio | energy | rank: value}} (exactly one each)")
+    exclude: list[str] = Field(default_factory=list, max_length=100_000, description="node names left alone")
+    convs: bool = Field(True, description="also factor k×k convolutions (spatial SVD)")
+    finetune: FinetuneSpec | None = Field(None, description="recovery training of the factored graph")
+
+    @model_validator(mode="after")
+    def _check(self) -> "LowRankSpec":
+        if self.rank_ratio is not None and self.energy is not None:
+            raise ValueError("give rank_ratio or energy, not both")
+        clash = sorted(set(self.layers or {}) & set(self.exclude))
+        if clash:
+            raise ValueError(f"layers both overridden and excluded: {clash}")
+        return self
+
+    def criterion(self) -> dict[str, float]:
+        if self.rank_ratio is not None:
+            return {"rank_ratio": self.rank_ratio}
+        return {"energy": self.energy if self.energy is not None else DEFAULT_ENERGY}
+
+    @property
+    def needs_data(self) -> bool:
+        return self.finetune is not None and self.finetune.epochs > 0
+
+
+def _plan(model: onnx.ModelProto, spec: LowRankSpec) -> tuple[dict[str, int], list[dict[str, Any]], dict[str, dict]]:
+    """Choose a rank for every layer; returns (ranks, skipped layers with reasons, per-layer facts)."""
+    layers = fz.find_layers(model)
+    known = {la.name for la in layers}
+    unknown = sorted((set(spec.layers or {}) | set(spec.exclude)) - known)
+    if unknown:
+        where = ["layers" if u in (spec.layers or {}) else "exclude" for u in unknown]
+        raise InvalidSpec(f"unknown layers {unknown}; Conv/Gemm/MatMul nodes: {sorted(known)}",
+                          [{"loc": [w, u], "msg": "unknown layer"} for w, u in zip(where, unknown)])
+    inits = fz.initializers(model)
+    ranks: dict[str, int] = {}
+    skipped: list[dict[str, Any]] = []
+    facts: dict[str, dict] = {}
+    for la in layers:
+        reason = la.reason
+        node = model.graph.node[la.index]
+        if reason is None and la.name in spec.exclude:
+            reason = "excluded by the spec"
+        if reason is None and la.op_type == "Conv":
+            if not spec.convs:
+                reason = "convs: false"
+            elif la.shape[2] < 2 or la.shape[3] < 2:
+                reason = f"{la.shape[2]}×{la.shape[3]} kernel: spatial SVD needs k×k with k > 1"
+            elif fz.conv_auto_pad(node) not in ("NOTSET", "VALID"):
+                reason = f"auto_pad {fz.conv_auto_pad(node)}: its padding depends on the input size"
+        if reason is not None:
+            skipped.append({"layer": la.name, "op_type": la.op_type, "reason": reason})
+            continue
+        matrix = la.matrix(inits)
+        s = fz.singular_values(matrix)
+        override = (spec.layers or {}).get(la.name)
+        criterion = override.criterion() if override else spec.criterion()
+        k = fz.choose_rank(s, **criterion)
+        m, n = matrix.shape
+        if k * (m + n) >= m * n:
+            skipped.append({"layer": la.name, "op_type": la.op_type, "rank": k,
+                            "reason": f"rank {k} saves nothing: K·(M+N) = {k * (m + n):,} ≥ M·N = {m * n:,}"})
+            continue
+        ranks[la.name] = k
+        facts[la.name] = {"weight": la.weight, "criterion": criterion, "shape": [int(m), int(n)],
+                          "max_rank": int(min(m, n))}
+    return ranks, skipped, facts
+
+
+def probe_sample(model: onnx.ModelProto, ctx: StepContext) -> dict[str, np.ndarray]:
+    """One sample (batch 1) to measure per-layer MACs on: the first training input, else synthetic inputs."""
+    from compression.data import synthetic_inputs
+    from compression.modelio import describe
+
+    if ctx.data is not None:
+        return {k: v[:1] for k, v in ctx.data.train.inputs.items()}
+    return synthetic_inputs(describe(model)["inputs"], 1, seed=ctx.seed)
+
+
+def safe_node_macs(model: onnx.ModelProto, sample: dict[str, np.ndarray]) -> dict[str, int] | None:
+    """Per-node MACs, or None when the model cannot run on the sample (the pipeline measures anyway)."""
+    try:
+        return fz.node_macs(model, sample)
+    except Exception:  # noqa: BLE001 - a report detail; never fail the step over it
+        return None
+
+
+def holdout_accuracy(model: onnx.ModelProto, ctx: StepContext) -> float | None:
+    """Top-1 accuracy on the held-out split in ONNX Runtime (None without labels or class scores)."""
+    from compression.metrics import run_batched, session
+
+    data = ctx.data
+    if data is None or data.holdout.labels is None:
+        return None
+    out = run_batched(session(model, ctx.threads), data.holdout.inputs)[0]
+    if out.ndim != 2 or out.shape[1] < 2:
+        return None
+    return round(float((out.argmax(1) == data.holdout.labels).mean()), 6)
+
+
+def recover(factored: onnx.ModelProto, ft: FinetuneSpec, ctx: StepContext, phase: str) -> tuple[onnx.ModelProto, dict]:
+    """Fine-tune the rewritten graph in torch (labels and/or distillation from the original) and write the
+    trained values back into it. Returns the model and ``{loss_per_epoch, notes, distill}``.
+
+    Raises:
+        InvalidSpec: no dataset.
+        NotTrainable: the graph cannot be converted to torch.
+    """
+    from compression.converter import UnsupportedOp, to_torch
+
+    data = ctx.data
+    if data is None:
+        raise InvalidSpec("fine-tuning needs a dataset", [{"loc": ["finetune"], "msg": "needs a dataset"}])
+    try:
+        module = to_torch(factored)
+    except UnsupportedOp as e:
+        raise NotTrainable(f"fine-tuning needs a trainable model; unsupported ops: {e.op_types}") from None
+    cfg, notes = loss_config(ft, data.train.labels is not None)
+    teacher = teacher_outputs(ctx.original, data.train, ctx.threads) if cfg.distill else None
+
+    def on_epoch(epoch: int, loss: float) -> None:
+        ctx.progress(phase, (epoch + 1) / ft.epochs, f"fine-tune epoch {epoch + 1}/{ft.epochs}: loss {loss:.4f}")
+
+    history = train(module, list(module.input_names), data.train, epochs=ft.epochs, lr=ft.lr,
+                    batch_size=ft.batch_size, loss=cfg, teacher=teacher, seed=ctx.seed, device=ctx.device,
+                    on_epoch=on_epoch)
+    module.cpu()
+    return module.write_back(factored), {"loss_per_epoch": [round(h, 6) for h in history], "notes": notes,
+                                         "distill": cfg.distill}
+
+
+@register_technique("lowrank", LowRankSpec, phase="factorizing")
+def lowrank(model: onnx.ModelProto, spec: LowRankSpec, ctx: StepContext) -> StepResult:
+    """Factor Linear/MatMul weights (truncated SVD) and k×k convs (spatial SVD) into two smaller layers.
+
+    Args:
+        model: the current model of the pipeline.
+        spec: the rank criterion (``rank_ratio`` or ``energy``, default energy 0.9), per-layer overrides,
+            ``exclude``, ``convs``, optional ``finetune``.
+        ctx: data (needed for fine-tuning), the original (teacher when ``finetune.distill``), progress.
+
+    Returns:
+        StepResult with the rewritten graph. The report lists every factored layer (node, kind, rank,
+        params before/after, the relative reconstruction error ``‖W − PQ‖_F/‖W‖_F`` at the SVD and, after
+        fine-tuning, of the trained factors against the original weight, MACs before/after), every
+        layer left alone with its reason, and totals.
+
+    Raises:
+        InvalidSpec: unknown layer names; fine-tuning without a dataset.
+        NotTrainable: fine-tuning a graph the converter cannot make trainable.
+
+    Example:
+        >>> lowrank(model, LowRankSpec(rank_ratio=0.25), ctx).report["totals"]["params_ratio"]  # doctest: +SKIP
+        3.1
+    """
+    model = fz.name_nodes(model)
+    ranks, skipped, facts = _plan(model, spec)
+    ctx.progress("factorizing", 0.1, f"factoring {len(ranks)} layer(s)")
+    notes: list[str] = []
+    if not ranks:
+        notes.append("no layer could be factored with a saving: model unchanged")
+        return StepResult(model, {"criterion": spec.criterion(), "layers": [], "skipped": skipped,
+                                  "totals": _totals([]), "notes": notes})
+    factored, rewrites = fz.lowrank_rewrite(model, ranks)
+    sample = probe_sample(model, ctx)
+    macs_before, macs_after = safe_node_macs(model, sample), safe_node_macs(factored, sample)
+    acc = {"before": holdout_accuracy(model, ctx), "factored": holdout_accuracy(factored, ctx)}
+    out, training = factored, None
+    if spec.finetune is not None and spec.finetune.epochs > 0:
+        out, training = recover(factored, spec.finetune, ctx, "finetuning")
+        notes.extend(training.pop("notes"))
+        acc["finetuned"] = holdout_accuracy(out, ctx)
+    originals = fz.initializers(model)
+    rows = []
+    for rw in rewrites:
+        weight = originals[facts[rw.name]["weight"]]
+        row = {"layer": rw.name, "kind": rw.kind, **facts[rw.name], "rank": rw.rank,
+               "params_before": rw.params_before, "params_after": rw.params_after,
+               "relative_error": round(rw.relative_error, 6)}
+        if training is not None:
+            row["relative_error_after_finetune"] = round(fz.relative_error(weight, fz.reconstruct(out, rw)), 6)
+        if macs_before is not None and macs_after is not None:
+            row["macs_before"] = macs_before.get(rw.name)
+            row["macs_after"] = macs_after.get(rw.first, 0) + macs_after.get(rw.second, 0)
+        rows.append(row)
+    ctx.progress("factorizing", 1.0, "done")
+    report = {"criterion": spec.criterion(), "convs": spec.convs, "layers": rows, "skipped": skipped,
+              "totals": _totals(rows), "holdout_accuracy": acc, "notes": notes,
+              "finetune": spec.finetune.model_dump() if spec.finetune else None}
+    if training is not None:
+        report["loss_per_epoch"] = training["loss_per_epoch"]
+    return StepResult(out, report)
+
+
+def _totals(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    before = sum(r["params_before"] for r in rows)
+    after = sum(r["params_after"] for r in rows)
+    return {"layers_factored": len(rows), "params_before": before, "params_after": after,
+            "params_ratio": round(before / after, 4) if after else None}
