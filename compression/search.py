@@ -165,6 +165,7 @@ class _Search:
         self.target: TargetSpec = spec.target or TargetSpec()
         self.budget: BudgetSpec = spec.budget or BudgetSpec()
         self.started = time.monotonic()
+        self.finished = 0  # candidates done (resumed ones too): the time budget never leaves the job empty-handed
         self._sens: dict[str, dict[str, Any]] | None = None
 
     # ------------------------------------------------------------------ checkpoint
@@ -216,7 +217,7 @@ class _Search:
             tech = get_technique(step.method)
 
             def step_progress(phase: str, fraction: float, message: str, i: int = i) -> None:
-                if self.over_budget():
+                if self.over_budget() and self.finished > 0:  # anytime: the first candidate always finishes
                     raise _BudgetSpent(f"search budget of {self.budget.minutes:g} min spent")
                 inner = (i + max(0.0, min(1.0, fraction))) / len(steps)
                 self.progress("searching", self._fraction(k + inner),
@@ -255,13 +256,14 @@ class _Search:
             if len(rows) >= self.budget.trials:
                 stopped_by = "trials budget"
                 break
-            if self.over_budget():
+            if self.over_budget() and self.finished > 0:
                 stopped_by = "time budget"
                 break
             saved, blob = self._get(f"cand-{cand.id}.json"), self._get(f"cand-{cand.id}.onnx")
             if saved is not None and (blob is not None or json.loads(saved)["status"] != "done"):
                 row = json.loads(saved)
                 row["resumed"] = True
+                self.finished += row["status"] == "done"
                 resumed += 1
                 rows.append(row)
                 if blob is not None:
@@ -286,6 +288,7 @@ class _Search:
                 rows.append(row)
                 continue
             row["seconds"] = round(time.monotonic() - t0, 3)
+            self.finished += 1
             blob = model.SerializeToString()
             self._put(f"cand-{cand.id}.onnx", blob)  # the model first: a json without its model is not resumed
             self._put(f"cand-{cand.id}.json", json.dumps(row, default=_plain).encode())

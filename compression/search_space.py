@@ -56,8 +56,9 @@ class TargetSpec(StrictModel):
 class BudgetSpec(StrictModel):
     """When the search stops; whichever comes first. The best candidate so far is kept (``partial``)."""
 
-    minutes: float = Field(30.0, gt=0, le=24 * 60)
-    trials: int = Field(24, ge=1, le=MAX_CANDIDATES)
+    minutes: float = Field(30.0, gt=0, le=24 * 60, description="then the candidate in flight is dropped and the search "
+                                                               "ends (the first candidate always finishes)")
+    trials: int = Field(24, ge=1, le=MAX_CANDIDATES, description="candidates tried at most")
 
 
 @dataclass

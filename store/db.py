@@ -1,6 +1,7 @@
 """Engine and session factory shared by the API and the worker."""
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -33,6 +34,20 @@ def make_engine(settings: Settings) -> Engine:
 
 
 _factories: dict[str, sessionmaker[Session]] = {}
+
+
+def _forget_inherited_connections() -> None:
+    """In a forked child (Celery's prefork pool re-forks a child every ``worker_max_tasks_per_child`` tasks),
+    the parent's pooled connections must not be used: two processes on one socket corrupt the protocol
+    ("prepared statement already exists", results of the other's queries). Drop them here without closing
+    them (they are still the parent's); the child opens its own."""
+    for factory in _factories.values():
+        engine = factory.kw.get("bind")
+        if engine is not None:
+            engine.dispose(close=False)
+
+
+os.register_at_fork(after_in_child=_forget_inherited_connections)
 
 
 def session_factory(settings: Settings | None = None) -> sessionmaker[Session]:

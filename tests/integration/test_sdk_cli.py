@@ -118,8 +118,9 @@ def test_cli_dry_run_is_preflight(stack, tiny):
     assert len(Client(stack.url, stack.key).jobs()) == before  # nothing was queued
 
 
-def test_sdk_flow_with_arrays_progress_and_metrics(stack, tiny, tmp_path):
-    onnx_path, npz_path = tiny
+def test_sdk_flow_with_arrays_progress_and_metrics(stack, tmp_path):
+    # 4,000 samples and a fine-tune of batch 4: the job runs for seconds, so "running" is seen mid-way
+    onnx_path, npz_path = tiny_classifier(tmp_path / "slow", samples=4000)
     seen: list[tuple[str, float]] = []
     with Client(stack.url, stack.key) as nc:
         model = nc.upload_model(onnx_path, name="sdk-tiny")
@@ -127,7 +128,8 @@ def test_sdk_flow_with_arrays_progress_and_metrics(stack, tiny, tmp_path):
         arrays = dict(np.load(npz_path))
         ds = nc.upload_dataset(arrays)
         assert ds.samples == len(arrays["input"])
-        spec = {"steps": [{"method": "prune", "granularity": "weight", "sparsity": 0.6},
+        spec = {"steps": [{"method": "prune", "granularity": "weight", "sparsity": 0.6,
+                           "finetune": {"epochs": 6, "batch_size": 4}},
                           {"method": "quantize", "scheme": "int8", "mode": "static"}], "eval": FAST_EVAL}
         job = nc.submit(model, spec, ds, name="sdk")
         job.wait(timeout=600, progress=lambda j: seen.append((j.status, j.progress.get("fraction") or 0.0)))
