@@ -22,7 +22,7 @@ import onnx
 import torch
 from torch import nn
 
-from compression.data import Arrays, split
+from compression.data import Arrays, DataSplit, split
 from compression.pipeline import run_pipeline
 from compression.spec import parse_spec
 
@@ -42,12 +42,14 @@ SPECS = {
 }
 
 
-def _digits_cnn(work: Path) -> tuple[onnx.ModelProto, Arrays]:
+def _digits_cnn(work: Path) -> tuple[onnx.ModelProto, DataSplit]:
+    """A small BN CNN trained on the training part only; the held-out part stays unseen."""
     from sklearn.datasets import load_digits
 
     X, y = load_digits(return_X_y=True)
-    X = (X / 16.0).astype(np.float32).reshape(-1, 1, 8, 8)
-    y = y.astype(np.int64)
+    data = split(Arrays({"input": (X / 16.0).astype(np.float32).reshape(-1, 1, 8, 8)}, y.astype(np.int64)),
+                 holdout=EVAL["holdout"], seed=0, max_eval=2000)
+    X, y = data.train.inputs["input"], data.train.labels
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
                         nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
@@ -63,14 +65,13 @@ def _digits_cnn(work: Path) -> tuple[onnx.ModelProto, Arrays]:
     path = work / "digits.onnx"
     torch.onnx.export(net, (torch.zeros(2, 1, 8, 8),), str(path), dynamo=False, input_names=["input"],
                       output_names=["logits"], dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}})
-    return onnx.load(str(path)), Arrays({"input": X}, y)
+    return onnx.load(str(path)), data
 
 
 def main() -> None:
     out_dir = Path(os.environ.get("OUT", "."))
     work = Path(tempfile.mkdtemp(prefix="gpu-check-"))
-    original, arrays = _digits_cnn(work)
-    data = split(arrays, holdout=EVAL["holdout"], seed=0, max_eval=2000)
+    original, data = _digits_cnn(work)
     devices = ["cuda", "cpu"] if torch.cuda.is_available() else ["cpu"]
     env = {"torch": torch.__version__, "cuda": torch.cuda.is_available(),
            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
