@@ -31,6 +31,8 @@ SPECS = {
     "prune channel + finetune (distill)": [{"method": "prune", "granularity": "channel", "sparsity": 0.5,
                                             "finetune": {"epochs": 3, "distill": True}}],
     "prune weight + finetune": [{"method": "prune", "sparsity": 0.7, "finetune": {"epochs": 3}}],
+    "prune lottery ticket (rewind random)": [{"method": "prune", "sparsity": 0.5, "iterations": 2, "rewind": "random",
+                                              "finetune": {"epochs": 1}}],
     "distill": [{"method": "distill", "epochs": 3}],
     "quantize int8 qat": [{"method": "quantize", "scheme": "int8", "mode": "qat"}],
     "quantize cluster + finetune": [{"method": "quantize", "scheme": "cluster", "bits": 4, "finetune": {"epochs": 2}}],

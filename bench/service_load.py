@@ -6,6 +6,7 @@ latency on Redis, a 1 GiB upload (API peak memory and throughput), and the servi
 """
 from __future__ import annotations
 
+import os
 import re
 import statistics
 import subprocess
@@ -27,7 +28,7 @@ from compression.zoo import SmallCNN, export_onnx
 from tests.stack import NC, Stack, free_port, start_stack, wait_job
 
 PG = "postgresql://postgres@127.0.0.1:5432"
-OVERHEAD_SPEC = {"steps": [{"method": "prune", "sparsity": 0.5, "finetune": {"epochs": 40, "batch_size": 32}}],
+OVERHEAD_SPEC = {"steps": [{"method": "prune", "sparsity": 0.5, "finetune": {"epochs": 320, "batch_size": 32}}],
                  "eval": {"holdout": 0.2, "latency_runs": 50, "seed": 0}}
 
 
@@ -76,6 +77,9 @@ def main() -> None:
     import httpx
     import psycopg
 
+    # One torch thread in this harness: an idle OpenMP pool left by its own training spins and took a core
+    # from the worker under test (measured: the harness at 70% CPU while it only polled).
+    torch.set_num_threads(1)
     work = Path(tempfile.mkdtemp(prefix="bench-load-"))
     X, y = mnist()
     torch.manual_seed(0)
@@ -153,6 +157,7 @@ def main() -> None:
         with np.load(npz) as z:
             data = split(Arrays({"input": z["input"]}, z["labels"]), holdout=0.2, seed=0, max_eval=2000)
         wd = Path(tempfile.mkdtemp(dir=work))
+        torch.set_num_threads(os.cpu_count() or 1)  # what the worker uses (NETCOMPRESS_WORKER_THREADS=0)
         t = time.perf_counter()
         run_pipeline(onnx.load(str(onnx_path)), spec, data, wd)
         local_s = time.perf_counter() - t

@@ -220,7 +220,10 @@ def _prune_with_training(model: onnx.ModelProto, spec: PruneSpec, ctx: StepConte
     def reapply() -> None:
         with torch.no_grad():
             for k, m in masks_t.items():
-                params[k].mul_(m)
+                p = params[k]
+                if m.device != p.device:  # training moved the module (to the GPU): the mask follows, once
+                    m = masks_t[k] = m.to(p.device)
+                p.mul_(m)
 
     schedule = _schedule(spec.sparsity, spec.iterations)
     for i, target in enumerate(schedule):
@@ -322,7 +325,10 @@ def _lottery(model: onnx.ModelProto, spec: PruneSpec, ctx: StepContext, names: d
     def reapply() -> None:
         with torch.no_grad():
             for k, m in masks_t.items():
-                params[k].mul_(m)
+                p = params[k]
+                if m.device != p.device:  # training moved the module (to the GPU): the mask follows, once
+                    m = masks_t[k] = m.to(p.device)
+                p.mul_(m)
 
     def rewind(round_index: int) -> None:
         with torch.no_grad():
