@@ -42,13 +42,18 @@ StoreDep = Annotated[LocalArtifactStore, Depends(store_dep)]
 
 def team_dep(request: Request, session: SessionDep) -> Team:
     """The caller's team from ``Authorization: Bearer <key>``; 401 otherwise."""
-    header = request.headers.get("authorization", "")
+    team = team_from_header(session, request.headers.get("authorization", ""))
+    _release(session)
+    return team
+
+
+def team_from_header(session: Session, header: str) -> Team:
+    """The team of the ``Authorization`` header's key; raises a 401 problem for none, unknown or revoked."""
     scheme, _, key = header.partition(" ")
     if scheme.lower() != "bearer" or not key.strip():
         raise Problem(401, "unauthorized", "missing API key", "send Authorization: Bearer <key>",
                       headers={"WWW-Authenticate": "Bearer"})
     team = authenticate(session, key.strip())
-    _release(session)
     if team is None:
         raise Problem(401, "unauthorized", "invalid API key", "the key is unknown or revoked",
                       headers={"WWW-Authenticate": "Bearer"})
