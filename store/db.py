@@ -59,6 +59,22 @@ def session_factory(settings: Settings | None = None) -> sessionmaker[Session]:
     return _factories[url]
 
 
+_readers: dict[str, sessionmaker[Session]] = {}
+
+
+def read_session_factory(settings: Settings | None = None) -> sessionmaker[Session]:
+    """Sessions for read-only request paths: autocommit, so no BEGIN/ROLLBACK round trips around the
+    reads (a job poll is two SELECTs; the transaction bracketing cost as much as one of them). Same pool."""
+    settings = settings or get_settings()
+    url = settings.sqlalchemy_url
+    if url not in _readers:
+        engine = session_factory(settings).kw["bind"]
+        if not settings.is_sqlite:
+            engine = engine.execution_options(isolation_level="AUTOCOMMIT")
+        _readers[url] = sessionmaker(bind=engine, expire_on_commit=False)
+    return _readers[url]
+
+
 @contextmanager
 def session_scope(settings: Settings | None = None) -> Iterator[Session]:
     """A session that commits on success and rolls back on error."""

@@ -15,7 +15,7 @@ from api.pagination import paginate
 from api.schemas import JobCreate, JobList, JobPublic
 from api.services import create_job, enqueue
 from store.jobs import request_cancel
-from store.db import session_factory
+from store.db import read_session_factory
 from store.models import Artifact, Job, JobStatus
 from store.settings import Settings
 
@@ -53,7 +53,7 @@ def list_jobs(team: TeamDep, session: SessionDep, limit: Annotated[int, Query(ge
 
 def _job_for(settings: Settings, authorization: str, job_id: str) -> dict:
     """Authenticate and load the job in one session and one thread-pool call (see :func:`get_job`)."""
-    with session_factory(settings)() as session:
+    with read_session_factory(settings)() as session:
         team = team_from_header(session, authorization)
         job = session.get(Job, job_id, options=[joinedload(Job.artifacts)])
         if job is None or job.team_id != team.id:
