@@ -90,11 +90,17 @@ def owned_dataset(dataset_id: str, team: TeamDep, session: SessionDep) -> Datase
     return d
 
 
-def owned_job(job_id: str, team: TeamDep, session: SessionDep) -> Job:
-    j = session.get(Job, job_id, options=[joinedload(Job.artifacts)])  # one query: a job is read with its artifacts
-    _release(session)
+def load_owned_job(session: Session, team: Team, job_id: str) -> Job:
+    """The team's job with its artifacts (one query); another team's job is a 404, like a missing one."""
+    j = session.get(Job, job_id, options=[joinedload(Job.artifacts)])
     if j is None or j.team_id != team.id:
         raise not_found("job")
+    return j
+
+
+def owned_job(job_id: str, team: TeamDep, session: SessionDep) -> Job:
+    j = load_owned_job(session, team, job_id)
+    _release(session)
     return j
 
 

@@ -168,10 +168,10 @@ def run_pipeline(
         },
     }
     report_path = workdir / "report.json"
-    report_path.write_text(json.dumps(report, indent=2, default=_json_default))
+    report_path.write_text(json.dumps(report, indent=2, default=json_default))
     files.append(OutputFile("report.json", report_path, "report"))
     report_progress("exporting", n, 1.0, "done")
-    return PipelineResult(metrics=json.loads(json.dumps(metrics, default=_json_default)), report=report, files=files)
+    return PipelineResult(metrics=json.loads(json.dumps(metrics, default=json_default)), report=report, files=files)
 
 
 def _search(original: onnx.ModelProto, spec: ParsedSpec, data: DataSplit | None, workdir: Path, ev: EvalData,
@@ -183,18 +183,13 @@ def _search(original: onnx.ModelProto, spec: ParsedSpec, data: DataSplit | None,
     from compression.search import run_search, write_plot
 
     n = len(spec.steps)
-    stopped = [False]
 
-    def progress(phase: str, fraction: float, message: str) -> None:
-        if not stopped[0]:  # the search spans the steps' share of the job's progress
-            overall = max(0.0, min(1.0, fraction)) * n * 0.999
-            report_progress(phase, int(overall), overall - int(overall), message)
+    def progress(phase: str, fraction: float, message: str) -> None:  # the search spans the steps' share
+        overall = max(0.0, min(1.0, fraction)) * n * 0.999
+        report_progress(phase, int(overall), overall - int(overall), message)
 
-    try:
-        outcome = run_search(original, spec, data, workdir, ev=ev, m_orig=m_orig, progress=progress,
-                             device=device, threads=threads, load_model=load_model, checkpoint=checkpoint)
-    finally:
-        stopped[0] = True
+    outcome = run_search(original, spec, data, workdir, ev=ev, m_orig=m_orig, progress=progress,
+                         device=device, threads=threads, load_model=load_model, checkpoint=checkpoint)
     best = outcome.best
     assert best is not None and outcome.best_model is not None
     label = ", ".join(f"{k}={v}" for k, v in best["values"].items()) or "as written"
@@ -211,7 +206,8 @@ def _search(original: onnx.ModelProto, spec: ParsedSpec, data: DataSplit | None,
     return outcome.best_model, outcome.reports
 
 
-def _json_default(o: Any) -> Any:
+def json_default(o: Any) -> Any:
+    """``json.dumps`` default for the numpy scalars and arrays that reports and metrics carry."""
     if isinstance(o, (np.integer,)):
         return int(o)
     if isinstance(o, (np.floating,)):

@@ -32,6 +32,7 @@ from compression.context import StepContext
 from compression.data import DataSplit
 from compression.errors import Cancelled, CompressionError, InvalidSpec
 from compression.metrics import EvalData, measure, ratios, run_batched, session
+from compression.pipeline import json_default
 from compression.plots import pareto_svg
 from compression.registry import get_technique
 from compression.search_space import BudgetSpec, Candidate, TargetSpec, expand
@@ -291,8 +292,8 @@ class _Search:
             self.finished += 1
             blob = model.SerializeToString()
             self._put(f"cand-{cand.id}.onnx", blob)  # the model first: a json without its model is not resumed
-            self._put(f"cand-{cand.id}.json", json.dumps(row, default=_plain).encode())
-            rows.append(json.loads(json.dumps(row, default=_plain)))
+            self._put(f"cand-{cand.id}.json", json.dumps(row, default=json_default).encode())
+            rows.append(json.loads(json.dumps(row, default=json_default)))
             models[cand.id] = model
         done = [r for r in rows if r["status"] == "done"]
         if not done:
@@ -335,16 +336,6 @@ def _compact(row: dict[str, Any], optimize: str) -> dict[str, Any]:
                                                  "compressed_bytes", "macs", "params", "nonzero_params")}
         out["metrics"]["latency_p50_ms"] = m["latency_ms"]["p50"]
     return out
-
-
-def _plain(o: Any) -> Any:
-    if isinstance(o, np.integer):
-        return int(o)
-    if isinstance(o, np.floating):
-        return float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    return str(o)
 
 
 def run_search(original: onnx.ModelProto, spec: ParsedSpec, data: DataSplit | None, workdir: Path, *,

@@ -110,3 +110,15 @@ def embedded(tmp_path_factory) -> Stack:
     s = start_embedded(tmp_path_factory.mktemp("embedded"))
     yield s
     s.stop()
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """For modules that train tiny models in-process: one thread beats two threads spin-waiting on a busy
+    shared machine (measured 20×). Use with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -7,9 +7,8 @@ from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
 from sqlalchemy import select
-from sqlalchemy.orm import joinedload
 
-from api.deps import JobDep, SessionDep, SettingsDep, StoreDep, TeamDep, team_from_header
+from api.deps import JobDep, SessionDep, SettingsDep, StoreDep, TeamDep, load_owned_job, team_from_header
 from api.errors import COMMON_PROBLEMS, Problem, not_found, problem_responses
 from api.pagination import paginate
 from api.schemas import JobCreate, JobList, JobPublic
@@ -54,11 +53,7 @@ def list_jobs(team: TeamDep, session: SessionDep, limit: Annotated[int, Query(ge
 def _job_for(settings: Settings, authorization: str, job_id: str) -> dict:
     """Authenticate and load the job in one session and one thread-pool call (see :func:`get_job`)."""
     with read_session_factory(settings)() as session:
-        team = team_from_header(session, authorization)
-        job = session.get(Job, job_id, options=[joinedload(Job.artifacts)])
-        if job is None or job.team_id != team.id:
-            raise not_found("job")
-        return _public(job)
+        return _public(load_owned_job(session, team_from_header(session, authorization), job_id))
 
 
 @router.get("/{job_id}", response_model=JobPublic)

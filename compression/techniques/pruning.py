@@ -214,24 +214,16 @@ def _prune_with_training(model: onnx.ModelProto, spec: PruneSpec, ctx: StepConte
     ft = spec.finetune or FinetuneSpec(epochs=0)
     cfg, notes = loss_config(ft, data.train.labels is not None)
     teacher = teacher_outputs(ctx.original, data.train, ctx.threads) if cfg.distill else None
-    masks_t: dict[str, torch.Tensor] = {}
+    masks = _Masks(params)
+    reapply = masks.apply
     rounds = []
-
-    def reapply() -> None:
-        with torch.no_grad():
-            for k, m in masks_t.items():
-                p = params[k]
-                if m.device != p.device:  # training moved the module (to the GPU): the mask follows, once
-                    m = masks_t[k] = m.to(p.device)
-                p.mul_(m)
 
     schedule = _schedule(spec.sparsity, spec.iterations)
     for i, target in enumerate(schedule):
         weights = {k: p.detach().cpu().numpy().copy() for k, p in params.items()}
         grads = _accumulate_grads(module, params, data.train, cfg, teacher, ft) if spec.importance == "taylor" else None
         scores = IMPORTANCE[spec.importance](weights, grads, rng)
-        masks = masks_for(scores, weights, _layer_sparsity(spec, names, target, spec.sparsity), spec.scope)
-        masks_t = {k: torch.from_numpy(m.astype(np.float32)) for k, m in masks.items()}
+        masks.set(masks_for(scores, weights, _layer_sparsity(spec, names, target, spec.sparsity), spec.scope))
         reapply()
         losses: list[float] = []
         if ft.epochs:
@@ -252,6 +244,29 @@ def _prune_with_training(model: onnx.ModelProto, spec: PruneSpec, ctx: StepConte
     report = _report(final, names, spec)
     report.update(rounds=rounds, notes=notes, finetune=ft.model_dump() if spec.finetune else None)
     return StepResult(out, report)
+
+
+class _Masks:
+    """Pruning masks kept applied to the parameters they prune (after each optimizer step, after a rewind).
+
+    A mask follows its parameter's device the first time they differ: training moves the module to the
+    GPU, and a CPU mask multiplied into a CUDA weight fails (found by the GPU check).
+    """
+
+    def __init__(self, params: dict[str, torch.Tensor]) -> None:
+        self.params = params
+        self.masks: dict[str, torch.Tensor] = {}
+
+    def set(self, masks: dict[str, np.ndarray]) -> None:
+        self.masks = {k: torch.from_numpy(m.astype(np.float32)) for k, m in masks.items()}
+
+    def apply(self) -> None:
+        with torch.no_grad():
+            for k, m in self.masks.items():
+                p = self.params[k]
+                if m.device != p.device:
+                    m = self.masks[k] = m.to(p.device)
+                p.mul_(m)
 
 
 def _params_by_initializer(module: torch.nn.Module, names: dict[str, str]) -> dict[str, torch.Tensor]:
@@ -320,15 +335,8 @@ def _lottery(model: onnx.ModelProto, spec: PruneSpec, ctx: StepContext, names: d
     notes.extend(cfg_notes)
     teacher = teacher_outputs(ctx.original, data.train, ctx.threads) if cfg.distill else None
     rng = np.random.default_rng(ctx.seed)
-    masks_t: dict[str, torch.Tensor] = {}
-
-    def reapply() -> None:
-        with torch.no_grad():
-            for k, m in masks_t.items():
-                p = params[k]
-                if m.device != p.device:  # training moved the module (to the GPU): the mask follows, once
-                    m = masks_t[k] = m.to(p.device)
-                p.mul_(m)
+    masks = _Masks(params)
+    reapply = masks.apply
 
     def rewind(round_index: int) -> None:
         with torch.no_grad():
@@ -349,8 +357,7 @@ def _lottery(model: onnx.ModelProto, spec: PruneSpec, ctx: StepContext, names: d
     for i, target in enumerate(schedule):
         weights = {k: p.detach().cpu().numpy().copy() for k, p in params.items()}
         scores = IMPORTANCE[spec.importance](weights, None, rng)
-        masks = masks_for(scores, weights, _layer_sparsity(spec, names, target, spec.sparsity), spec.scope)
-        masks_t = {k: torch.from_numpy(m.astype(np.float32)) for k, m in masks.items()}
+        masks.set(masks_for(scores, weights, _layer_sparsity(spec, names, target, spec.sparsity), spec.scope))
         rewind(i + 1)
 
         def on_epoch(epoch: int, loss: float, i: int = i) -> None:

@@ -133,14 +133,11 @@ def test_dashboard_shows_a_search_front(stack, browser, tmp_path):
     """A search job: the chart plots its candidates and front, the table lists the front's downloads."""
     from selenium.webdriver.common.by import By
 
-    from tests.stack import wait_job
+    from tests.stack import upload, wait_job
 
     onnx_path, npz_path = tiny_classifier(tmp_path / "s", samples=1000)
     c = stack.client()
-    ids = []
-    for path, route in ((onnx_path, "/v1/models"), (npz_path, "/v1/datasets")):
-        with open(path, "rb") as f:
-            ids.append(c.post(route, files={"file": (path.name, f)}).json()["id"])
+    ids = [upload(c, path)["id"] for path in (onnx_path, npz_path)]
     spec = {"steps": [{"method": "prune", "sparsity": 0.5}], "search": {"prune.sparsity": [0.2, 0.5, 0.8]},
             "target": {"metric": "agreement", "max_accuracy_drop": 0.2}, "eval": {"latency_runs": 5}}
     r = c.post("/v1/jobs", json={"model_id": ids[0], "dataset_id": ids[1], "spec": spec})

@@ -8,7 +8,7 @@ import onnx
 import pytest
 
 from compression.converter import unsupported_ops
-from tests.stack import tiny_classifier, wait_job
+from tests.stack import tiny_classifier, upload, wait_job
 
 FAST_EVAL = {"holdout": 0.3, "latency_runs": 5}
 
@@ -20,13 +20,7 @@ def uploaded(stack, tmp_path_factory):
     onnx_path, npz_path = tiny_classifier(d, samples=8000)
     det_path, _ = tiny_classifier(d / "det", extra_op="Det")
     c = stack.client()
-    ids = {}
-    for key, path, route in (("model", onnx_path, "/v1/models"), ("det", det_path, "/v1/models"),
-                             ("data", npz_path, "/v1/datasets")):
-        with open(path, "rb") as f:
-            r = c.post(route, files={"file": (path.name, f)})
-        assert r.status_code == 201, r.text
-        ids[key] = r.json()["id"]
+    ids = {key: upload(c, path)["id"] for key, path in (("model", onnx_path), ("det", det_path), ("data", npz_path))}
     ids["det_path"] = det_path
     return ids
 

@@ -11,7 +11,7 @@ import pytest
 
 import subprocess
 
-from tests.stack import NC, tiny_classifier, wait_job
+from tests.stack import NC, tiny_classifier, upload, wait_job
 
 EVAL = {"holdout": 0.3, "latency_runs": 5}
 
@@ -24,13 +24,7 @@ def tiny(stack, tmp_path_factory):
     with np.load(npz_path) as z:
         np.savez(nolabels, input=z["input"])
     c = stack.client()
-    ids = {}
-    for key, path, route in (("model", onnx_path, "/v1/models"), ("data", npz_path, "/v1/datasets"),
-                             ("nolabels", nolabels, "/v1/datasets")):
-        with open(path, "rb") as f:
-            r = c.post(route, files={"file": (path.name, f)})
-        assert r.status_code == 201, r.text
-        ids[key] = r.json()["id"]
+    ids = {key: upload(c, path)["id"] for key, path in (("model", onnx_path), ("data", npz_path), ("nolabels", nolabels))}
     return ids
 
 

@@ -45,17 +45,22 @@ def _check_job(stack, model, X, tmp_path):
     return job
 
 
-def test_zip_with_external_data(stack, mnist_data, tmp_path):
-    X, _ = _lenet_data(mnist_data)
-    net = _trained_lenet(mnist_data)
-    d = tmp_path / "export"
-    d.mkdir()
-    torch.onnx.export(net, (torch.zeros(2, 784),), str(d / "model.onnx"), dynamo=True, external_data=True,
+def _zip_with_external_data(net: torch.nn.Module, folder) -> io.BytesIO:  # noqa: ANN001
+    """The net exported with its weights in a sidecar ``.data`` file, both zipped."""
+    folder.mkdir()
+    torch.onnx.export(net, (torch.zeros(2, 784),), str(folder / "model.onnx"), dynamo=True, external_data=True,
                       input_names=["input"], dynamic_shapes=({0: torch.export.Dim("batch")},))
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as zf:
-        for p in d.iterdir():
+        for p in folder.iterdir():
             zf.write(p, p.name)
+    return buf
+
+
+def test_zip_with_external_data(stack, mnist_data, tmp_path):
+    X, _ = _lenet_data(mnist_data)
+    net = _trained_lenet(mnist_data)
+    buf = _zip_with_external_data(net, tmp_path / "export")
     r = stack.client().post("/v1/models", files={"file": ("lenet.zip", buf.getvalue())})
     assert r.status_code == 201, r.text
     model = r.json()
@@ -88,14 +93,7 @@ def test_large_zip_is_stored_as_uploaded_and_runs(mnist_data, tmp_path):
 
     X, _ = _lenet_data(mnist_data)
     net = _trained_lenet(mnist_data)
-    d = tmp_path / "export"
-    d.mkdir()
-    torch.onnx.export(net, (torch.zeros(2, 784),), str(d / "model.onnx"), dynamo=True, external_data=True,
-                      input_names=["input"], dynamic_shapes=({0: torch.export.Dim("batch")},))
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as zf:
-        for p in d.iterdir():
-            zf.write(p, p.name)
+    buf = _zip_with_external_data(net, tmp_path / "export")
     stack = start_embedded(tmp_path / "lazy", NETCOMPRESS_MODEL_INLINE_MAX_BYTES="0")
     try:
         r = stack.client().post("/v1/models", files={"file": ("lenet.zip", buf.getvalue())})

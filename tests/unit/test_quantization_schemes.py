@@ -19,13 +19,7 @@ from compression.spec import parse_spec
 from compression.zoo import LeNet300100, export_onnx
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """The training here is tiny: one thread beats two threads spin-waiting on a busy shared machine (20×)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
