@@ -14,6 +14,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from compression.errors import (
     CompressionError, InvalidDataset, InvalidModel, InvalidSpec, UnsupportedModelFormat,
 )
+from compression.sandbox import LimitExceeded, SandboxCrashed
 from store.artifacts import UploadTooLarge
 
 log = logging.getLogger(__name__)
@@ -90,6 +91,11 @@ def validation_errors(loc_prefix: list[Any], errors: list[dict]) -> list[dict]:
 
 
 def from_compression_error(e: CompressionError) -> Problem:
+    if isinstance(e, LimitExceeded):
+        return Problem(422, e.code, "model too costly", str(e),
+                       [{"path": "$.file", "loc": ["file"], "message": f"limit: {e.limit}"}])
+    if isinstance(e, SandboxCrashed):  # the child died on the model (a crash in a library, say): the model's fault
+        return Problem(422, "invalid_model", "invalid model", f"the model could not be processed: {e}")
     if isinstance(e, UnsupportedModelFormat):
         return Problem(415, e.code, "unsupported model format", str(e))
     if isinstance(e, InvalidModel):

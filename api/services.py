@@ -14,8 +14,8 @@ from api.errors import Problem, validation_errors
 from api.schemas import JobCreate
 from api.uploads import Upload
 from compression.data import check_against_model, inspect_npz
+from compression import sandbox
 from compression.errors import InvalidDataset, InvalidSpec
-from compression.modelio import describe, read_upload, save, uses_external_data
 from compression.spec import ParsedSpec, parse_spec
 from store.artifacts import LocalArtifactStore
 from store.jobs import mark_enqueued
@@ -27,29 +27,30 @@ log = logging.getLogger(__name__)
 
 
 def ingest_model(*, upload: Upload, settings: Settings, store: LocalArtifactStore) -> dict[str, Any]:
-    """Validate an uploaded model and put its ONNX into the store; returns the row's fields.
+    """Validate an uploaded model in the sandbox and put its ONNX into the store; returns the row's fields.
 
-    Runs in a worker thread (ONNX parsing and an ORT load are CPU work).
+    Parsing, the ``.pt2`` conversion and the ONNX Runtime load all happen in a sandboxed child
+    (:mod:`compression.sandbox`): this process only moves bytes. Runs in a worker thread.
     """
-    loaded = read_upload(upload.path, upload.filename, upload.folder, max_unpacked_bytes=settings.max_upload_bytes * 4,
-                         lazy_above=settings.model_inline_max_bytes)
-    info = describe(loaded.model)
+    out = upload.folder / "model.onnx"
+    info = sandbox.run("read_upload", {
+        "path": str(upload.path), "filename": upload.filename, "workdir": str(upload.folder), "out": str(out),
+        "max_unpacked_bytes": settings.max_upload_bytes * 4, "lazy_above": settings.model_inline_max_bytes,
+    }, limits=sandbox.Limits(**settings.sandbox_limits("check")), workdir=upload.folder)
     if info["params"] > settings.max_model_params:
         raise Problem(413, "too_large", "model too large", f"{info['params']} params; limit {settings.max_model_params}")
+    if info["files"] > 1:
+        raise Problem(413, "too_large", "model too large", "models over 2 GB are not supported yet")
     model_id = new_id()
     key = f"models/{model_id}/model.onnx"
-    if loaded.format == "onnx":
-        store.put_file(key, upload.path)  # keep the user's bytes exactly
-    elif loaded.format == "onnx_zip" and uses_external_data(loaded.model):
-        # weights never loaded here: the validated zip itself is stored, and opened by load_stored
+    if info["store"] == "out":
+        store.put_file(key, out)
+    elif info["format"] == "onnx_zip":  # weights never loaded here: the validated zip itself is stored
         key = f"models/{model_id}/model.zip"
         store.put_file(key, upload.path)
     else:
-        files = save(loaded.model, upload.folder / "model.onnx")
-        if len(files) > 1:
-            raise Problem(413, "too_large", "model too large", "models over 2 GB are not supported yet")
-        store.put_file(key, files[0])
-    return {"id": model_id, "format": loaded.format, "storage_key": key, "params": info["params"],
+        store.put_file(key, upload.path)  # keep the user's bytes exactly
+    return {"id": model_id, "format": info["format"], "storage_key": key, "params": info["params"],
             "inputs": info["inputs"], "outputs": info["outputs"]}
 
 

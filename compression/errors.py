@@ -44,3 +44,9 @@ class Cancelled(CompressionError):
     """Raised from a progress callback when the job was cancelled; techniques let it propagate."""
 
     code = "cancelled"
+
+
+class TimeLimitExceeded(Cancelled):
+    """The job ran past its wall-clock limit (raised from the progress callback like a cancel)."""
+
+    code = "time_limit"

@@ -198,18 +198,10 @@ def _check_external_size(t: onnx.TensorProto, info: external_data_helper.Externa
     return want
 
 
-_ORT_CHECK = ("import sys, onnxruntime as ort\n"
-              "try:\n    ort.InferenceSession(sys.argv[1], providers=['CPUExecutionProvider'])\n"
-              "except Exception as e:\n    sys.stderr.write(str(e)[:500]); sys.exit(3)\n")
-
-
-def validate_on_disk(model: onnx.ModelProto, onnx_path: Path, *, timeout_s: float = 600) -> None:
-    """:func:`validate` for a model whose weights stay in their files: the checker reads the path (it
-    checks external references without loading them) and ONNX Runtime loads it in a child process, so
-    the weights never enter this one."""
-    import subprocess
-    import sys
-
+def validate_on_disk(model: onnx.ModelProto, onnx_path: Path) -> None:
+    """:func:`validate` for a model whose weights stay in their files: the checker reads the path (it checks
+    external references without loading them) and ONNX Runtime loads the model from the path. Callers run
+    this in the sandbox (:mod:`compression.sandbox`), so the weights never enter the API's memory."""
     for t in _all_tensors(model):
         if any(d < 0 for d in t.dims):
             raise InvalidModel(f"tensor {t.name!r} declares an impossible shape {list(t.dims)}")
@@ -217,13 +209,22 @@ def validate_on_disk(model: onnx.ModelProto, onnx_path: Path, *, timeout_s: floa
         onnx.checker.check_model(str(onnx_path))
     except Exception as e:
         raise InvalidModel(f"ONNX checker: {str(e)[:500]}") from None
+    _ort_load(str(onnx_path))
+
+
+def _ort_load(model: str | bytes) -> None:
+    """An ONNX Runtime session from the model (a path or bytes); a readable error when it cannot be made.
+
+    Allocation failures propagate as they are (the sandbox turns them into its memory limit)."""
+    import onnxruntime as ort
+
     try:
-        out = subprocess.run([sys.executable, "-c", _ORT_CHECK, str(onnx_path)], capture_output=True, text=True,
-                             timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        raise InvalidModel(f"ONNX Runtime did not load it within {timeout_s:.0f} s") from None
-    if out.returncode != 0:
-        raise InvalidModel(f"ONNX Runtime cannot load it: {(out.stderr or 'crashed').strip()[-500:]}")
+        ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+    except Exception as e:
+        text = str(e)
+        if "bad_alloc" in text or "Failed to allocate" in text:
+            raise MemoryError(text[:200]) from None
+        raise InvalidModel(f"ONNX Runtime cannot load it: {text[:500]}") from None
 
 
 def load_stored(path: Path, workdir: Path, *, max_unpacked_bytes: int = 1 << 40) -> onnx.ModelProto:
@@ -245,21 +246,17 @@ def load_stored(path: Path, workdir: Path, *, max_unpacked_bytes: int = 1 << 40)
 
 
 def pt2_to_onnx(path: Path, workdir: Path) -> onnx.ModelProto:
-    """Load a ``torch.export`` program (``torch.export.load`` only, no pickle) and export it to ONNX."""
+    """Read a ``torch.export`` program without pickle (:func:`compression.pt2.load_program`), export it to ONNX."""
     import torch  # heavy: only the .pt2 road needs it
 
-    try:
-        ep = torch.export.load(str(path))
-    except Exception as e:
-        raise InvalidModel(f"not a loadable torch.export program: {type(e).__name__}: {e}") from None
-    if not ep.example_inputs:
-        raise InvalidModel("the .pt2 holds no example inputs; save it with torch.export.save from torch.export.export")
-    args, kwargs = ep.example_inputs
+    from compression.pt2 import load_program
+
+    ep, args = load_program(path)
     out = workdir / "from_pt2.onnx"
     try:
-        torch.onnx.export(ep, args, str(out), kwargs=kwargs or None, dynamo=True, external_data=False)
+        torch.onnx.export(ep, args, str(out), dynamo=True, external_data=False)
     except Exception as e:
-        raise InvalidModel(f"torch.onnx.export failed on this program: {type(e).__name__}: {e}") from None
+        raise InvalidModel(f"torch.onnx.export failed on this program: {type(e).__name__}: {str(e)[:300]}") from None
     model = onnx.load_model(str(out))
     validate(model)
     return model
@@ -295,12 +292,7 @@ def validate(model: onnx.ModelProto) -> None:
             onnx.checker.check_model(model)
     except Exception as e:
         raise InvalidModel(f"ONNX checker: {e}") from None
-    import onnxruntime as ort
-
-    try:
-        ort.InferenceSession(serialize(model), providers=["CPUExecutionProvider"])
-    except Exception as e:
-        raise InvalidModel(f"ONNX Runtime cannot load it: {str(e)[:500]}") from None
+    _ort_load(serialize(model))
 
 
 def serialize(model: onnx.ModelProto) -> bytes:

@@ -41,6 +41,20 @@ class ArtifactStore(Protocol):
     def delete_prefix(self, prefix: str) -> None: ...
 
 
+def private_copy(store: ArtifactStore, key: str, dest: Path) -> Path:
+    """The object's bytes at ``dest``, a file of its own: what a sandboxed child may be handed (and own).
+
+    The local store's ``local_file`` is the stored file itself, which a sandbox must never own or write; S3
+    downloads to ``dest`` anyway.
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    src = store.local_file(key, dest)
+    if Path(src) != dest:
+        shutil.copyfile(src, dest)
+    return dest
+
+
 class LocalArtifactStore:
     """Objects are files under ``root``; a write goes to a temp file in the same folder, then a rename.
 
@@ -50,6 +64,7 @@ class LocalArtifactStore:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.root, 0o700)  # every team's models: no other uid (a sandbox's above all) may read them
 
     def path(self, key: str) -> Path:
         return self.root.joinpath(*_check_key(key).parts)

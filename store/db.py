@@ -16,8 +16,9 @@ def make_engine(settings: Settings) -> Engine:
     """Create an engine; SQLite gets WAL and a busy timeout because API and worker write concurrently."""
     url = settings.sqlalchemy_url
     if url.startswith("sqlite"):
-        if url.startswith("sqlite:///"):
-            Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+        db_file = Path(url[len("sqlite:///"):]) if url.startswith("sqlite:///") else None
+        if db_file is not None:
+            db_file.parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
 
         @event.listens_for(engine, "connect")
@@ -27,6 +28,10 @@ def make_engine(settings: Settings) -> Engine:
             cur.execute("PRAGMA foreign_keys=ON")
             cur.execute("PRAGMA busy_timeout=30000")
             cur.close()
+            # keys, jobs, every team's rows: readable by this service's uid only (never by a sandbox's)
+            for f in (db_file, *(db_file.with_name(db_file.name + x) for x in ("-wal", "-shm"))) if db_file else ():
+                if f.exists() and f.stat().st_mode & 0o077:
+                    f.chmod(0o600)
 
         return engine
     # pool_pre_ping: a restarted PostgreSQL must not leave dead connections in the pool.

@@ -1,8 +1,10 @@
 """Service settings: the one place that reads the environment (prefix ``NETCOMPRESS_``)."""
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -57,6 +59,20 @@ class Settings(BaseSettings):
         600.0, ge=0, le=86_400, description="How long a worker keeps retrying its final writes while the DB is down."
     )
     max_json_bytes: int = Field(1024 * 1024, ge=1024, le=64 * 1024**2, description="Cap on a JSON request body.")
+    # --- sandbox: limits of the child processes that load and run uploaded models ---
+    sandbox_memory_bytes: int = Field(
+        4 * 1024**3, ge=256 * 1024**2, description="Address-space cap of the API's model checks (upload, "
+                                                   "preflight) in their sandboxed child process.")
+    sandbox_cpu_s: int = Field(120, ge=1, le=86_400, description="CPU-seconds cap of one sandboxed model check.")
+    sandbox_wall_s: float = Field(300.0, ge=1, le=86_400, description="Wall-clock cap of one sandboxed model check.")
+    sandbox_probe_cpu_s: int = Field(
+        20, ge=1, le=86_400, description="CPU-seconds cap of preflight's MAC probe (one forward pass of the model); "
+                                         "past it MACs are estimated from the parameters.")
+    sandbox_job_memory_bytes: int = Field(
+        0, ge=0, description="Memory cap of a job's sandboxed pipeline (address space on CPU, data segment with "
+                             "CUDA); 0: three quarters of this machine's memory.")
+    sandbox_drop_privileges: bool = Field(
+        True, description="When the service runs as root, sandboxed children run as a fresh unprivileged uid.")
 
     @field_validator("home")
     @classmethod
@@ -71,6 +87,19 @@ class Settings(BaseSettings):
             if url.startswith(prefix):
                 return "postgresql+psycopg://" + url[len(prefix):]
         return url
+
+    def sandbox_limits(self, kind: str) -> dict[str, Any]:
+        """Keyword arguments of :class:`compression.sandbox.Limits` for ``kind``: ``check`` (an upload),
+        ``probe`` (preflight: the analysis, then a MAC forward pass on its own CPU budget) or ``job`` (a pipeline)."""
+        if kind == "job":
+            memory = self.sandbox_job_memory_bytes or int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * 3 / 4)
+            cores = self.worker_threads or os.cpu_count() or 1
+            return {"memory_bytes": memory, "cpu_seconds": self.job_time_limit_s * cores,
+                    "wall_seconds": self.job_time_limit_s + 60.0, "threads": self.worker_threads,
+                    "drop_privileges": self.sandbox_drop_privileges}
+        cpu = self.sandbox_cpu_s + (self.sandbox_probe_cpu_s if kind == "probe" else 0)
+        return {"memory_bytes": self.sandbox_memory_bytes, "cpu_seconds": cpu,
+                "wall_seconds": self.sandbox_wall_s, "threads": 1, "drop_privileges": self.sandbox_drop_privileges}
 
     @property
     def is_sqlite(self) -> bool:

@@ -11,28 +11,22 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import onnx
 from sqlalchemy import select, update
 from sqlalchemy.exc import DBAPIError, OperationalError
 
-from compression.data import load_npz, split
-from compression.errors import Cancelled, CompressionError
-from compression.modelio import describe, load_stored
-from compression.pipeline import run_pipeline
+from compression import sandbox
+from compression.errors import Cancelled, CompressionError, TimeLimitExceeded
+from compression.pipeline import OutputFile
+from compression.sandbox_tasks import checked_name, inside
 from compression.spec import parse_spec
-from store.artifacts import get_artifact_store
+from store.artifacts import get_artifact_store, private_copy
 from store.db import session_scope
 from store.jobs import add_artifact, defer, next_deferred, report_progress, running_count
 from store.models import DatasetRecord, Job, JobStatus, ModelRecord, Team, utcnow
 from store.settings import Settings, get_settings
-from store.transitions import transition
+from store.transitions import TERMINAL, transition
 
 log = logging.getLogger(__name__)
-
-
-class TimeLimitExceeded(Cancelled):
-    code = "time_limit"
 
 
 class StoreCheckpoint:
@@ -102,6 +96,49 @@ class _Heartbeat(threading.Thread):
                 log.warning("heartbeat failed: %s", e)
 
 
+class _Relay:
+    """Answers the sandboxed pipeline's asks: progress (a cancel or time limit goes back as an exception to
+    raise there), models named in the spec (this job's team only), and the search's checkpoint."""
+
+    def __init__(self, *, store: Any, checkpoint: StoreCheckpoint, workdir: Path, team_id: str,
+                 progress: Any) -> None:
+        self.store, self.checkpoint, self.workdir, self.team_id, self.progress = (
+            store, checkpoint, workdir, team_id, progress)
+
+    def answer(self, msg: dict[str, Any]) -> dict[str, Any]:
+        kind = msg.get("type")
+        if kind == "progress":
+            try:
+                self.progress(msg["progress"])
+            except Cancelled as e:
+                return {"raise": {"class": type(e).__name__, "message": str(e)}}
+            return {}
+        if kind == "load_model":
+            return self._model(str(msg.get("model_id")))
+        if kind == "checkpoint_get":
+            blob = self.checkpoint.get(checked_name(msg["name"]))
+            if blob is None:
+                return {}
+            path = self.workdir / "checkpoint" / msg["name"]
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(blob)
+            return {"path": str(path)}
+        if kind == "checkpoint_put":
+            self.checkpoint.put(checked_name(msg["name"]), inside(self.workdir, msg["path"]).read_bytes())
+            return {}
+        return {}
+
+    def _model(self, model_id: str) -> dict[str, Any]:
+        """A model named inside the spec (teacher, student, rewind init): this job's team only."""
+        with session_scope() as s:
+            rec = s.get(ModelRecord, model_id)
+            key = rec.storage_key if rec is not None and rec.team_id == self.team_id else None
+        if key is None:
+            return {}
+        path = private_copy(self.store, key, self.workdir / "inputs" / "named" / f"{checked_name(model_id)}{Path(key).suffix}")
+        return {"path": str(path)}
+
+
 def _device() -> str:
     import torch
 
@@ -166,41 +203,31 @@ def run_job(job_id: str, settings: Settings | None = None) -> str:
             raise Cancelled("cancelled by user")
 
     try:
-        _configure_threads(settings)
         spec = parse_spec(spec_raw)
         progress({"phase": "loading", "step": 0, "steps": len(spec.steps), "fraction": 0.0, "message": "loading model"})
-        original = load_stored(store.local_file(model_key, workdir / "inputs" / Path(model_key).name), workdir / "inputs")
-        data = None
-        if ds_key:
-            dtypes = {i["name"]: np.dtype(i["dtype"]) for i in describe(original)["inputs"]}
-            arrays = load_npz(store.local_file(ds_key, workdir / "inputs" / "data.npz"), dtypes)
-            data = split(arrays, holdout=spec.eval.holdout, seed=spec.eval.seed, max_eval=spec.eval.max_eval_samples)
-
-        def load_model(model_id: str) -> onnx.ModelProto:
-            """A model named inside the spec (teacher, student, rewind init): this job's team only."""
-            with session_scope() as s:
-                rec = s.get(ModelRecord, model_id)
-                key = rec.storage_key if rec is not None and rec.team_id == team_id else None
-            if key is None:
-                raise KeyError(model_id)
-            name = f"{model_id}{Path(key).suffix}"
-            return load_stored(store.local_file(key, workdir / "inputs" / name), workdir / "inputs" / model_id)
-
-        result = run_pipeline(original, spec, data, workdir, progress=progress,
-                              input_sha256={"model": model_sha, **({"dataset": ds_sha} if ds_sha else {})},
-                              device=_device(), threads=settings.worker_threads, load_model=load_model,
-                              checkpoint=checkpoint if spec.is_search else None)
+        inputs = workdir / "inputs"
+        model_path = private_copy(store, model_key, inputs / Path(model_key).name)
+        ds_path = private_copy(store, ds_key, inputs / "data.npz") if ds_key else None
+        device = _device()
+        relay = _Relay(store=store, checkpoint=checkpoint, workdir=workdir, team_id=team_id, progress=progress)
+        out = sandbox.run("pipeline", {
+            "workdir": str(workdir), "model_path": str(model_path), "dataset_path": str(ds_path) if ds_path else None,
+            "spec": spec_raw, "device": device, "threads": settings.worker_threads,
+            "input_sha256": {"model": model_sha, **({"dataset": ds_sha} if ds_sha else {})},
+        }, limits=sandbox.Limits(**settings.sandbox_limits("job"), gpu=device == "cuda"), workdir=workdir,
+            on_ask=relay.answer)
+        files = [OutputFile(f["name"], inside(workdir, f["path"]), f["kind"]) for f in out["files"]]
         # Publish: files first (atomic renames, under this attempt's prefix), then rows + status at once.
         prefix = f"jobs/{job_id}/{attempt_id}"
         stored = []
-        for f in result.files:
+        for f in files:
             size, sha = store.put_file(f"{prefix}/{f.name}", f.path)
             stored.append((f, size, sha))
 
         def publish():  # noqa: ANN202 - one transaction: the status and the artifact rows together
             with session_scope() as s:
                 res = transition(s, job_id, JobStatus.succeeded, reason="pipeline finished",
-                                 expect_attempt=attempt_id, metrics=result.metrics)
+                                 expect_attempt=attempt_id, metrics=out["metrics"])
                 if res.accepted:
                     for f, size, sha in stored:
                         add_artifact(s, job_id, name=f.name, kind=f.kind, size_bytes=size, sha256=sha,
@@ -208,7 +235,6 @@ def run_job(job_id: str, settings: Settings | None = None) -> str:
                 return res
 
         done = with_db_retry(publish, budget_s=settings.db_retry_s)
-        checkpoint.clear()
         if not done.accepted:
             store.delete_prefix(prefix)  # cancelled or reaped meanwhile: leave nothing behind
             return f"discarded ({done.reason})"
@@ -216,11 +242,9 @@ def run_job(job_id: str, settings: Settings | None = None) -> str:
     except Cancelled as e:
         _finish(job_id, attempt_id, JobStatus.cancelled if not isinstance(e, TimeLimitExceeded) else JobStatus.failed,
                 e.code, str(e))
-        checkpoint.clear()
         return e.code
     except CompressionError as e:
         _finish(job_id, attempt_id, JobStatus.failed, e.code, str(e))
-        checkpoint.clear()
         return "failed"
     except MemoryError:
         _finish(job_id, attempt_id, JobStatus.failed, "out_of_memory", "the job ran out of memory")
@@ -231,8 +255,26 @@ def run_job(job_id: str, settings: Settings | None = None) -> str:
         return "failed"
     finally:
         heartbeat.stop.set()
-        shutil.rmtree(settings.home / "work" / job_id / attempt_id, ignore_errors=True)
+        _clean_up(job_id, workdir, checkpoint)
         _release_slot(team_id, settings)
+
+
+def _clean_up(job_id: str, workdir: Path, checkpoint: StoreCheckpoint) -> None:
+    """After an attempt: its scratch folder goes (and the job's folder once empty); once the job is terminal —
+    by whichever road: succeeded, failed on any exception, cancelled — its search checkpoint goes too. A job
+    handed back to the queue (reaped meanwhile) keeps its checkpoint for the next attempt to resume."""
+    shutil.rmtree(workdir, ignore_errors=True)
+    try:
+        workdir.parent.rmdir()
+    except OSError:  # another attempt's folder is still there
+        pass
+    try:
+        with session_scope() as s:
+            status = s.execute(select(Job.status).where(Job.id == job_id)).scalar_one_or_none()
+        if status is None or JobStatus(status) in TERMINAL:
+            checkpoint.clear()
+    except Exception as e:  # database or store away: the checkpoint is only wasted space
+        log.warning("could not clear the checkpoint of job %s: %s", job_id, e)
 
 
 def _release_slot(team_id: str, settings: Settings) -> None:
@@ -257,10 +299,3 @@ def _finish(job_id: str, attempt_id: str, to: JobStatus, code: str, message: str
                        error={"code": code, "message": message[:4000]})
 
     with_db_retry(write, budget_s=settings.db_retry_s)
-
-
-def _configure_threads(settings: Settings) -> None:
-    if settings.worker_threads:
-        import torch
-
-        torch.set_num_threads(settings.worker_threads)

@@ -113,52 +113,13 @@ def preflight(body: JobCreate, team: TeamDep, session: SessionDep, settings: Set
                    rejection=rejection)
 
 
-def _sample(inputs: list[dict[str, Any]], dataset_shapes: dict[str, list[int]] | None) -> dict[str, Any]:
-    """A batch-1 input: symbolic dims become 1 (or the dataset's size for that axis)."""
-    import numpy as np
-
-    sample = {}
-    for inp in inputs:
-        dims = []
-        for axis, d in enumerate(inp["shape"]):
-            if isinstance(d, int) and d > 0:
-                dims.append(1 if axis == 0 else d)
-            else:
-                known = (dataset_shapes or {}).get(inp["name"])
-                dims.append(1 if axis == 0 or not known or axis >= len(known) else int(known[axis]))
-        dtype = np.dtype(inp["dtype"]) if inp["dtype"] != "unknown" else np.float32
-        sample[inp["name"]] = np.zeros(dims, dtype=dtype)
-    return sample
-
-
-def _weighted_nodes(model: Any, ops: set[str]) -> int:
-    inits = {t.name for t in model.graph.initializer}
-    return sum(1 for n in model.graph.node
-               if n.op_type in ops and any(i in inits for i in n.input[:2]))
-
-
 def analyse(*, settings: Any, store: Any, model: dict[str, Any], dataset: dict[str, Any] | None, spec: Any,
             rejection: dict[str, Any] | None) -> dict[str, Any]:
     """The preflight report (runs in a worker thread: it parses the model and may run one forward)."""
 
-    from compression.analysis import macs, op_histogram
-    from compression.converter import unsupported_ops
-    from compression.modelio import describe, load_stored
-
-    tmp = Path(tempfile.mkdtemp(prefix="preflight-", dir=_tmp_root(settings)))
-    try:
-        key = model["storage_key"]
-        onnx_model = load_stored(store.local_file(key, tmp / key.rsplit("/", 1)[-1]), tmp)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    hist = op_histogram(onnx_model)
-    missing = unsupported_ops(onnx_model)
-    macs_value, source = None, "estimated"
-    if model["params"] <= MACS_PROBE_MAX_PARAMS:
-        try:
-            macs_value, source = int(macs(onnx_model, _sample(describe(onnx_model)["inputs"], None))), "measured"
-        except Exception:  # dynamic shapes a zero batch cannot satisfy: fall back to parameters
-            macs_value = None
+    structure, probe_note = _probe(settings, store, model)
+    hist, missing = structure["op_types"], structure["unsupported_ops"]
+    macs_value, source = structure.get("macs"), "measured"
     if macs_value is None or macs_value == 0:
         macs_value, source = model["params"], "estimated"  # dense layers: one MAC per weight per sample
 
@@ -166,8 +127,7 @@ def analyse(*, settings: Any, store: Any, model: dict[str, Any], dataset: dict[s
     holdout = spec.eval.holdout
     train_n = int(samples * (1 - holdout))
     eval_n = min(int(samples * holdout), spec.eval.max_eval_samples) if samples else 64
-    prunable = _weighted_nodes(onnx_model, PRUNABLE_OPS)
-    quantizable = sum(hist.get(op, 0) for op in QUANTIZABLE_OPS)
+    prunable, quantizable = structure["prunable"], structure["quantizable"]
 
     steps, train_passes, infer_passes = [], 0, 0
     for i, step in enumerate(spec.steps):
@@ -191,6 +151,8 @@ def analyse(*, settings: Any, store: Any, model: dict[str, Any], dataset: dict[s
                          "not lower latency")
         if i > 0:
             notes.append("checked against the uploaded model; earlier steps change the graph this step sees")
+        if probe_note and i == 0:
+            notes.append(probe_note)
         passes = _step_passes(raw, train_n)
         train_passes += passes["train"]
         infer_passes += passes["infer"]
@@ -222,6 +184,41 @@ def analyse(*, settings: Any, store: Any, model: dict[str, Any], dataset: dict[s
                           "order of magnitude only"},
         "rejection": rejection,
     }
+
+
+def _probe(settings: Any, store: Any, model: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
+    """The model's structure and MACs, from a sandboxed child (:mod:`compression.sandbox`).
+
+    The structure arrives first; a MAC probe that then hits a limit (a ``Loop`` of 10^7 turns, say) leaves
+    MACs to be estimated from the parameters, with a note naming the limit. A model whose structure alone is
+    past the limits is a 422 ``model_too_costly``.
+    """
+    from compression import sandbox
+
+    tmp = Path(tempfile.mkdtemp(prefix="preflight-", dir=_tmp_root(settings)))
+    got: dict[str, Any] = {}
+
+    def on_ask(msg: dict[str, Any]) -> None:
+        if msg.get("type") == "structure":
+            got.update(msg["structure"])
+
+    try:
+        key = model["storage_key"]
+        path = store.local_file(key, tmp / key.rsplit("/", 1)[-1])
+        args = {"path": str(path), "workdir": str(tmp), "probe_macs": model["params"] <= MACS_PROBE_MAX_PARAMS,
+                "probe_cpu_seconds": settings.sandbox_probe_cpu_s,
+                "prunable_ops": sorted(PRUNABLE_OPS), "quantizable_ops": sorted(QUANTIZABLE_OPS)}
+        try:
+            return sandbox.run("preflight_probe", args, limits=sandbox.Limits(**settings.sandbox_limits("probe")),
+                               workdir=tmp, on_ask=on_ask), None
+        except sandbox.LimitExceeded as e:
+            if not got:
+                raise
+            limit = (f"its CPU-time limit of {settings.sandbox_probe_cpu_s} s" if e.limit == "cpu_seconds"
+                     else f"a limit: {e}")
+            return {**got, "macs": None}, f"MACs estimated from parameters: the probe run stopped at {limit}"
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _step_passes(step: dict[str, Any], train_n: int) -> dict[str, int]:
