@@ -1,6 +1,7 @@
 """Domain errors -> RFC 9457 problem+json, in one place."""
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
@@ -77,10 +78,16 @@ def problem_response(p: Problem) -> JSONResponse:
 
 
 def _path(loc: list[Any]) -> str:
-    """JSON path like ``$.spec.steps[0].sparsity``."""
+    """JSON path like ``$.spec.steps[0].sparsity``; a key that is not a plain name is quoted, so
+    ``$.spec.search["distill.teachers"][0]`` cannot be read as nested keys."""
     out = "$"
     for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else f".{part}"
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif isinstance(part, str) and part.isidentifier():
+            out += f".{part}"
+        else:
+            out += f"[{json.dumps(str(part))}]"
     return out
 
 

@@ -16,6 +16,7 @@ from api.uploads import Upload
 from compression.data import check_against_model, inspect_npz
 from compression.errors import InvalidDataset, InvalidSpec
 from compression.modelio import describe, read_upload, save, uses_external_data
+from compression.search_space import search_model_refs
 from compression.spec import ParsedSpec, parse_spec
 from store.artifacts import LocalArtifactStore
 from store.jobs import mark_enqueued
@@ -111,6 +112,7 @@ def validate_job(*, session: Session, team: Team, body: JobCreate) -> tuple[Mode
         spec = parse_spec(body.spec)
     except InvalidSpec as e:
         raise Problem(422, "invalid_spec", "invalid spec", str(e), validation_errors(["spec"], e.errors)) from None
+    _check_model_refs(session=session, team=team, spec=spec)  # a 404 before any 422 (preflight relies on it)
     if dataset is not None:
         problems = check_against_model(dataset.arrays, model.inputs)
         if problems:
@@ -124,16 +126,23 @@ def validate_job(*, session: Session, team: Team, body: JobCreate) -> tuple[Mode
         errors.extend(_search_needs(spec, dataset))
     if errors:
         raise Problem(422, "invalid_spec", "invalid spec", "a step needs a dataset", validation_errors(["spec"], errors))
-    missing = []  # model ids named inside steps (teachers, students, rewind inits): this team's only
-    for i, step in enumerate(spec.steps):
-        for loc, ref in getattr(step, "model_refs", []):
-            rec = session.get(ModelRecord, ref)
-            if rec is None or rec.team_id != team.id:
-                missing.append({"loc": ["steps", i, *loc], "msg": f"no model {ref!r} in your team"})
+    return model, dataset, spec.to_json()
+
+
+def _check_model_refs(*, session: Session, team: Team, spec: ParsedSpec) -> None:
+    """Every model id named in the spec (teachers, students, rewind inits), in a step or a searched value,
+    is a model of this team; a 404 with the path of each that is not (one query for all of them)."""
+    refs = [(["steps", i, *loc], ref) for i, step in enumerate(spec.steps) for loc, ref in step.model_refs]
+    if isinstance(spec.search, dict):
+        refs += search_model_refs(spec.search, spec.raw_steps())
+    if not refs:
+        return
+    owned = set(session.scalars(select(ModelRecord.id).where(ModelRecord.team_id == team.id,
+                                                              ModelRecord.id.in_({ref for _, ref in refs}))))
+    missing = [{"loc": loc, "msg": f"no model {ref!r} in your team"} for loc, ref in refs if ref not in owned]
     if missing:
         raise Problem(404, "not_found", "model not found", "a model id in the spec is not a model of your team",
                       validation_errors(["spec"], missing))
-    return model, dataset, spec.to_json()
 
 
 def create_job(*, session: Session, team: Team, body: JobCreate, idempotency_key: str | None) -> tuple[Job, bool]:
