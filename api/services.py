@@ -1,6 +1,8 @@
 """Service functions behind the routes: plain, keyword-only; they flush, the route commits."""
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import zipfile
 from pathlib import Path
@@ -146,27 +148,46 @@ def _check_model_refs(*, session: Session, team: Team, spec: ParsedSpec) -> None
 
 
 def create_job(*, session: Session, team: Team, body: JobCreate, idempotency_key: str | None) -> tuple[Job, bool]:
-    """Insert a queued job (or return the one made with the same Idempotency-Key). Returns (job, created)."""
+    """Insert a queued job (or return the one made with the same Idempotency-Key and body). Returns (job, created)."""
+    digest = request_sha256(body)
     if idempotency_key:
-        existing = session.execute(
-            select(Job).where(Job.team_id == team.id, Job.idempotency_key == idempotency_key)
-        ).scalar_one_or_none()
+        existing = _job_with_key(session, team, idempotency_key)
         if existing is not None:
-            return existing, False
+            return _replayed(existing, digest), False
     model, dataset, spec = validate_job(session=session, team=team, body=body)
     job = Job(team_id=team.id, model_id=model.id, dataset_id=dataset.id if dataset else None, name=body.name,
               spec=spec, status=JobStatus.queued.value, progress={"phase": "queued", "fraction": 0.0},
-              idempotency_key=idempotency_key)
+              idempotency_key=idempotency_key, request_sha256=digest)
     session.add(job)
     try:
         session.flush()
     except IntegrityError:  # a concurrent request with the same Idempotency-Key won
         session.rollback()
-        existing = session.execute(
-            select(Job).where(Job.team_id == team.id, Job.idempotency_key == idempotency_key)
-        ).scalar_one()
-        return existing, False
+        existing = _job_with_key(session, team, idempotency_key)
+        assert existing is not None  # the unique constraint that refused ours holds it
+        return _replayed(existing, digest), False
     return job, True
+
+
+def request_sha256(body: JobCreate) -> str:
+    """sha256 of the body as canonical JSON (sorted keys, no spaces): key order and spacing do not count."""
+    blob = json.dumps(body.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _job_with_key(session: Session, team: Team, idempotency_key: str | None) -> Job | None:
+    return session.execute(
+        select(Job).where(Job.team_id == team.id, Job.idempotency_key == idempotency_key)
+    ).scalar_one_or_none()
+
+
+def _replayed(existing: Job, digest: str) -> Job:
+    """The job a replayed key made; a 422 when the key came with another body (as Stripe answers): the
+    client has a bug, and answering with the first job would hide that its second request was never run."""
+    if existing.request_sha256 is not None and existing.request_sha256 != digest:
+        raise Problem(422, "idempotency_key_reused", "Idempotency-Key reused",
+                      "this Idempotency-Key was already used with a different request body; use a new key")
+    return existing
 
 
 def enqueue(*, session: Session, job_id: str, settings: Settings) -> bool:
