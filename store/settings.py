@@ -1,6 +1,7 @@
 """Service settings: the one place that reads the environment (prefix ``NETCOMPRESS_``)."""
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from pathlib import Path
 
@@ -114,6 +115,13 @@ class Settings(BaseSettings):
     def upload_root(self) -> Path:
         """Uploaded models and datasets live beside the artifacts, under the same store."""
         return self.artifact_root
+
+    @property
+    def relative_dirs(self) -> list[str]:
+        """The local working folders as a library may name them relative to the current directory (``var``),
+        for scrubbing paths out of error messages (absolute paths are scrubbed whatever they name)."""
+        dirs = [self.home] + ([] if self.artifact_is_s3 else [self.artifact_root])
+        return [rel for rel in (os.path.relpath(d) for d in dirs) if not rel.startswith("..")]
 
 
 @lru_cache

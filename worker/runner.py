@@ -249,7 +249,10 @@ def _release_slot(team_id: str, settings: Settings) -> None:
 
 
 def _finish(job_id: str, attempt_id: str, to: JobStatus, code: str, message: str) -> None:
+    from compression.errors import scrub_paths
+
     settings = get_settings()
+    message = scrub_paths(message, settings.relative_dirs)  # the job's owner reads it: no server paths
 
     def write():  # noqa: ANN202
         with session_scope() as s:
