@@ -5,7 +5,7 @@ import os
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -58,6 +58,13 @@ class Settings(BaseSettings):
         600.0, ge=0, le=86_400, description="How long a worker keeps retrying its final writes while the DB is down."
     )
     max_json_bytes: int = Field(1024 * 1024, ge=1024, le=64 * 1024**2, description="Cap on a JSON request body.")
+    # --- API policy ---
+    metrics_token: SecretStr | None = Field(
+        None, description="Bearer token /metrics requires; unset: /metrics is off (404) unless metrics_public."
+    )
+    metrics_public: bool = Field(
+        False, description="Serve /metrics without a token (it sums every team's jobs: only on a private network)."
+    )
 
     @field_validator("home")
     @classmethod
