@@ -13,6 +13,7 @@ from pydantic import BaseModel
 from sqlalchemy.exc import DataError, DBAPIError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from api.security import BASE_HEADERS
 from compression.errors import (
     CompressionError, InvalidDataset, InvalidModel, InvalidSpec, UnsupportedModelFormat, scrub_paths,
 )
@@ -159,4 +160,5 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _internal(_: Request, e: Exception) -> JSONResponse:
         log.exception("unhandled error")
-        return render(Problem(500, "internal_error", "internal error", type(e).__name__))
+        # Starlette answers this one outside every middleware: the security headers come with it here
+        return render(Problem(500, "internal_error", "internal error", type(e).__name__, headers=dict(BASE_HEADERS)))
