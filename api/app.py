@@ -8,6 +8,7 @@ from api.limits import BodySizeLimit
 from api.metrics import Metrics, MetricsMiddleware
 from api.metrics import router as metrics_router
 from api.routers import dashboard, datasets, events, health, jobs, models, preflight
+from api.security import SecurityHeaders, declare_bearer
 from store.settings import Settings, get_settings
 
 
@@ -20,7 +21,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
               events.router, dashboard.router):
         app.include_router(r)
     app.mount("/static", dashboard.static_files(), name="static")
+    declare_bearer(app)
     app.add_middleware(BodySizeLimit, max_bytes=app.state.settings.max_json_bytes)
+    app.add_middleware(SecurityHeaders)  # outside the body cap: its 413 gets the headers too
     app.state.metrics = Metrics(app.state.settings)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)  # outermost: times everything
     return app

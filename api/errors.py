@@ -1,7 +1,9 @@
 """Domain errors -> RFC 9457 problem+json, in one place."""
 from __future__ import annotations
 
+import json
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -11,8 +13,9 @@ from pydantic import BaseModel
 from sqlalchemy.exc import DataError, DBAPIError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from api.security import BASE_HEADERS
 from compression.errors import (
-    CompressionError, InvalidDataset, InvalidModel, InvalidSpec, UnsupportedModelFormat,
+    CompressionError, InvalidDataset, InvalidModel, InvalidSpec, UnsupportedModelFormat, scrub_paths,
 )
 from compression.sandbox import LimitExceeded, SandboxCrashed
 from store.artifacts import UploadTooLarge
@@ -69,19 +72,28 @@ def not_found(kind: str) -> Problem:
     return Problem(404, "not_found", f"{kind} not found", f"no {kind} with this id in your team")
 
 
-def problem_response(p: Problem) -> JSONResponse:
-    body: dict[str, Any] = {"type": f"/problems/{p.code}", "title": p.title, "status": p.status,
-                            "detail": p.detail, "code": p.code}
+def problem_response(p: Problem, dirs: Sequence[str] = ()) -> JSONResponse:
+    """The problem as RFC 9457 JSON, its texts scrubbed of server paths (a library's message may name the
+    upload's folder: see :func:`scrub_paths`); ``dirs``: the working folders as relative paths may name them."""
+    body: dict[str, Any] = {"type": f"/problems/{p.code}", "title": scrub_paths(p.title, dirs), "status": p.status,
+                            "detail": scrub_paths(p.detail, dirs), "code": p.code}
     if p.errors:
-        body["errors"] = p.errors
+        body["errors"] = [{**e, "message": scrub_paths(e["message"], dirs)} if isinstance(e.get("message"), str) else e
+                          for e in p.errors]
     return JSONResponse(body, status_code=p.status, media_type=PROBLEM, headers=p.headers)
 
 
 def _path(loc: list[Any]) -> str:
-    """JSON path like ``$.spec.steps[0].sparsity``."""
+    """JSON path like ``$.spec.steps[0].sparsity``; a key that is not a plain name is quoted, so
+    ``$.spec.search["distill.teachers"][0]`` cannot be read as nested keys."""
     out = "$"
     for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else f".{part}"
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif isinstance(part, str) and part.isidentifier():
+            out += f".{part}"
+        else:
+            out += f"[{json.dumps(str(part))}]"
     return out
 
 
@@ -108,44 +120,51 @@ def from_compression_error(e: CompressionError) -> Problem:
 
 
 def install(app: FastAPI) -> None:
+    """Map every exception to its problem; the one place problems are rendered (and scrubbed)."""
+    dirs = app.state.settings.relative_dirs
+
+    def render(p: Problem) -> JSONResponse:
+        return problem_response(p, dirs)
+
     @app.exception_handler(Problem)
     async def _problem(_: Request, e: Problem) -> JSONResponse:
-        return problem_response(e)
+        return render(e)
 
     @app.exception_handler(CompressionError)
     async def _compression(_: Request, e: CompressionError) -> JSONResponse:
-        return problem_response(from_compression_error(e))
+        return render(from_compression_error(e))
 
     @app.exception_handler(UploadTooLarge)
     async def _too_large(_: Request, e: UploadTooLarge) -> JSONResponse:
-        return problem_response(Problem(413, "too_large", "upload too large", str(e)))
+        return render(Problem(413, "too_large", "upload too large", str(e)))
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, e: RequestValidationError) -> JSONResponse:
         errs = [{"loc": [p for p in x["loc"] if p != "body"], "msg": x["msg"]} for x in e.errors()]
-        return problem_response(Problem(422, "validation_error", "invalid request", "the request did not validate",
-                                        validation_errors([], errs)))
+        return render(Problem(422, "validation_error", "invalid request", "the request did not validate",
+                              validation_errors([], errs)))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, e: StarletteHTTPException) -> JSONResponse:
         code = {401: "unauthorized", 404: "not_found", 405: "method_not_allowed"}.get(e.status_code, "http_error")
-        return problem_response(Problem(e.status_code, code, str(e.detail), str(e.detail),
-                                        headers=getattr(e, "headers", None)))
+        return render(Problem(e.status_code, code, str(e.detail), str(e.detail),
+                              headers=getattr(e, "headers", None)))
 
     @app.exception_handler(DataError)
     async def _bad_value(_: Request, e: DataError) -> JSONResponse:
         # a value PostgreSQL refuses (a NUL byte in an id, say) is the request's fault, not an outage
-        return problem_response(Problem(422, "validation_error", "invalid value",
-                                        "a value in the request cannot be stored or looked up (e.g. a NUL character)"))
+        return render(Problem(422, "validation_error", "invalid value",
+                              "a value in the request cannot be stored or looked up (e.g. a NUL character)"))
 
     @app.exception_handler(OperationalError)
     @app.exception_handler(DBAPIError)
     async def _db_down(_: Request, e: Exception) -> JSONResponse:
         log.warning("database unavailable: %s", e)
-        return problem_response(Problem(503, "unavailable", "database unavailable", "try again shortly",
-                                        headers={"Retry-After": "2"}))
+        return render(Problem(503, "unavailable", "database unavailable", "try again shortly",
+                              headers={"Retry-After": "2"}))
 
     @app.exception_handler(Exception)
     async def _internal(_: Request, e: Exception) -> JSONResponse:
         log.exception("unhandled error")
-        return problem_response(Problem(500, "internal_error", "internal error", type(e).__name__))
+        # Starlette answers this one outside every middleware: the security headers come with it here
+        return render(Problem(500, "internal_error", "internal error", type(e).__name__, headers=dict(BASE_HEADERS)))

@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import hmac
 import logging
 import time
 from typing import Any
@@ -20,6 +21,7 @@ from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import case, func, select
 
+from api.errors import Problem, problem_responses
 from store.db import session_factory
 from store.models import Job, JobStatus
 from store.settings import Settings
@@ -125,9 +127,28 @@ class MetricsMiddleware:
 router = APIRouter(tags=["health"])
 
 
+def authorize_scrape(settings: Settings, authorization: str) -> None:
+    """``/metrics`` sums every team's jobs: a scraper needs ``NETCOMPRESS_METRICS_TOKEN`` as its bearer
+    token; without a token configured the endpoint is off (404) unless ``NETCOMPRESS_METRICS_PUBLIC``."""
+    token = settings.metrics_token.get_secret_value() if settings.metrics_token else ""
+    if not token:
+        if settings.metrics_public:
+            return
+        raise Problem(404, "not_found", "metrics are off", "set NETCOMPRESS_METRICS_TOKEN to scrape /metrics")
+    scheme, _, given = authorization.partition(" ")
+    # compare_digest: the time a comparison takes tells nothing about how much of the token was right
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+        raise Problem(401, "unauthorized", "metrics token required", "send Authorization: Bearer <metrics token>",
+                      headers={"WWW-Authenticate": "Bearer"})
+
+
 @router.get("/metrics", response_class=Response,
             responses={200: {"description": "Prometheus text exposition format",
-                             "content": {"text/plain": {"schema": {"type": "string"}}}}})
+                             "content": {"text/plain": {"schema": {"type": "string"}}}},
+                       **problem_responses(401, 404)})
 def metrics(request: Request) -> Response:
-    """Prometheus metrics: jobs by status, queue depth, job duration and HTTP latency histograms."""
+    """Prometheus metrics: jobs by status, queue depth, job duration and HTTP latency histograms.
+
+    Needs ``Authorization: Bearer <NETCOMPRESS_METRICS_TOKEN>`` (not an API key); off when no token is set."""
+    authorize_scrape(request.app.state.settings, request.headers.get("authorization", ""))
     return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)

@@ -1,6 +1,8 @@
 """Service functions behind the routes: plain, keyword-only; they flush, the route commits."""
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import zipfile
 from pathlib import Path
@@ -16,6 +18,7 @@ from api.uploads import Upload
 from compression.data import check_against_model, inspect_npz
 from compression import sandbox
 from compression.errors import InvalidDataset, InvalidSpec
+from compression.search_space import search_model_refs
 from compression.spec import ParsedSpec, parse_spec
 from store.artifacts import LocalArtifactStore
 from store.jobs import mark_enqueued
@@ -112,6 +115,7 @@ def validate_job(*, session: Session, team: Team, body: JobCreate) -> tuple[Mode
         spec = parse_spec(body.spec)
     except InvalidSpec as e:
         raise Problem(422, "invalid_spec", "invalid spec", str(e), validation_errors(["spec"], e.errors)) from None
+    _check_model_refs(session=session, team=team, spec=spec)  # a 404 before any 422 (preflight relies on it)
     if dataset is not None:
         problems = check_against_model(dataset.arrays, model.inputs)
         if problems:
@@ -125,40 +129,66 @@ def validate_job(*, session: Session, team: Team, body: JobCreate) -> tuple[Mode
         errors.extend(_search_needs(spec, dataset))
     if errors:
         raise Problem(422, "invalid_spec", "invalid spec", "a step needs a dataset", validation_errors(["spec"], errors))
-    missing = []  # model ids named inside steps (teachers, students, rewind inits): this team's only
-    for i, step in enumerate(spec.steps):
-        for loc, ref in getattr(step, "model_refs", []):
-            rec = session.get(ModelRecord, ref)
-            if rec is None or rec.team_id != team.id:
-                missing.append({"loc": ["steps", i, *loc], "msg": f"no model {ref!r} in your team"})
-    if missing:
-        raise Problem(404, "not_found", "model not found", "a model id in the spec is not a model of your team",
-                      validation_errors(["spec"], missing))
     return model, dataset, spec.to_json()
 
 
+def _check_model_refs(*, session: Session, team: Team, spec: ParsedSpec) -> None:
+    """Every model id named in the spec (teachers, students, rewind inits), in a step or a searched value,
+    is a model of this team; a 404 with the path of each that is not (one query for all of them)."""
+    refs = [(["steps", i, *loc], ref) for i, step in enumerate(spec.steps) for loc, ref in step.model_refs]
+    if isinstance(spec.search, dict):
+        refs += search_model_refs(spec.search, spec.raw_steps())
+    if not refs:
+        return
+    owned = set(session.scalars(select(ModelRecord.id).where(ModelRecord.team_id == team.id,
+                                                              ModelRecord.id.in_({ref for _, ref in refs}))))
+    missing = [{"loc": loc, "msg": f"no model {ref!r} in your team"} for loc, ref in refs if ref not in owned]
+    if missing:
+        raise Problem(404, "not_found", "model not found", "a model id in the spec is not a model of your team",
+                      validation_errors(["spec"], missing))
+
+
 def create_job(*, session: Session, team: Team, body: JobCreate, idempotency_key: str | None) -> tuple[Job, bool]:
-    """Insert a queued job (or return the one made with the same Idempotency-Key). Returns (job, created)."""
+    """Insert a queued job (or return the one made with the same Idempotency-Key and body). Returns (job, created)."""
+    digest = request_sha256(body)
     if idempotency_key:
-        existing = session.execute(
-            select(Job).where(Job.team_id == team.id, Job.idempotency_key == idempotency_key)
-        ).scalar_one_or_none()
+        existing = _job_with_key(session, team, idempotency_key)
         if existing is not None:
-            return existing, False
+            return _replayed(existing, digest), False
     model, dataset, spec = validate_job(session=session, team=team, body=body)
     job = Job(team_id=team.id, model_id=model.id, dataset_id=dataset.id if dataset else None, name=body.name,
               spec=spec, status=JobStatus.queued.value, progress={"phase": "queued", "fraction": 0.0},
-              idempotency_key=idempotency_key)
+              idempotency_key=idempotency_key, request_sha256=digest)
     session.add(job)
     try:
         session.flush()
     except IntegrityError:  # a concurrent request with the same Idempotency-Key won
         session.rollback()
-        existing = session.execute(
-            select(Job).where(Job.team_id == team.id, Job.idempotency_key == idempotency_key)
-        ).scalar_one()
-        return existing, False
+        existing = _job_with_key(session, team, idempotency_key)
+        assert existing is not None  # the unique constraint that refused ours holds it
+        return _replayed(existing, digest), False
     return job, True
+
+
+def request_sha256(body: JobCreate) -> str:
+    """sha256 of the body as canonical JSON (sorted keys, no spaces): key order and spacing do not count."""
+    blob = json.dumps(body.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _job_with_key(session: Session, team: Team, idempotency_key: str | None) -> Job | None:
+    return session.execute(
+        select(Job).where(Job.team_id == team.id, Job.idempotency_key == idempotency_key)
+    ).scalar_one_or_none()
+
+
+def _replayed(existing: Job, digest: str) -> Job:
+    """The job a replayed key made; a 422 when the key came with another body (as Stripe answers): the
+    client has a bug, and answering with the first job would hide that its second request was never run."""
+    if existing.request_sha256 is not None and existing.request_sha256 != digest:
+        raise Problem(422, "idempotency_key_reused", "Idempotency-Key reused",
+                      "this Idempotency-Key was already used with a different request body; use a new key")
+    return existing
 
 
 def enqueue(*, session: Session, job_id: str, settings: Settings) -> bool:

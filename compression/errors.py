@@ -1,6 +1,9 @@
 """Errors the engine raises; the service maps them to HTTP problems or failed jobs."""
 from __future__ import annotations
 
+import re
+from collections.abc import Sequence
+
 
 class CompressionError(Exception):
     """Base class. ``code`` is a stable machine-readable reason, stored on failed jobs."""
@@ -50,3 +53,31 @@ class TimeLimitExceeded(Cancelled):
     """The job ran past its wall-clock limit (raised from the progress callback like a cancel)."""
 
     code = "time_limit"
+
+
+# One path segment: anything but separators, whitespace, quotes and the punctuation that ends a path in prose.
+_SEGMENT = r"[^\s/\\'\"`,;:()\[\]{}<>|]+"
+# Not glued to what comes before: "and/or", "1/2", "a/b", "steps[0]/x" and "http://host/x" are not paths.
+_START = r"(?<![\w./~:)\]}-])"
+# An absolute path (or a file: URL); the last segment, the file name, is group 1.
+_ABSOLUTE = re.compile(rf"(?:{_START}|{_START}file:)/+(?:{_SEGMENT}/+)*({_SEGMENT})")
+
+
+def scrub_paths(message: str, roots: Sequence[str] = ()) -> str:
+    """The message with every server path replaced by its file name: absolute paths, and relative paths
+    under one of ``roots`` (the service's working folders relative to its current directory, as a library
+    may print them: ``var/tmp/…``).
+
+    ONNX Runtime, onnx and torch name the file they failed on; on a shared service that tells a caller
+    where the service keeps everyone's uploads. The file name alone keeps the message useful.
+
+    Example:
+        >>> scrub_paths("Load model from /srv/nc/tmp/upload-1/unzipped/model.onnx failed: bad op")
+        'Load model from model.onnx failed: bad op'
+        >>> scrub_paths("cannot open var/tmp/u1/w.bin", roots=["var"])
+        'cannot open w.bin'
+    """
+    for root in sorted({r.rstrip("/") for r in roots if r.rstrip("/") not in ("", ".")}, key=len, reverse=True):
+        under = re.compile(rf"{_START}{re.escape(root)}(?:/+{_SEGMENT})*/+({_SEGMENT})")
+        message = under.sub(lambda m: m.group(1), message)
+    return _ABSOLUTE.sub(lambda m: m.group(1), message)

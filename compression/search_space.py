@@ -125,6 +125,34 @@ def validate_search_keys(search: dict[str, list[Any]], steps: list[dict[str, Any
         raise InvalidSpec("invalid search", errors)
 
 
+def search_model_refs(search: dict[str, list[Any]], steps: list[dict[str, Any]]) -> list[tuple[list[Any], str]]:
+    """The model ids inside searched values (``distill.teachers: [["m1"]]``), each with its spec path
+    (``["search", "distill.teachers", 0, 0]``): read from the values directly, the grid is never expanded.
+
+    A key's field holds model ids when the spec model of a step it selects says so (``model_ref_fields``).
+    Keys that name no step are :func:`validate_search_keys`'s to report; here they hold no ids.
+
+    Example:
+        >>> search_model_refs({"steps[0].rewind_model_id": ["m1"]}, [{"method": "prune"}])  # doctest: +SKIP
+        [(['search', 'steps[0].rewind_model_id', 0], 'm1')]
+    """
+    from compression.registry import get_technique, list_techniques
+
+    refs: list[tuple[list[Any], str]] = []
+    for key, values in search.items():
+        m = _KEY.match(key)
+        if m is None or not isinstance(values, list):
+            continue
+        index = int(m["index"]) if m["index"] is not None else None
+        methods = {s.get("method") for i, s in enumerate(steps) if _selector_matches(s, m["method"], index, i)}
+        fld = m["field"].split(".")[0]
+        for method in sorted(methods & set(list_techniques())):
+            spec_model = get_technique(method).spec_model
+            for i, value in enumerate(values):
+                refs += spec_model.model_ids_in(fld, value, ["search", key, i])
+    return refs
+
+
 def _set(step: dict[str, Any], fld: str, value: Any) -> None:
     """Set ``a.b`` in a step dict (``finetune.epochs``), creating the section when missing."""
     parts = fld.split(".")

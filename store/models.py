@@ -119,6 +119,9 @@ class Job(Base):
     error: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
     metrics: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
     idempotency_key: Mapped[str | None] = mapped_column(String(200), default=None)
+    # sha256 of the canonical request body: a key replayed with a different body is refused, not answered
+    # with the first job (NULL on rows made before it was recorded: those replay as before)
+    request_sha256: Mapped[str | None] = mapped_column(String(64), default=None)
     enqueued_at: Mapped[datetime | None] = mapped_column(default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(default=None)

@@ -6,7 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -73,6 +73,13 @@ class Settings(BaseSettings):
                              "CUDA); 0: three quarters of this machine's memory.")
     sandbox_drop_privileges: bool = Field(
         True, description="When the service runs as root, sandboxed children run as a fresh unprivileged uid.")
+    # --- API policy ---
+    metrics_token: SecretStr | None = Field(
+        None, description="Bearer token /metrics requires; unset: /metrics is off (404) unless metrics_public."
+    )
+    metrics_public: bool = Field(
+        False, description="Serve /metrics without a token (it sums every team's jobs: only on a private network)."
+    )
 
     @field_validator("home")
     @classmethod
@@ -143,6 +150,13 @@ class Settings(BaseSettings):
     def upload_root(self) -> Path:
         """Uploaded models and datasets live beside the artifacts, under the same store."""
         return self.artifact_root
+
+    @property
+    def relative_dirs(self) -> list[str]:
+        """The local working folders as a library may name them relative to the current directory (``var``),
+        for scrubbing paths out of error messages (absolute paths are scrubbed whatever they name)."""
+        dirs = [self.home] + ([] if self.artifact_is_s3 else [self.artifact_root])
+        return [rel for rel in (os.path.relpath(d) for d in dirs) if not rel.startswith("..")]
 
 
 @lru_cache

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.stack import PG_HOST, PG_PORT, REDIS_PORT, Stack, start_embedded, start_stack
+from tests.stack import METRICS_TOKEN, PG_HOST, PG_PORT, REDIS_PORT, Stack, start_embedded, start_stack
 
 CI = os.environ.get("CI") == "true"
 
@@ -99,7 +99,8 @@ def mnist_npz(mnist_data, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def stack(pg_url, redis_url, tmp_path_factory) -> Stack:
     """API + one worker as separate processes, on PostgreSQL and Redis (a private queue)."""
-    s = start_stack(tmp_path_factory.mktemp("stack"), database_url=pg_url, broker_url=redis_url)
+    s = start_stack(tmp_path_factory.mktemp("stack"), database_url=pg_url, broker_url=redis_url,
+                    NETCOMPRESS_METRICS_TOKEN=METRICS_TOKEN)
     yield s
     s.stop()
 

@@ -16,6 +16,7 @@ import httpx
 
 PG_HOST, PG_PORT, REDIS_PORT = "127.0.0.1", 5432, 6379
 NC = [sys.executable, "-m", "netcompress.cli"]
+METRICS_TOKEN = "nc-test-metrics-token"  # the `stack` fixture's NETCOMPRESS_METRICS_TOKEN (/metrics is off without one)
 
 
 def free_port() -> int:

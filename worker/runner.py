@@ -15,7 +15,7 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from compression import sandbox
-from compression.errors import Cancelled, CompressionError, TimeLimitExceeded
+from compression.errors import Cancelled, CompressionError, TimeLimitExceeded, scrub_paths
 from compression.pipeline import OutputFile
 from compression.sandbox_tasks import checked_name, inside
 from compression.spec import parse_spec
@@ -292,6 +292,7 @@ def _release_slot(team_id: str, settings: Settings) -> None:
 
 def _finish(job_id: str, attempt_id: str, to: JobStatus, code: str, message: str) -> None:
     settings = get_settings()
+    message = scrub_paths(message, settings.relative_dirs)  # the job's owner reads it: no server paths
 
     def write():  # noqa: ANN202
         with session_scope() as s:

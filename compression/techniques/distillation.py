@@ -8,7 +8,7 @@ pruned model) or an uploaded one (``student_model_id``); teachers are ``"origina
 """
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 import onnx
@@ -24,6 +24,8 @@ ORIGINAL = "original"
 
 
 class DistillSpec(StrictModel):
+    model_ref_fields: ClassVar[dict[str, frozenset[str]]] = {"teachers": frozenset({ORIGINAL}),
+                                                              "student_model_id": frozenset()}
     method: Literal["distill"] = "distill"
     teachers: list[str] = Field(default_factory=lambda: [ORIGINAL], min_length=1, max_length=8,
                                 description='"original" and/or model ids; several = an ensemble')
@@ -48,14 +50,6 @@ class DistillSpec(StrictModel):
     @property
     def needs_data(self) -> bool:
         return True  # inputs to run the teachers on; labels are optional
-
-    @property
-    def model_refs(self) -> list[tuple[list, str]]:
-        """Model ids this step reads, with their spec path (checked for ownership at submit)."""
-        refs: list[tuple[list, str]] = [(["teachers", i], t) for i, t in enumerate(self.teachers) if t != ORIGINAL]
-        if self.student_model_id:
-            refs.append((["student_model_id"], self.student_model_id))
-        return refs
 
 
 def _resolve(ctx: StepContext, model_id: str, loc: list) -> onnx.ModelProto:

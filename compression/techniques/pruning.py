@@ -8,7 +8,7 @@
 """
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 import onnx
@@ -27,6 +27,7 @@ PRUNABLE_OPS = {"Conv": 1, "Gemm": 1, "MatMul": 1, "ConvTranspose": 1}
 
 
 class PruneSpec(StrictModel):
+    model_ref_fields: ClassVar[dict[str, frozenset[str]]] = {"rewind_model_id": frozenset()}
     method: Literal["prune"] = "prune"
     granularity: Literal["weight", "channel"] = Field(
         "weight", description="weight: unstructured magnitude (zeros); channel: filters/neurons/heads removed"
@@ -81,11 +82,6 @@ class PruneSpec(StrictModel):
     @property
     def needs_data(self) -> bool:
         return self.finetune is not None or self.importance == "taylor" or self.rewind != "none"
-
-    @property
-    def model_refs(self) -> list[tuple[list, str]]:
-        """Model ids this step reads, with their spec path (checked for ownership at submit)."""
-        return [(["rewind_model_id"], self.rewind_model_id)] if self.rewind_model_id else []
 
 
 def _prunable_initializers(model: onnx.ModelProto) -> dict[str, str]:

@@ -8,7 +8,7 @@ import onnx
 import pytest
 
 from compression.converter import unsupported_ops
-from tests.stack import tiny_classifier, upload, wait_job
+from tests.stack import METRICS_TOKEN, tiny_classifier, upload, wait_job
 
 FAST_EVAL = {"holdout": 0.3, "latency_runs": 5}
 
@@ -145,7 +145,7 @@ def test_metrics_endpoint(stack, uploaded, finished):
             "steps": [{"method": "quantize", "scheme": "fp16"}], "eval": FAST_EVAL}}).json()["id"])
     else:
         assert c.get(f"/v1/jobs/{finished['id']}").status_code == 200
-    r = httpx_get(stack.url + "/metrics")
+    r = httpx_get(stack.url + "/metrics", headers={"Authorization": f"Bearer {METRICS_TOKEN}"})
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
     text = r.text
     samples = {}
@@ -165,7 +165,7 @@ def test_metrics_endpoint(stack, uploaded, finished):
     assert any('route="/v1/jobs/{job_id}"' in k for k in samples), sorted(k for k in samples if "route" in k)  # templates, not ids
 
 
-def httpx_get(url: str):
+def httpx_get(url: str, headers: dict[str, str] | None = None):
     import httpx
 
-    return httpx.get(url, timeout=30)
+    return httpx.get(url, headers=headers, timeout=30)
