@@ -57,6 +57,11 @@ class Settings(BaseSettings):
         600.0, ge=0, le=86_400, description="How long a worker keeps retrying its final writes while the DB is down."
     )
     max_json_bytes: int = Field(1024 * 1024, ge=1024, le=64 * 1024**2, description="Cap on a JSON request body.")
+    # --- fair queues and deterministic tests ---
+    test_pause_file: Path | None = Field(
+        None, description="Test-only: while this file exists and its text matches a progress message (a substring, "
+                          "or phase:<name>), the worker holds the job there and writes <file>.reached. Off in production.",
+    )
 
     @field_validator("home")
     @classmethod

@@ -27,6 +27,7 @@ from store.jobs import add_artifact, defer, next_deferred, report_progress, runn
 from store.models import DatasetRecord, Job, JobStatus, ModelRecord, Team, utcnow
 from store.settings import Settings, get_settings
 from store.transitions import transition
+from worker.pause import pause_if_asked
 
 log = logging.getLogger(__name__)
 
@@ -149,11 +150,13 @@ def run_job(job_id: str, settings: Settings | None = None) -> str:
     last_write = [0.0, ""]
 
     def progress(p: dict[str, Any]) -> None:
+        held = pause_if_asked(settings, job_id, p)  # test-only; off unless NETCOMPRESS_TEST_PAUSE_FILE is set
         if time.monotonic() - started > settings.job_time_limit_s:
             raise TimeLimitExceeded(f"job exceeded its time limit of {settings.job_time_limit_s} s")
         now = time.monotonic()
-        # Throttle DB writes, but always write a phase change.
-        if now - last_write[0] < 0.5 and p["phase"] == last_write[1] and p["fraction"] < 1.0:
+        # Throttle DB writes, but always write a phase change (and the message a test held the job at,
+        # so a cancel asked for meanwhile is seen right here).
+        if not held and now - last_write[0] < 0.5 and p["phase"] == last_write[1] and p["fraction"] < 1.0:
             return
         last_write[0], last_write[1] = now, p["phase"]
         try:
