@@ -58,6 +58,9 @@ class Settings(BaseSettings):
     )
     max_json_bytes: int = Field(1024 * 1024, ge=1024, le=64 * 1024**2, description="Cap on a JSON request body.")
     # --- fair queues and deterministic tests ---
+    max_queued_per_team: int = Field(
+        20, ge=1, le=100_000, description="Jobs a team may have queued at once; one more POST /v1/jobs is a 429."
+    )
     test_pause_file: Path | None = Field(
         None, description="Test-only: while this file exists and its text matches a progress message (a substring, "
                           "or phase:<name>), the worker holds the job there and writes <file>.reached. Off in production.",

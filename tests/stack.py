@@ -28,6 +28,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@contextmanager
+def fresh_database(prefix: str = "nc_test") -> Iterator[str]:
+    """A new PostgreSQL database (its URL), dropped on the way out: a stack whose workers must not see
+    another stack's jobs (every worker's sweeper dispatches every queued job of its database)."""
+    import psycopg
+
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    admin = f"postgresql://postgres@{PG_HOST}:{PG_PORT}/test"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield f"postgresql://postgres@{PG_HOST}:{PG_PORT}/{name}"
+    finally:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
 class Pause:
     """Drives the worker's test-only pause hook (``worker/pause.py``) through the stack's pause file.
 

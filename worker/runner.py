@@ -23,7 +23,7 @@ from compression.pipeline import run_pipeline
 from compression.spec import parse_spec
 from store.artifacts import get_artifact_store
 from store.db import session_scope
-from store.jobs import add_artifact, defer, next_deferred, report_progress, running_count
+from store.jobs import add_artifact, defer, report_progress, running_count
 from store.models import DatasetRecord, Job, JobStatus, ModelRecord, Team, utcnow
 from store.settings import Settings, get_settings
 from store.transitions import transition
@@ -239,16 +239,17 @@ def run_job(job_id: str, settings: Settings | None = None) -> str:
 
 
 def _release_slot(team_id: str, settings: Settings) -> None:
-    """A slot of the team's quota is free: send its oldest deferred job now rather than at the next sweep."""
-    from worker.maintenance import send_and_mark
+    """A slot of ``team_id``'s quota is free: dispatch deferred jobs now rather than at the next sweep.
+
+    Every team's, round-robin: a job cancelled while queued also freed a slot that nobody handed on.
+    """
+    from store.dispatch import dispatch
 
     try:
         with session_scope() as s:
-            nxt = next_deferred(s, team_id)
-        if nxt:
-            send_and_mark([nxt])
+            dispatch(s, settings)
     except Exception as e:  # the sweeper will do it
-        log.warning("could not hand on the quota slot: %s", e)
+        log.warning("could not hand on the quota slot of team %s: %s", team_id, e)
 
 
 def _finish(job_id: str, attempt_id: str, to: JobStatus, code: str, message: str) -> None:

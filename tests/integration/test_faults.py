@@ -26,8 +26,9 @@ def fault(tmp_path_factory, cnn_onnx, mnist_npz):
     pg, redis = PrivatePostgres(), PrivateRedis(home / "redis")
     pg.start()
     redis.start()
+    # room for the quota test's 50 queued jobs per team
     stack = start_stack(home / "stack", database_url=pg.url, broker_url=redis.url, workers=2,
-                        NETCOMPRESS_MAX_ATTEMPTS="2")
+                        NETCOMPRESS_MAX_ATTEMPTS="2", NETCOMPRESS_MAX_QUEUED_PER_TEAM="50")
     c = stack.client()
     with open(cnn_onnx["legacy"], "rb") as f:
         model = c.post("/v1/models", files={"file": ("cnn.onnx", f)}).json()
