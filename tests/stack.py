@@ -59,7 +59,9 @@ class Pause:
     def arm(self, match: str) -> None:
         """Hold the next job whose progress matches: a substring of the message, or ``phase:<name>``.
 
-        Re-arming with another match lets a held job go on; it then holds at the new match.
+        Re-arming with another match lets a held job go on; it then holds at the new match. Re-arming with
+        the same match keeps a held job held and clears ``reached``: the next job (or attempt) to say it
+        is held is another one.
         """
         self.reached.unlink(missing_ok=True)
         tmp = self.file.with_name(self.file.name + ".tmp")
@@ -85,6 +87,17 @@ class Pause:
         self.file.unlink(missing_ok=True)
 
 
+def wait_log(paths: list[Path], text: str, timeout: float = 120) -> Path:
+    """Wait until one of the log files says ``text`` (an event only a process's log shows); returns it."""
+    deadline = time.time() + timeout
+    while True:
+        for path in paths:
+            if path.exists() and text in path.read_text(errors="replace"):
+                return path
+        assert time.time() < deadline, f"no log of {[p.name for p in paths]} said {text!r} in {timeout} s"
+        time.sleep(0.2)
+
+
 @dataclass
 class Stack:
     url: str
@@ -92,6 +105,7 @@ class Stack:
     env: dict[str, str]
     home: Path
     procs: list[subprocess.Popen] = field(default_factory=list)
+    worker_logs: dict[int, Path] = field(default_factory=dict)  # worker pid -> its log file
 
     def client(self, key: str | None = None) -> httpx.Client:
         return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {key or self.key}"}, timeout=60)
@@ -114,11 +128,12 @@ class Stack:
 
     def add_worker(self) -> subprocess.Popen:
         """Start one more worker process (its own log file) and return it."""
-        n = len(self.procs)
-        log = open(self.home / f"worker{n}.log", "w")
+        path = self.home / f"worker{len(self.procs)}.log"
+        log = open(path, "w")
         p = subprocess.Popen(NC + ["worker", "--concurrency", "1"], env=self.env, stdout=log,
                              stderr=subprocess.STDOUT, start_new_session=True)
         self.procs.append(p)
+        self.worker_logs[p.pid] = path
         return p
 
     def stop(self) -> None:
