@@ -64,6 +64,8 @@ def reserve_deferred(session: Session, settings: Settings, team_ids: list[str] |
         return []
     # Lock the teams (in id order, so two dispatchers never deadlock): API nodes, a finishing job and the
     # sweeper may dispatch at once, and must not both fill a team's last slot. The claim locks it too.
+    # (SQLite ignores FOR UPDATE: there the guarded reservation stops duplicates and the claim's quota guard
+    # holds the running quota.)
     teams = session.execute(select(Team).where(Team.id.in_(waiting)).order_by(Team.id).with_for_update()).scalars().all()
     busy = in_flight(session, waiting)
     queues: list[list[tuple]] = []
