@@ -37,7 +37,7 @@ class ProblemBody(BaseModel):
 
 _DESCRIPTIONS = {400: "Malformed request", 401: "Missing, unknown or revoked API key", 404: "Not found (or another team's)",
                  409: "Conflict with the resource's state", 413: "Too large", 415: "Unsupported media type or format",
-                 422: "Validation failed", 503: "Database or broker unavailable"}
+                 422: "Validation failed", 429: "Too many jobs queued: retry after Retry-After seconds", 503: "Database or broker unavailable"}
 
 
 def problem_responses(*codes: int) -> dict[int | str, dict[str, Any]]:

@@ -8,7 +8,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -21,12 +21,13 @@ from compression.errors import InvalidDataset, InvalidSpec
 from compression.search_space import search_model_refs
 from compression.spec import ParsedSpec, parse_spec
 from store.artifacts import LocalArtifactStore
-from store.jobs import mark_enqueued
 from store.models import DatasetRecord, Job, JobStatus, ModelRecord, Team, new_id
-from store.queue import send_job
 from store.settings import Settings
 
 log = logging.getLogger(__name__)
+# A queued place frees when one of the team's jobs starts: minutes for real jobs, so a client polling
+# faster only adds load.
+QUEUE_FULL_RETRY_AFTER_S = 30
 
 
 def ingest_model(*, upload: Upload, settings: Settings, store: LocalArtifactStore) -> dict[str, Any]:
@@ -148,13 +149,30 @@ def _check_model_refs(*, session: Session, team: Team, spec: ParsedSpec) -> None
                       validation_errors(["spec"], missing))
 
 
-def create_job(*, session: Session, team: Team, body: JobCreate, idempotency_key: str | None) -> tuple[Job, bool]:
+def check_queue_cap(*, session: Session, team: Team, settings: Settings) -> None:
+    """429 once the team has ``max_queued_per_team`` jobs queued, so one team cannot pile up work for free.
+
+    Locks the team row until the route commits: two concurrent submits cannot both take the last place
+    (SQLite ignores the lock; the embedded default has one API process).
+    """
+    session.execute(select(Team.id).where(Team.id == team.id).with_for_update())
+    queued = session.execute(select(func.count()).select_from(Job).where(
+        Job.team_id == team.id, Job.status == JobStatus.queued.value)).scalar_one()
+    if queued >= settings.max_queued_per_team:
+        raise Problem(429, "too_many_queued", "too many queued jobs",
+                      f"your team has {queued} jobs queued, the limit is {settings.max_queued_per_team}: "
+                      "submit more once some have started", headers={"Retry-After": str(QUEUE_FULL_RETRY_AFTER_S)})
+
+
+def create_job(*, session: Session, team: Team, body: JobCreate, idempotency_key: str | None,
+               settings: Settings) -> tuple[Job, bool]:
     """Insert a queued job (or return the one made with the same Idempotency-Key and body). Returns (job, created)."""
     digest = request_sha256(body)
     if idempotency_key:
         existing = _job_with_key(session, team, idempotency_key)
         if existing is not None:
             return _replayed(existing, digest), False
+    check_queue_cap(session=session, team=team, settings=settings)  # cheap, before the spec is expanded
     model, dataset, spec = validate_job(session=session, team=team, body=body)
     job = Job(team_id=team.id, model_id=model.id, dataset_id=dataset.id if dataset else None, name=body.name,
               spec=spec, status=JobStatus.queued.value, progress={"phase": "queued", "fraction": 0.0},
@@ -189,18 +207,6 @@ def _replayed(existing: Job, digest: str) -> Job:
         raise Problem(422, "idempotency_key_reused", "Idempotency-Key reused",
                       "this Idempotency-Key was already used with a different request body; use a new key")
     return existing
-
-
-def enqueue(*, session: Session, job_id: str, settings: Settings) -> bool:
-    """Send the committed job to the broker; on broker trouble the sweeper sends it later."""
-    try:
-        send_job(job_id, settings)
-    except Exception as e:
-        log.warning("broker unavailable, job %s stays queued for the sweeper: %s", job_id, e)
-        return False
-    mark_enqueued(session, job_id)
-    session.commit()
-    return True
 
 
 def remove_files(store: LocalArtifactStore, keys: list[str]) -> None:

@@ -60,7 +60,7 @@ def request_cancel(session: Session, job: Job) -> bool:
 def reap_lost_jobs(session: Session, *, stale_after_s: float, max_attempts: int) -> list[str]:
     """Hand back running jobs whose heartbeat stopped (worker lost); fail them past ``max_attempts``.
 
-    Returns the ids put back in the queue (the caller re-sends them after commit).
+    Returns the ids put back in the queue (deferred: the next dispatch sends them, within the team's quota).
     """
     cutoff = utcnow() - timedelta(seconds=stale_after_s)
     stale = session.execute(
@@ -79,25 +79,22 @@ def reap_lost_jobs(session: Session, *, stale_after_s: float, max_attempts: int)
     return requeued
 
 
-def unsent_jobs(session: Session, *, older_than_s: float, resend_after_s: float) -> list[str]:
-    """Queued jobs with no message in flight: never sent (broker down at submit), deferred by a quota
-    (``enqueued_at`` cleared), or sent so long ago that the message was probably lost (broker restart).
+def lost_messages(session: Session, *, resend_after_s: float) -> list[str]:
+    """Queued jobs sent so long ago that the message was probably lost (a broker restart): send them again.
 
-    A duplicate message is harmless: the claim guard drops it.
+    They still hold their in-flight slot, so re-sending does not go past the team's quota; a duplicate
+    message is harmless (the claim guard drops it). Deferred jobs (never sent) are ``store.dispatch``'s.
     """
-    now = utcnow()
+    cutoff = utcnow() - timedelta(seconds=resend_after_s)
     rows = session.execute(
-        select(Job.id).where(
-            Job.status == JobStatus.queued.value,
-            (Job.enqueued_at.is_(None) & (Job.updated_at < now - timedelta(seconds=older_than_s)))
-            | (Job.enqueued_at < now - timedelta(seconds=resend_after_s)),
-        ).order_by(Job.created_at)
+        select(Job.id).where(Job.status == JobStatus.queued.value, Job.enqueued_at < cutoff).order_by(Job.created_at)
     ).scalars().all()
     return list(rows)
 
 
 def defer(session: Session, job_id: str) -> None:
-    """A quota kept this job waiting: forget its message so the sweeper (or a finishing job) re-sends it."""
+    """A quota kept this job waiting (or its message could not be sent): forget its message so the next
+    dispatch (a finishing job's, the sweeper's) sends it again."""
     session.execute(update(Job).where(Job.id == job_id, Job.status == JobStatus.queued.value)
                     .values(enqueued_at=None, updated_at=utcnow()).execution_options(synchronize_session=False))
 
@@ -107,13 +104,6 @@ def running_count(session: Session, team_id: str) -> int:
 
     return session.execute(select(func.count()).select_from(Job).where(
         Job.team_id == team_id, Job.status == JobStatus.running.value)).scalar_one()
-
-
-def next_deferred(session: Session, team_id: str) -> str | None:
-    """The team's oldest queued job without a message in flight (sent when a slot frees)."""
-    return session.execute(select(Job.id).where(
-        Job.team_id == team_id, Job.status == JobStatus.queued.value, Job.enqueued_at.is_(None))
-        .order_by(Job.created_at).limit(1)).scalar_one_or_none()
 
 
 def mark_enqueued(session: Session, job_id: str) -> None:

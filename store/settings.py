@@ -80,6 +80,14 @@ class Settings(BaseSettings):
     metrics_public: bool = Field(
         False, description="Serve /metrics without a token (it sums every team's jobs: only on a private network)."
     )
+    # --- fair queues and deterministic tests ---
+    max_queued_per_team: int = Field(
+        20, ge=1, le=100_000, description="Jobs a team may have queued at once; one more POST /v1/jobs is a 429."
+    )
+    test_pause_file: Path | None = Field(
+        None, description="Test-only: while this file exists and its text matches a progress message (a substring, "
+                          "or phase:<name>), the worker holds the job there and writes <file>.reached. Off in production.",
+    )
 
     @field_validator("home")
     @classmethod

@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import os
 import socket
-import uuid
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tests.stack import METRICS_TOKEN, PG_HOST, PG_PORT, REDIS_PORT, Stack, start_embedded, start_stack
+from tests.stack import METRICS_TOKEN, PG_HOST, PG_PORT, REDIS_PORT, Stack, fresh_database, start_embedded, start_stack
 
 CI = os.environ.get("CI") == "true"
 
@@ -37,15 +36,8 @@ def _need(name: str, host: str, port: int) -> None:
 def pg_url() -> str:
     """A fresh PostgreSQL database for this test session, dropped at the end."""
     _need("PostgreSQL", PG_HOST, PG_PORT)
-    import psycopg
-
-    name = f"nc_test_{uuid.uuid4().hex[:10]}"
-    admin = f"postgresql://postgres@{PG_HOST}:{PG_PORT}/test"
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    yield f"postgresql://postgres@{PG_HOST}:{PG_PORT}/{name}"
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with fresh_database() as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,7 @@
 """Start the real service processes for tests: ``netcompress api`` + ``worker``, or ``netcompress serve``."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -9,6 +10,8 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,12 +20,83 @@ import httpx
 PG_HOST, PG_PORT, REDIS_PORT = "127.0.0.1", 5432, 6379
 NC = [sys.executable, "-m", "netcompress.cli"]
 METRICS_TOKEN = "nc-test-metrics-token"  # the `stack` fixture's NETCOMPRESS_METRICS_TOKEN (/metrics is off without one)
+TERMINAL = ("succeeded", "failed", "cancelled")
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextmanager
+def fresh_database(prefix: str = "nc_test") -> Iterator[str]:
+    """A new PostgreSQL database (its URL), dropped on the way out: a stack whose workers must not see
+    another stack's jobs (every worker's sweeper dispatches every queued job of its database)."""
+    import psycopg
+
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    admin = f"postgresql://postgres@{PG_HOST}:{PG_PORT}/test"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield f"postgresql://postgres@{PG_HOST}:{PG_PORT}/{name}"
+    finally:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+class Pause:
+    """Drives the worker's test-only pause hook (``worker/pause.py``) through the stack's pause file.
+
+    A test holds a job at a progress message, acts on it mid-way (cancel, kill its worker, read its
+    state) and releases it: it waits for events, never for the clock, so a fast job cannot finish first.
+    """
+
+    def __init__(self, file: Path) -> None:
+        self.file = file
+        self.reached = file.with_name(file.name + ".reached")
+
+    def arm(self, match: str) -> None:
+        """Hold the next job whose progress matches: a substring of the message, or ``phase:<name>``.
+
+        Re-arming with another match lets a held job go on; it then holds at the new match. Re-arming with
+        the same match keeps a held job held and clears ``reached``: the next job (or attempt) to say it
+        is held is another one.
+        """
+        self.reached.unlink(missing_ok=True)
+        tmp = self.file.with_name(self.file.name + ".tmp")
+        tmp.write_text(match)
+        os.replace(tmp, self.file)  # atomic: the worker never reads half a match (empty matches anything)
+
+    def wait(self, client: httpx.Client | None = None, job_id: str | None = None, timeout: float = 300) -> dict:
+        """Wait until a job is held; returns the progress it is held at. With ``client`` and ``job_id``: it
+        must be that job, and the wait fails at once if the job ends without reaching the match."""
+        deadline = time.time() + timeout
+        while not self.reached.exists():
+            if client is not None and job_id is not None:
+                job = client.get(f"/v1/jobs/{job_id}").json()
+                assert job["status"] not in TERMINAL, f"the job ended before it reached the pause: {job}"
+            assert time.time() < deadline, f"no job reached the pause {self.file.read_text()!r} in {timeout} s"
+            time.sleep(0.2)
+        held = json.loads(self.reached.read_text())
+        assert job_id is None or held["job_id"] == job_id, held
+        return held["progress"]
+
+    def release(self) -> None:
+        """Let the held job go on (and hold no other)."""
+        self.file.unlink(missing_ok=True)
+
+
+def wait_log(paths: list[Path], text: str, timeout: float = 120) -> Path:
+    """Wait until one of the log files says ``text`` (an event only a process's log shows); returns it."""
+    deadline = time.time() + timeout
+    while True:
+        for path in paths:
+            if path.exists() and text in path.read_text(errors="replace"):
+                return path
+        assert time.time() < deadline, f"no log of {[p.name for p in paths]} said {text!r} in {timeout} s"
+        time.sleep(0.2)
 
 
 @dataclass
@@ -32,6 +106,7 @@ class Stack:
     env: dict[str, str]
     home: Path
     procs: list[subprocess.Popen] = field(default_factory=list)
+    worker_logs: dict[int, Path] = field(default_factory=dict)  # worker pid -> its log file
 
     def client(self, key: str | None = None) -> httpx.Client:
         return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {key or self.key}"}, timeout=60)
@@ -41,13 +116,25 @@ class Stack:
                              text=True, check=True)
         return out.stdout.strip().splitlines()[-1]
 
+    @contextmanager
+    def paused(self, match: str) -> Iterator[Pause]:
+        """Arm the pause at ``match`` (see :class:`Pause`); released on the way out, whatever happens, so a
+        failing test leaves no job of the next test held."""
+        pause = Pause(Path(self.env["NETCOMPRESS_TEST_PAUSE_FILE"]))
+        pause.arm(match)
+        try:
+            yield pause
+        finally:
+            pause.release()
+
     def add_worker(self) -> subprocess.Popen:
         """Start one more worker process (its own log file) and return it."""
-        n = len(self.procs)
-        log = open(self.home / f"worker{n}.log", "w")
+        path = self.home / f"worker{len(self.procs)}.log"
+        log = open(path, "w")
         p = subprocess.Popen(NC + ["worker", "--concurrency", "1"], env=self.env, stdout=log,
                              stderr=subprocess.STDOUT, start_new_session=True)
         self.procs.append(p)
+        self.worker_logs[p.pid] = path
         return p
 
     def stop(self) -> None:
@@ -80,6 +167,8 @@ def base_env(home: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("NETCOMPRESS_")}
     env.update(NETCOMPRESS_HOME=str(home), NETCOMPRESS_HEARTBEAT_S="1", NETCOMPRESS_WORKER_THREADS="1",
                NETCOMPRESS_MAX_UPLOAD_BYTES=str(20 * 1024 * 1024),
+               # the pause hook is on in every test stack, and holds nothing until a test writes the file
+               NETCOMPRESS_TEST_PAUSE_FILE=str(home / "pause"),
                PYTHONUNBUFFERED="1")
     env.update(extra)
     return env
@@ -140,7 +229,7 @@ def wait_job(client: httpx.Client, job_id: str, timeout: float = 600) -> dict:
     deadline = time.time() + timeout
     while time.time() < deadline:
         job = client.get(f"/v1/jobs/{job_id}").json()
-        if job["status"] in ("succeeded", "failed", "cancelled"):
+        if job["status"] in TERMINAL:
             return job
         time.sleep(0.3)
     raise TimeoutError(f"job {job_id} did not finish: {job}")

@@ -1,9 +1,10 @@
 """Reaper and sweeper, run in a thread of every worker's main process.
 
 - Reaper: a ``running`` job whose heartbeat stopped (its worker was SIGKILLed, its machine died) goes
-  back to ``queued`` (attempts are counted at the next claim) and is re-sent; past the attempt limit it fails.
-- Sweeper: a ``queued`` job with no message in flight (broker down at submit, deferred by a quota, or a
-  message lost in a broker restart) is sent again.
+  back to ``queued`` (attempts are counted at the next claim) and is dispatched again; past the attempt limit it fails.
+- Sweeper: deferred ``queued`` jobs (never sent: broker down at submit, a quota, a reaped job) are sent as
+  their team's slots allow, fairly across teams (``store.dispatch``); a message probably lost in a broker
+  restart is sent again.
 Several workers may run this at once: every move goes through the guarded ``transition()``.
 """
 from __future__ import annotations
@@ -15,7 +16,8 @@ import time
 from celery.signals import worker_ready, worker_shutdown
 
 from store.db import session_scope
-from store.jobs import mark_enqueued, reap_lost_jobs, unsent_jobs
+from store.dispatch import dispatch
+from store.jobs import lost_messages, mark_enqueued, reap_lost_jobs
 from store.queue import send_job
 from store.settings import get_settings
 
@@ -23,7 +25,8 @@ log = logging.getLogger(__name__)
 _stop = threading.Event()
 
 
-def send_and_mark(job_ids: list[str]) -> list[str]:
+def resend(job_ids: list[str]) -> list[str]:
+    """Send again jobs whose message was probably lost; each keeps the in-flight slot it had."""
     settings = get_settings()
     sent = []
     for job_id in dict.fromkeys(job_ids):
@@ -41,13 +44,14 @@ def send_and_mark(job_ids: list[str]) -> list[str]:
 def sweep_once(*, reap: bool = True) -> list[str]:
     """One pass of reaper + sweeper; returns the job ids sent to the broker."""
     settings = get_settings()
-    requeued: list[str] = []
     if reap:
         with session_scope() as s:
-            requeued = reap_lost_jobs(s, stale_after_s=settings.heartbeat_s * 6, max_attempts=settings.max_attempts)
+            reap_lost_jobs(s, stale_after_s=settings.heartbeat_s * 6, max_attempts=settings.max_attempts)
     with session_scope() as s:
-        unsent = unsent_jobs(s, older_than_s=settings.heartbeat_s * 3, resend_after_s=settings.resend_after_s)
-    return send_and_mark(requeued + unsent)
+        lost = lost_messages(s, resend_after_s=settings.resend_after_s)
+    sent = resend(lost)
+    with session_scope() as s:
+        return sent + dispatch(s, settings)
 
 
 def _loop() -> None:

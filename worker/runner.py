@@ -21,10 +21,12 @@ from compression.sandbox_tasks import checked_name, inside
 from compression.spec import parse_spec
 from store.artifacts import get_artifact_store, private_copy
 from store.db import session_scope
-from store.jobs import add_artifact, defer, next_deferred, report_progress, running_count
+from store.dispatch import running_quota
+from store.jobs import add_artifact, defer, report_progress, running_count
 from store.models import DatasetRecord, Job, JobStatus, ModelRecord, Team, utcnow
 from store.settings import Settings, get_settings
 from store.transitions import TERMINAL, transition
+from worker.pause import pause_if_asked
 
 log = logging.getLogger(__name__)
 
@@ -72,10 +74,6 @@ def with_db_retry(fn, *, budget_s: float):  # noqa: ANN001, ANN201
             log.warning("database unavailable (%s); retrying in %.1fs", type(e).__name__, delay)
             time.sleep(delay)
             delay = min(delay * 2, 10.0)
-
-
-def _quota(team: Team, settings: Settings) -> int:
-    return team.max_running_jobs or settings.team_max_running_jobs
 
 
 class _Heartbeat(threading.Thread):
@@ -160,7 +158,7 @@ def run_job(job_id: str, settings: Settings | None = None) -> str:
             return f"skipped ({job.status})"  # Guard: redelivered_task (cheap path; the claim re-checks)
         # Guard: quota_race — lock the team row so two workers cannot both take the team's last slot.
         team = s.execute(select(Team).where(Team.id == job.team_id).with_for_update()).scalar_one()
-        if running_count(s, team.id) >= _quota(team, settings):
+        if running_count(s, team.id) >= running_quota(team, settings):
             defer(s, job_id)
             return "deferred (team quota)"
         # Guard: redelivered_task — acks_late redelivers; only a queued job can be claimed.
@@ -186,11 +184,13 @@ def run_job(job_id: str, settings: Settings | None = None) -> str:
     last_write = [0.0, ""]
 
     def progress(p: dict[str, Any]) -> None:
+        held = pause_if_asked(settings, job_id, p)  # test-only; off unless NETCOMPRESS_TEST_PAUSE_FILE is set
         if time.monotonic() - started > settings.job_time_limit_s:
             raise TimeLimitExceeded(f"job exceeded its time limit of {settings.job_time_limit_s} s")
         now = time.monotonic()
-        # Throttle DB writes, but always write a phase change.
-        if now - last_write[0] < 0.5 and p["phase"] == last_write[1] and p["fraction"] < 1.0:
+        # Throttle DB writes, but always write a phase change (and the message a test held the job at,
+        # so a cancel asked for meanwhile is seen right here).
+        if not held and now - last_write[0] < 0.5 and p["phase"] == last_write[1] and p["fraction"] < 1.0:
             return
         last_write[0], last_write[1] = now, p["phase"]
         try:
@@ -278,16 +278,17 @@ def _clean_up(job_id: str, workdir: Path, checkpoint: StoreCheckpoint) -> None:
 
 
 def _release_slot(team_id: str, settings: Settings) -> None:
-    """A slot of the team's quota is free: send its oldest deferred job now rather than at the next sweep."""
-    from worker.maintenance import send_and_mark
+    """A slot of ``team_id``'s quota is free: dispatch deferred jobs now rather than at the next sweep.
+
+    Every team's, round-robin: a job cancelled while queued also freed a slot that nobody handed on.
+    """
+    from store.dispatch import dispatch
 
     try:
         with session_scope() as s:
-            nxt = next_deferred(s, team_id)
-        if nxt:
-            send_and_mark([nxt])
+            dispatch(s, settings)
     except Exception as e:  # the sweeper will do it
-        log.warning("could not hand on the quota slot: %s", e)
+        log.warning("could not hand on the quota slot of team %s: %s", team_id, e)
 
 
 def _finish(job_id: str, attempt_id: str, to: JobStatus, code: str, message: str) -> None:

@@ -1,38 +1,54 @@
 """/v1/jobs: create (validated, idempotent), list, detail, cancel, artifact download."""
 from __future__ import annotations
 
+import logging
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from api.deps import JobDep, SessionDep, SettingsDep, StoreDep, TeamDep, load_owned_job, team_from_header
 from api.errors import COMMON_PROBLEMS, Problem, not_found, problem_responses
 from api.pagination import paginate
 from api.schemas import JobCreate, JobList, JobPublic
-from api.services import create_job, enqueue
-from store.jobs import request_cancel
+from api.services import create_job
 from store.db import read_session_factory
+from store.dispatch import dispatch
+from store.jobs import request_cancel
 from store.models import Artifact, Job, JobStatus
 from store.settings import Settings
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=COMMON_PROBLEMS)
+log = logging.getLogger(__name__)
 
 
 def _public(job: Job) -> dict:
     return JobPublic.model_validate(job).model_dump(mode="json")
 
 
-@router.post("", status_code=202, response_model=JobPublic, responses=problem_responses(413))
+def _dispatch_team(session: Session, settings: Settings, team_id: str) -> None:
+    """Send the team's deferred jobs that fit its free slots. The request's own change is committed
+    already, so trouble here (database gone) leaves them to the sweeper rather than failing the request."""
+    try:
+        dispatch(session, settings, [team_id])
+    except Exception as e:
+        session.rollback()
+        log.warning("dispatch for team %s left to the sweeper: %s", team_id, e)
+
+
+@router.post("", status_code=202, response_model=JobPublic, responses=problem_responses(413, 429))
 def submit_job(body: JobCreate, team: TeamDep, session: SessionDep, settings: SettingsDep,
                idempotency_key: Annotated[str | None, Header(max_length=200)] = None) -> JSONResponse:
     """Validate and queue a job; 202 with ``Location``. The row is committed before the task is sent."""
-    job, created = create_job(session=session, team=team, body=body, idempotency_key=idempotency_key)
+    job, created = create_job(session=session, team=team, body=body, idempotency_key=idempotency_key,
+                              settings=settings)
     session.commit()
     if created:
-        enqueue(session=session, job_id=job.id, settings=settings)
+        # Sent now only if the team has a free in-flight slot (its older deferred jobs go first).
+        _dispatch_team(session, settings, team.id)
     session.refresh(job)
     return JSONResponse(_public(job), status_code=202, headers={"Location": f"/v1/jobs/{job.id}"})
 
@@ -67,12 +83,15 @@ async def get_job(job_id: str, request: Request) -> JSONResponse:
 
 
 @router.post("/{job_id}/cancel", response_model=JobPublic, status_code=202, responses=problem_responses(409))
-def cancel_job(job: JobDep, session: SessionDep) -> dict:
+def cancel_job(job: JobDep, session: SessionDep, settings: SettingsDep) -> dict:
     """Cancel: a queued job at once; a running one stops at its next step or epoch."""
     if job.status not in (JobStatus.queued.value, JobStatus.running.value):
         raise Problem(409, "conflict", "job already finished", f"the job is {job.status}")
+    was_queued = job.status == JobStatus.queued.value
     request_cancel(session, job)
     session.commit()
+    if was_queued:  # its in-flight slot (if it had one) is free at once: hand it on
+        _dispatch_team(session, settings, job.team_id)
     session.refresh(job)
     return _public(job)
 

@@ -83,9 +83,14 @@ def test_dashboard_submit_watch_and_charts(stack, browser, tmp_path):
         new MutationObserver(() => window.__badges.push(document.querySelector('#detail-badge').textContent))
           .observe(document.querySelector('#detail-badge'), {childList: true, characterData: true, subtree: true});
     """)
-    d.find_element(By.ID, "submit-btn").click()
-    job_id = wait_for(d, "const m = location.hash.match(/^#\\/jobs\\/([0-9a-f]+)$/); return m && m[1]",
-                      timeout=60, what="navigated to the job")
+    # the worker holds the job as its second step begins until the page shows it running: it cannot finish
+    # before the page has caught up with it
+    with stack.paused("phase:quantizing"):
+        d.find_element(By.ID, "submit-btn").click()
+        job_id = wait_for(d, "const m = location.hash.match(/^#\\/jobs\\/([0-9a-f]+)$/); return m && m[1]",
+                          timeout=60, what="navigated to the job")
+        wait_for(d, "return document.querySelector('#detail-badge').textContent === 'running'", timeout=150,
+                 what="the job shown running")
     wait_for(d, f"return document.body.dataset.rendered === '{job_id}'", timeout=150, what="job finished and rendered")
 
     badges = d.execute_script("return window.__badges")

@@ -8,13 +8,15 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import httpx
 import pytest
 from sqlalchemy import create_engine, text
 
 from tests.faults import PrivatePostgres, PrivateRedis
-from tests.stack import start_embedded, start_stack, wait_job
+from tests.stack import Pause, start_embedded, start_stack, wait_job, wait_log
 
 LONG_SPEC = {"steps": [{"method": "prune", "sparsity": 0.5, "finetune": {"epochs": 15, "batch_size": 32}}],
              "eval": {"latency_runs": 5}}
@@ -26,8 +28,9 @@ def fault(tmp_path_factory, cnn_onnx, mnist_npz):
     pg, redis = PrivatePostgres(), PrivateRedis(home / "redis")
     pg.start()
     redis.start()
+    # room for the quota test's 50 queued jobs per team
     stack = start_stack(home / "stack", database_url=pg.url, broker_url=redis.url, workers=2,
-                        NETCOMPRESS_MAX_ATTEMPTS="2")
+                        NETCOMPRESS_MAX_ATTEMPTS="2", NETCOMPRESS_MAX_QUEUED_PER_TEAM="50")
     c = stack.client()
     with open(cnn_onnx["legacy"], "rb") as f:
         model = c.post("/v1/models", files={"file": ("cnn.onnx", f)}).json()
@@ -48,15 +51,14 @@ def _submit(f, spec=LONG_SPEC) -> dict:
     return r.json()
 
 
-def _wait_phase(f, job_id: str, phase: str = "finetuning", timeout: float = 90, attempt: int = 1) -> dict:
-    c = f["stack"].client()
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        job = c.get(f"/v1/jobs/{job_id}").json()
-        if job["status"] == "running" and job["progress"].get("phase") == phase and job["attempts"] >= attempt:
-            return job
-        time.sleep(0.2)
-    raise TimeoutError(job)
+@contextmanager
+def _held_mid_job(f, spec=LONG_SPEC, at: str = "phase:finetuning") -> Iterator[tuple[dict, Pause]]:
+    """Submit a job and hold it mid-way (the worker's test pause) until the block ends: what a test does
+    to it meanwhile happens while it runs, however fast or slow the machine."""
+    with f["stack"].paused(at) as pause:
+        job = _submit(f, spec)
+        pause.wait(f["stack"].client(), job["id"])
+        yield job, pause
 
 
 def _history(f, job_id: str) -> list[tuple]:
@@ -70,11 +72,16 @@ def _claimer_pid(f, job_id: str) -> int:
     return int(reason.rsplit(":", 1)[1])
 
 
-def _kill_worker_of(f, job_id: str) -> None:
-    """SIGKILL the worker that runs the job: its main process first (so nothing hands the job back), then the child."""
+def _worker_of(f, job_id: str) -> tuple[int, int]:
+    """(main process, pool child) of the worker that claimed the job last."""
     child = _claimer_pid(f, job_id)
     with open(f"/proc/{child}/stat") as fh:
-        parent = int(fh.read().rsplit(")", 1)[1].split()[1])
+        return int(fh.read().rsplit(")", 1)[1].split()[1]), child
+
+
+def _kill_worker_of(f, job_id: str) -> None:
+    """SIGKILL the worker that runs the job: its main process first (so nothing hands the job back), then the child."""
+    parent, child = _worker_of(f, job_id)
     os.kill(parent, signal.SIGKILL)
     os.kill(child, signal.SIGKILL)
     f["stack"].add_worker()  # keep two workers
@@ -86,9 +93,8 @@ def _artifact_attempt_dirs(f, job_id: str) -> list[str]:
 
 
 def test_sigkill_mid_job_requeues_and_another_worker_finishes(fault):
-    job = _submit(fault)
-    _wait_phase(fault, job["id"])
-    _kill_worker_of(fault, job["id"])
+    with _held_mid_job(fault) as (job, _):
+        _kill_worker_of(fault, job["id"])
     done = wait_job(fault["stack"].client(), job["id"], timeout=180)
     assert done["status"] == "succeeded", done
     assert done["attempts"] == 2
@@ -104,30 +110,27 @@ def test_search_resumes_after_the_last_finished_candidate(fault):
     spec = {"steps": [{"method": "prune", "sparsity": 0.5, "finetune": {"epochs": 1, "batch_size": 32}}],
             "search": {"prune.sparsity": [0.3, 0.5, 0.7, 0.8, 0.9]},
             "target": {"max_accuracy_drop": 0.05, "optimize": "file_bytes"}, "eval": {"latency_runs": 5}}
-    job = _submit(fault, spec)
     c = fault["stack"].client()
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        cur = c.get(f"/v1/jobs/{job['id']}").json()
-        if cur["status"] == "running" and "candidate 3 " in (cur["progress"].get("message") or ""):
-            break
-        assert cur["status"] in ("queued", "running"), cur
-        time.sleep(0.1)
-    _kill_worker_of(fault, job["id"])
+    with _held_mid_job(fault, spec, at="candidate 3 ") as (job, _):  # two candidates done, the third begun
+        _kill_worker_of(fault, job["id"])
     done = wait_job(c, job["id"], timeout=300)
     assert done["status"] == "succeeded", done
     assert done["attempts"] == 2
     s = done["metrics"]["search"]
-    assert s["resumed"] >= 2 and s["finished"] == 5 and not s["partial"], s
+    assert s["resumed"] == 2 and s["finished"] == 5 and not s["partial"], s
     assert sum(1 for x in s["candidates"] if x["resumed"]) == s["resumed"]
     # the checkpoint is gone once the job is done; one attempt's artifacts remain
     assert len(_artifact_attempt_dirs(fault, job["id"])) == 1
 
 
 def test_attempt_limit_ends_failed(fault):
-    job = _submit(fault)
-    for attempt in (1, 2):
-        _wait_phase(fault, job["id"], timeout=120, attempt=attempt)
+    c = fault["stack"].client()
+    with _held_mid_job(fault) as (job, pause):
+        assert c.get(f"/v1/jobs/{job['id']}").json()["attempts"] == 1
+        pause.arm("phase:finetuning")  # before the kill: now only the next attempt can say it is held
+        _kill_worker_of(fault, job["id"])
+        pause.wait(c, job["id"])
+        assert c.get(f"/v1/jobs/{job['id']}").json()["attempts"] == 2
         _kill_worker_of(fault, job["id"])
     done = wait_job(fault["stack"].client(), job["id"], timeout=120)
     assert done["status"] == "failed" and done["error"]["code"] == "worker_lost"
@@ -136,15 +139,15 @@ def test_attempt_limit_ends_failed(fault):
 
 
 def test_sigterm_warm_shutdown_finishes_the_job(fault):
-    job = _submit(fault)
-    _wait_phase(fault, job["id"])
-    child = _claimer_pid(fault, job["id"])
-    with open(f"/proc/{child}/stat") as fh:
-        parent = int(fh.read().rsplit(")", 1)[1].split()[1])
-    os.kill(parent, signal.SIGTERM)
-    done = wait_job(fault["stack"].client(), job["id"], timeout=180)
+    stack = fault["stack"]
+    with _held_mid_job(fault) as (job, _):
+        parent, _child = _worker_of(fault, job["id"])
+        os.kill(parent, signal.SIGTERM)
+        wait_log([stack.worker_logs[parent]], "Warm shutdown")  # the shutdown began while the job runs
+    done = wait_job(stack.client(), job["id"], timeout=180)
     assert done["status"] == "succeeded" and done["attempts"] == 1
-    fault["stack"].add_worker()
+    assert next(p for p in stack.procs if p.pid == parent).wait(timeout=60) == 0  # then the worker left
+    stack.add_worker()
 
 
 def test_broker_down_at_submit_then_sweeper_sends(fault):
@@ -154,7 +157,8 @@ def test_broker_down_at_submit_then_sweeper_sends(fault):
         job = _submit(fault, {"steps": [{"method": "prune", "sparsity": 0.3}], "eval": {"latency_runs": 5}})
         assert time.time() - t < 10
         assert job["status"] == "queued"
-        time.sleep(2)
+        # a sweeper tried to send it and could not: the job waits, queued, for the broker
+        wait_log(list(fault["stack"].worker_logs.values()), f"could not send job {job['id']}")
         assert fault["stack"].client().get(f"/v1/jobs/{job['id']}").json()["status"] == "queued"
     finally:
         fault["redis"].start()
@@ -163,20 +167,18 @@ def test_broker_down_at_submit_then_sweeper_sends(fault):
 
 
 def test_broker_restart_while_job_runs(fault):
-    job = _submit(fault)
-    _wait_phase(fault, job["id"])
-    fault["redis"].stop()
-    time.sleep(1)
-    fault["redis"].start()
+    with _held_mid_job(fault) as (job, _):
+        fault["redis"].stop()
+        time.sleep(1)  # an outage, not a wait for anything: the job is held mid-way throughout
+        fault["redis"].start()
     done = wait_job(fault["stack"].client(), job["id"], timeout=180)
     assert done["status"] == "succeeded" and done["attempts"] == 1
 
 
 def test_database_restart_under_job_and_api(fault):
     c = fault["stack"].client()
-    job = _submit(fault)
-    _wait_phase(fault, job["id"])
-    fault["pg"].stop()
+    with _held_mid_job(fault) as (job, _):
+        fault["pg"].stop()  # released at once: the job computes on, its progress writes failing
     try:
         r = c.get(f"/v1/jobs/{job['id']}")
         assert r.status_code == 503, r.text

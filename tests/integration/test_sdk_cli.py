@@ -8,6 +8,8 @@ from __future__ import annotations
 import hashlib
 import json
 import subprocess
+import threading
+import time
 
 import httpx
 import numpy as np
@@ -15,7 +17,7 @@ import pytest
 
 from client import Client, NotFound, Unauthorized, ValidationFailed
 from client.errors import Conflict
-from tests.stack import NC, tiny_classifier
+from tests.stack import NC, Pause, tiny_classifier
 
 FAST_EVAL = {"holdout": 0.3, "latency_runs": 5}
 
@@ -33,13 +35,42 @@ def cli(stack, *args: str, check: bool = True, timeout: float = 600) -> subproce
     return out
 
 
+def _cli_following(stack, args: list[str], until, pause: Pause, timeout: float = 600) -> subprocess.CompletedProcess:  # noqa: ANN001
+    """Run the CLI; once a line of its stderr satisfies ``until`` (or it exits), release the held job."""
+    env = {**stack.env, "NETCOMPRESS_URL": stack.url, "NETCOMPRESS_API_KEY": stack.key}
+    proc = subprocess.Popen(NC + args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+
+    def drain() -> None:
+        for line in proc.stderr:
+            lines.append(line)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    deadline = time.time() + timeout
+    while not any(until(line) for line in list(lines)) and proc.poll() is None:
+        assert time.time() < deadline, lines
+        time.sleep(0.1)
+    pause.release()
+    stdout = proc.stdout.read()
+    proc.wait(timeout=timeout)
+    reader.join(timeout=60)
+    out = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, "".join(lines))
+    assert out.returncode == 0, f"exit {out.returncode}\nstdout:\n{out.stdout}\nstderr:\n{out.stderr}"
+    return out
+
+
 def test_cli_submit_shorthand_wait_out(stack, tiny, tmp_path):
     """submit with --prune/--quantize: progress lines, a metrics table, artifacts downloaded and intact."""
-    # a larger dataset and a few fine-tune epochs: the job runs for seconds, so progress is seen mid-way
-    onnx_path, npz_path = tiny_classifier(tmp_path / "slow", samples=8000)
+    onnx_path, npz_path = tiny
     out_dir = tmp_path / "out"
-    r = cli(stack, "submit", str(onnx_path), "--data", str(npz_path), "--prune", "0.5", "--finetune-epochs", "30",
-            "--quantize", "int8", "--name", "cli-shorthand", "--wait", "--out", str(out_dir))
+    # the worker holds the job as its second step begins, until the CLI has printed a running line
+    with stack.paused("phase:quantizing") as pause:
+        r = _cli_following(stack, ["submit", str(onnx_path), "--data", str(npz_path), "--prune", "0.5",
+                                   "--finetune-epochs", "2", "--quantize", "int8", "--name", "cli-shorthand",
+                                   "--wait", "--out", str(out_dir)],
+                           until=lambda line: line.startswith("[") and "running" in line and "step" in line,
+                           pause=pause)
     # not a terminal: one progress line per change, e.g. "[1a2b3c4d] running · quantizing · step 2/2 · 55% · ..."
     progress = [line for line in r.stderr.splitlines() if line.startswith("[")]
     assert any("running" in line and "step" in line for line in progress), r.stderr
@@ -66,9 +97,10 @@ def test_cli_yaml_spec_jobs_models_download_cancel(stack, tiny, tmp_path):
     spec = tmp_path / "spec.yaml"
     spec.write_text("steps:\n  - method: quantize\n    scheme: int8\n    mode: dynamic\n"
                     "eval:\n  holdout: 0.3\n  latency_runs: 5\n")
-    r = cli(stack, "submit", str(onnx_path), "--spec", str(spec), "--json")
-    job = json.loads(r.stdout)
-    assert job["status"] in ("queued", "running") and job["spec"]["steps"][0]["mode"] == "dynamic"
+    with stack.paused("") as pause:  # held at its first progress message: it cannot have finished
+        r = cli(stack, "submit", str(onnx_path), "--spec", str(spec), "--json")
+        job = json.loads(r.stdout)
+        assert job["status"] in ("queued", "running") and job["spec"]["steps"][0]["mode"] == "dynamic"
 
     r = cli(stack, "jobs", "wait", job["id"], "--no-progress", "--json")
     assert json.loads(r.stdout)["status"] == "succeeded"
@@ -119,20 +151,26 @@ def test_cli_dry_run_is_preflight(stack, tiny):
 
 
 def test_sdk_flow_with_arrays_progress_and_metrics(stack, tmp_path):
-    # 4,000 samples and a fine-tune of batch 4: the job runs for seconds, so "running" is seen mid-way
-    onnx_path, npz_path = tiny_classifier(tmp_path / "slow", samples=4000)
+    onnx_path, npz_path = tiny_classifier(tmp_path / "sdk", samples=1000)
     seen: list[tuple[str, float]] = []
-    with Client(stack.url, stack.key) as nc:
+
+    def on_update(j) -> None:  # noqa: ANN001
+        seen.append((j.status, j.progress.get("fraction") or 0.0))
+        if j.status == "running":
+            pause.release()  # "running" was seen mid-way: the held job may go on
+
+    # the worker holds the job as its second step begins, until the SDK has reported it running
+    with stack.paused("phase:quantizing") as pause, Client(stack.url, stack.key) as nc:
         model = nc.upload_model(onnx_path, name="sdk-tiny")
         assert model.params == 16 * 32 + 32 + 32 * 4 + 4 and model.inputs[0]["name"] == "input"
         arrays = dict(np.load(npz_path))
         ds = nc.upload_dataset(arrays)
         assert ds.samples == len(arrays["input"])
         spec = {"steps": [{"method": "prune", "granularity": "weight", "sparsity": 0.6,
-                           "finetune": {"epochs": 6, "batch_size": 4}},
+                           "finetune": {"epochs": 2, "batch_size": 4}},
                           {"method": "quantize", "scheme": "int8", "mode": "static"}], "eval": FAST_EVAL}
         job = nc.submit(model, spec, ds, name="sdk")
-        job.wait(timeout=600, progress=lambda j: seen.append((j.status, j.progress.get("fraction") or 0.0)))
+        job.wait(timeout=600, progress=on_update)
         assert job.status == "succeeded"
         assert ("succeeded", 1.0) == seen[-1] and any(s == "running" for s, _ in seen), seen
         fractions = [f for s, f in seen if s == "running"]
