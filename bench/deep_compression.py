@@ -22,9 +22,9 @@ from compression.data import Arrays, DataSplit
 from compression.packaging import compressed_size
 from compression.pipeline import run_pipeline
 from compression.quant.packing import packed_entries
-from compression.refdata import fit, mnist
+from testkit.refdata import fit, mnist
 from compression.spec import parse_spec
-from compression.zoo import LeNet300100, export_onnx
+from testkit.zoo import LeNet300100, export_onnx
 
 TRAIN, EVAL = 4000, 1000
 CONFIGS = {  # name: (sparsity, pruning iterations)

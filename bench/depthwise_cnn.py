@@ -18,8 +18,8 @@ from bench.pruning_common import accuracy, apply, latency_ms, mnist_split
 from bench.report import write_section
 from compression.analysis import count_params, macs
 from compression.factorize import node_macs
-from compression.refdata import fit
-from compression.zoo import SmallCNN, export_onnx
+from testkit.refdata import fit
+from testkit.zoo import SmallCNN, export_onnx
 
 EPOCHS, LR = 15, 2e-3
 SETTINGS = [  # label, depthwise_separable spec

@@ -16,8 +16,8 @@ from torch import nn
 
 from bench.pruning_common import apply, mnist_split, predict
 from bench.report import write_section
-from compression.refdata import fit
-from compression.zoo import export_onnx
+from testkit.refdata import fit
+from testkit.zoo import export_onnx
 
 TEMPERATURES = [1, 2, 4, 8, 20]
 STUDENT = dict(epochs=20, lr=2e-3, batch_size=64)

@@ -23,9 +23,9 @@ import torch
 
 from bench.pruning_common import apply, mnist_split
 from bench.report import write_section
-from compression.refdata import fit
+from testkit.refdata import fit
 from compression.techniques.early_exit import batch1_latency_ms, quiet_session
-from compression.zoo import SmallCNN, TinyResNet, export_onnx
+from testkit.zoo import SmallCNN, TinyResNet, export_onnx
 
 MODELS = [  # name, factory, train epochs, exits
     ("SmallCNN (LeNet-5-like)", SmallCNN, 4, 2),

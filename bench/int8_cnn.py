@@ -18,10 +18,10 @@ from compression.analysis import weight_tensors
 from compression.context import StepContext
 from compression.data import Arrays, DataSplit
 from compression.metrics import session
-from compression.refdata import fit, mnist
+from testkit.refdata import fit, mnist
 from compression.registry import get_technique
 from compression.spec import parse_spec
-from compression.zoo import SmallCNN, export_onnx
+from testkit.zoo import SmallCNN, export_onnx
 
 TRAIN, EVAL, CALIBRATION = 4000, 1000, 256
 

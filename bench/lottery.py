@@ -18,8 +18,8 @@ import torch
 
 from bench.pruning_common import accuracy, apply, mnist_split
 from bench.report import write_section
-from compression.refdata import fit
-from compression.zoo import LeNet300100, export_onnx
+from testkit.refdata import fit
+from testkit.zoo import LeNet300100, export_onnx
 
 ROUNDS = 15  # 0.8 ** 15 = 3.5% kept
 TRAIN = dict(epochs=6, lr=1.2e-3, batch_size=64)

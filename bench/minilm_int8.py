@@ -20,7 +20,7 @@ from bench.int8_cnn import apply_step, paired_latency
 from bench.report import fmt, write_section
 from compression.data import Arrays, DataSplit
 from compression.metrics import session
-from compression.zoo import export_minilm, minilm_example_inputs
+from testkit.zoo import export_minilm, minilm_example_inputs
 
 SENTENCES = 300
 SEQ = 128

@@ -25,8 +25,8 @@ from bench.pruning_common import accuracy, apply, latency_ms, mnist_split
 from bench.report import write_section
 from compression.analysis import count_params, macs
 from compression.data import Arrays, split
-from compression.refdata import fit
-from compression.zoo import SmallCNN, TinyResNet, export_onnx
+from testkit.refdata import fit
+from testkit.zoo import SmallCNN, TinyResNet, export_onnx
 
 CNNS = [  # name, factory, train epochs, prune spec (round_to 8: ORT's blocked conv kernels want multiples of 8)
     ("TinyResNet (width 16, BN + residual)", lambda: TinyResNet(width=16), 4,
@@ -87,7 +87,7 @@ def _sentences() -> tuple[list[str], list[str]]:
 
 def _minilm_rows(work: Path) -> list[str]:
     from compression.metrics import session
-    from compression.zoo import export_minilm, minilm_example_inputs
+    from testkit.zoo import export_minilm, minilm_example_inputs
 
     model = onnx.load(str(export_minilm(work / "minilm.onnx", dynamo=True)))
     train_s, hold_s = _sentences()

@@ -12,7 +12,7 @@ import onnxruntime as ort
 
 from compression.context import StepContext
 from compression.data import Arrays, DataSplit
-from compression.refdata import mnist
+from testkit.refdata import mnist
 from compression.registry import get_technique
 from compression.spec import parse_spec
 

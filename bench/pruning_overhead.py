@@ -25,9 +25,9 @@ from bench.pruning_common import accuracy
 from bench.report import write_section
 from compression.analysis import count_params, macs
 from compression.data import Arrays, split
-from compression.refdata import fit, mnist
-from compression.zoo import SmallCNN, export_onnx
-from tests.stack import start_embedded, wait_job
+from testkit.refdata import fit, mnist
+from testkit.zoo import SmallCNN, export_onnx
+from testkit.stack import start_embedded, wait_job
 
 SPARSITY, ROUNDS, EPOCHS, LR, BATCH, T, ALPHA = 0.5, 2, 2, 1e-3, 64, 4.0, 0.5
 
@@ -66,7 +66,7 @@ def _direct(net: torch.nn.Module, Xtr: np.ndarray, ytr: np.ndarray, work: Path) 
 
 
 def main() -> None:
-    torch.set_num_threads(1)  # the worker runs with 1 thread too (NETCOMPRESS_WORKER_THREADS=1 in tests.stack)
+    torch.set_num_threads(1)  # the worker runs with 1 thread too (NETCOMPRESS_WORKER_THREADS=1 in testkit.stack)
     work = Path(tempfile.mkdtemp(prefix="bench-ovh-"))
     X, y = mnist()
     torch.manual_seed(0)

@@ -15,8 +15,8 @@ import torch
 from bench.pruning_common import accuracy, apply, latency_ms, mnist_split
 from bench.report import write_section
 from compression.analysis import count_params
-from compression.refdata import fit
-from compression.zoo import LeNet300100, export_onnx
+from testkit.refdata import fit
+from testkit.zoo import LeNet300100, export_onnx
 
 CONFIGS = [  # (target sparsity, rounds)
     (0.90, 6),

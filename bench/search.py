@@ -26,9 +26,9 @@ from bench.deep_compression import _original as lenet_original
 from bench.pruning_common import mnist_split
 from bench.report import fmt, write_section
 from compression.pipeline import run_pipeline
-from compression.refdata import fit
+from testkit.refdata import fit
 from compression.spec import parse_spec
-from compression.zoo import SmallCNN, export_onnx
+from testkit.zoo import SmallCNN, export_onnx
 
 EVAL = {"holdout": 0.2, "latency_runs": 100}
 

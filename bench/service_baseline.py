@@ -16,9 +16,9 @@ import numpy as np
 import torch
 
 from bench.report import fmt, write_section
-from compression.refdata import fit, mnist
-from compression.zoo import LeNet300100, SmallCNN, export_onnx
-from tests.stack import Stack, start_embedded, start_stack, wait_job
+from testkit.refdata import fit, mnist
+from testkit.zoo import LeNet300100, SmallCNN, export_onnx
+from testkit.stack import Stack, start_embedded, start_stack, wait_job
 
 RECIPE = {"steps": [
     {"method": "prune", "granularity": "weight", "sparsity": 0.5, "finetune": {"epochs": 2, "lr": 5e-4}},

@@ -22,10 +22,10 @@ import torch
 from bench.report import write_section
 from compression.data import Arrays, split
 from compression.pipeline import run_pipeline
-from compression.refdata import fit, mnist
+from testkit.refdata import fit, mnist
 from compression.spec import parse_spec
-from compression.zoo import SmallCNN, export_onnx
-from tests.stack import NC, Stack, free_port, start_stack, wait_job
+from testkit.zoo import SmallCNN, export_onnx
+from testkit.stack import NC, Stack, free_port, start_stack, wait_job
 
 PG = "postgresql://postgres@127.0.0.1:5432"
 EXPLAIN = "\n\nWhere the GET target is missed: `/healthz` on the same stack serves about 3,600 req/s, so the framework is not the limit; each job read costs about 2 ms of Python (SQLAlchemy ORM: the key lookup with its team, the job with its artifacts, pydantic serialisation) on a machine where wrk takes one of the two cores. Measured on the way: a pool deadlock (FastAPI's per-dependency thread hops held pooled connections; 0 req/s for 30 s at a time) is fixed, and one thread hop per job read took it from about 270 to 430 req/s. The zipped-model upload misses 200 MB/s because it is unpacked and read three times (CRC while extracting, the checker, ONNX Runtime in a child process) before it is stored."

@@ -27,9 +27,9 @@ from bench.report import write_section
 from compression.analysis import count_params, macs
 from compression.converter import to_torch
 from compression.data import Arrays
-from compression.refdata import fit
+from testkit.refdata import fit
 from compression.training import LossConfig, train
-from compression.zoo import SmallCNN, export_onnx
+from testkit.zoo import SmallCNN, export_onnx
 
 WIDTHS = [0.25, 0.5, 0.75, 1.0]
 EPOCHS, LR, BATCH = 5, 1e-3, 64

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.stack import METRICS_TOKEN, PG_HOST, PG_PORT, REDIS_PORT, Stack, fresh_database, start_embedded, start_stack
+from testkit.stack import METRICS_TOKEN, PG_HOST, PG_PORT, REDIS_PORT, Stack, fresh_database, start_embedded, start_stack
 
 CI = os.environ.get("CI") == "true"
 
@@ -48,7 +48,7 @@ def redis_url() -> str:
 
 @pytest.fixture(scope="session")
 def mnist_data() -> tuple[np.ndarray, np.ndarray]:
-    from compression.refdata import mnist
+    from testkit.refdata import mnist
 
     return mnist()
 
@@ -58,8 +58,8 @@ def trained_cnn(mnist_data):
     """SmallCNN trained briefly on 4,000 MNIST images (≈97% on the rest)."""
     import torch
 
-    from compression.refdata import fit
-    from compression.zoo import SmallCNN
+    from testkit.refdata import fit
+    from testkit.zoo import SmallCNN
 
     torch.manual_seed(0)
     X, y = mnist_data
@@ -71,7 +71,7 @@ def cnn_onnx(trained_cnn, tmp_path_factory) -> dict[str, Path]:
     """The trained CNN exported by both torch exporters."""
     import torch
 
-    from compression.zoo import export_onnx
+    from testkit.zoo import export_onnx
 
     d = tmp_path_factory.mktemp("cnn")
     ex = torch.zeros(2, 1, 28, 28)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from tests.integration.test_bad_input import _jobs_count, _problem, unchanged  # noqa: F401 - fixture
-from tests.stack import METRICS_TOKEN, tiny_classifier, upload
+from testkit.stack import METRICS_TOKEN, tiny_classifier, upload
 
 FAST_EVAL = {"latency_runs": 5}
 

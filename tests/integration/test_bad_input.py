@@ -255,7 +255,7 @@ def test_fifty_megabyte_json_body_is_413(stack):
 def test_revoked_key_is_401(stack):
     import subprocess
 
-    from tests.stack import NC
+    from testkit.stack import NC
 
     key = stack.new_key("team-revoke")
     assert stack.client(key).get("/v1/jobs").status_code == 200

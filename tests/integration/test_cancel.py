@@ -1,7 +1,7 @@
 """Cancel: a running job stops at its next epoch and leaves no artifact; a queued one is cancelled at once."""
 from __future__ import annotations
 
-from tests.stack import wait_job
+from testkit.stack import wait_job
 
 
 def _upload(c, cnn_onnx, mnist_npz):

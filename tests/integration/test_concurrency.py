@@ -11,7 +11,7 @@ import time
 
 import httpx
 
-from tests.stack import tiny_classifier, upload, wait_job
+from testkit.stack import tiny_classifier, upload, wait_job
 
 
 def test_a_hundred_concurrent_pollers_all_answered_quickly(stack, tmp_path):

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from tests.stack import tiny_classifier
+from testkit.stack import tiny_classifier
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -138,7 +138,7 @@ def test_dashboard_shows_a_search_front(stack, browser, tmp_path):
     """A search job: the chart plots its candidates and front, the table lists the front's downloads."""
     from selenium.webdriver.common.by import By
 
-    from tests.stack import upload, wait_job
+    from testkit.stack import upload, wait_job
 
     onnx_path, npz_path = tiny_classifier(tmp_path / "s", samples=1000)
     c = stack.client()

@@ -7,7 +7,7 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from tests.stack import wait_job
+from testkit.stack import wait_job
 
 EVAL = {"holdout": 0.3, "latency_runs": 10}
 STEP = {"method": "early_exit", "epochs": 3, "threshold": "auto", "thresholds": [0.5, 0.8, 0.9, 0.95, 0.99],

@@ -9,7 +9,7 @@ import onnx
 import pytest
 
 from compression.converter import unsupported_ops
-from tests.stack import METRICS_TOKEN, tiny_classifier, upload, wait_job
+from testkit.stack import METRICS_TOKEN, tiny_classifier, upload, wait_job
 
 FAST_EVAL = {"holdout": 0.3, "latency_runs": 5}
 

@@ -11,7 +11,7 @@ from datetime import datetime
 
 import pytest
 
-from tests.stack import fresh_database, start_stack, tiny_classifier, upload, wait_job
+from testkit.stack import fresh_database, start_stack, tiny_classifier, upload, wait_job
 
 CAP = 4
 SPEC = {"steps": [{"method": "prune", "sparsity": 0.2}], "eval": {"latency_runs": 5}}

@@ -15,8 +15,8 @@ import httpx
 import pytest
 from sqlalchemy import create_engine, text
 
-from tests.faults import PrivatePostgres, PrivateRedis
-from tests.stack import Pause, start_embedded, start_stack, wait_job, wait_log
+from testkit.faults import PrivatePostgres, PrivateRedis
+from testkit.stack import Pause, start_embedded, start_stack, wait_job, wait_log
 
 LONG_SPEC = {"steps": [{"method": "prune", "sparsity": 0.5, "finetune": {"epochs": 15, "batch_size": 32}}],
              "eval": {"latency_runs": 5}}
@@ -220,7 +220,7 @@ def test_200_jobs_4_teams_with_quota(fault, tmp_path):
 
     import torch
 
-    from compression.zoo import export_onnx
+    from testkit.zoo import export_onnx
 
     net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4)).eval()
     path = export_onnx(net, torch.zeros(2, 8), tmp_path / "tiny.onnx", dynamo=False)

@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, settings
 
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
-from tests.stack import PG_HOST, PG_PORT
+from testkit.stack import PG_HOST, PG_PORT
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,8 @@ import onnx
 import torch
 from torch import nn
 
-from compression.zoo import LeNet300100, export_onnx
-from tests.stack import upload as _upload, wait_job
+from testkit.zoo import LeNet300100, export_onnx
+from testkit.stack import upload as _upload, wait_job
 
 EVAL = {"holdout": 0.3, "latency_runs": 10}
 
@@ -95,7 +95,7 @@ def test_lottery_ticket_rewinds_to_an_uploaded_init(stack, mnist_data, tmp_path)
     torch.manual_seed(0)
     net = LeNet300100()
     init_path = export_onnx(net, torch.zeros(2, 784), tmp_path / "init.onnx", dynamo=False)
-    from compression.refdata import fit
+    from testkit.refdata import fit
 
     fit(net, Xf[:2000], y[:2000], epochs=2)
     trained_path = export_onnx(net, torch.zeros(2, 784), tmp_path / "trained.onnx", dynamo=False)

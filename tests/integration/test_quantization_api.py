@@ -14,7 +14,7 @@ from onnx import TensorProto
 from compression.packaging import load_compressed
 from compression.quant.layers import channel_view, weight_layers
 from compression.quant.packing import computed_weights
-from tests.stack import wait_job
+from testkit.stack import wait_job
 
 DEEP_COMPRESSION = {"steps": [
     {"method": "prune", "granularity": "weight", "sparsity": 0.8, "iterations": 2, "finetune": {"epochs": 1}},
@@ -35,8 +35,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture(scope="module")
 def lenet_upload(mnist_data, tmp_path_factory):
-    from compression.refdata import fit
-    from compression.zoo import LeNet300100, export_onnx
+    from testkit.refdata import fit
+    from testkit.zoo import LeNet300100, export_onnx
 
     X, y = mnist_data
     Xf = X.reshape(len(X), -1)

@@ -8,7 +8,7 @@ import onnx
 import onnxruntime as ort
 from onnx import helper
 
-from tests.stack import upload as _upload, wait_job
+from testkit.stack import upload as _upload, wait_job
 
 EVAL = {"holdout": 0.3, "latency_runs": 10}
 

@@ -8,7 +8,7 @@ import uuid
 import psycopg
 import pytest
 
-from tests.stack import PG_HOST, PG_PORT, free_port, start_stack, tiny_classifier, wait_job
+from testkit.stack import PG_HOST, PG_PORT, free_port, start_stack, tiny_classifier, wait_job
 
 BUCKET = "nc-artifacts"
 PREFIX = "team-data/v1"

@@ -17,7 +17,7 @@ import pytest
 
 from client import Client, NotFound, Unauthorized, ValidationFailed
 from client.errors import Conflict
-from tests.stack import NC, Pause, tiny_classifier
+from testkit.stack import NC, Pause, tiny_classifier
 
 FAST_EVAL = {"holdout": 0.3, "latency_runs": 5}
 

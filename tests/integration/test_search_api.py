@@ -9,7 +9,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from tests.stack import NC, tiny_classifier, upload, wait_job
+from testkit.stack import NC, tiny_classifier, upload, wait_job
 
 EVAL = {"holdout": 0.3, "latency_runs": 5}
 

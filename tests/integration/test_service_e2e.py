@@ -11,7 +11,7 @@ import pytest
 from onnx import numpy_helper
 from sqlalchemy import create_engine, text
 
-from tests.stack import wait_job
+from testkit.stack import wait_job
 
 SPEC = {
     "steps": [

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from compression.analysis import count_params, macs
-from compression.zoo import export_onnx
-from tests.stack import wait_job
+from testkit.zoo import export_onnx
+from testkit.stack import wait_job
 
 EVAL = {"holdout": 0.3, "latency_runs": 10}
 WIDTHS = [0.25, 0.5, 1.0]

@@ -8,9 +8,9 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from compression.refdata import fit
-from compression.zoo import LeNet300100
-from tests.stack import wait_job
+from testkit.refdata import fit
+from testkit.zoo import LeNet300100
+from testkit.stack import wait_job
 
 
 def _lenet_data(mnist_data):
@@ -89,7 +89,7 @@ def test_pt2_program(stack, mnist_data, tmp_path):
 def test_large_zip_is_stored_as_uploaded_and_runs(mnist_data, tmp_path):
     """A zip over the inline threshold (0 here) is checked without loading its weights in the API, stored
     as the zip, served back as the zip, and opened by the worker."""
-    from tests.stack import start_embedded
+    from testkit.stack import start_embedded
 
     X, _ = _lenet_data(mnist_data)
     net = _trained_lenet(mnist_data)

@@ -13,10 +13,10 @@ from compression.analysis import count_params, macs
 from compression.context import StepContext
 from compression.data import Arrays, split
 from compression.errors import InvalidSpec
-from compression.refdata import fit
+from testkit.refdata import fit
 from compression.registry import get_technique
 from compression.spec import parse_spec
-from compression.zoo import LeNet300100, TinyResNet, export_onnx
+from testkit.zoo import LeNet300100, TinyResNet, export_onnx
 
 
 def _apply(spec: dict, model, data, tmp_path, **ctx):
@@ -223,7 +223,7 @@ def test_invalid_prune_specs_are_refused_at_validation(bad):
 def test_minilm_heads_and_ffn_neurons_pruned_and_recovered_by_distillation(tmp_path):
     """all-MiniLM-L6-v2: half the heads and FFN neurons go; distillation on sentences recovers cosine."""
     from compression.metrics import session
-    from compression.zoo import export_minilm, minilm_example_inputs
+    from testkit.zoo import export_minilm, minilm_example_inputs
 
     path = export_minilm(tmp_path / "minilm.onnx", dynamo=False)
     model = onnx.load(str(path))

@@ -14,7 +14,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
-from compression import zoo
+from testkit import zoo
 from compression.converter import OnnxModule, UnsupportedOp, to_torch, unsupported_ops
 
 ATOL = 1e-4

@@ -11,11 +11,11 @@ from torch import nn
 from compression.context import StepContext
 from compression.data import Arrays, DataSplit
 from compression.errors import InvalidSpec
-from compression.refdata import fit
+from testkit.refdata import fit
 from compression.registry import get_technique
 from compression.spec import parse_spec
 from compression.training import ensemble_targets
-from compression.zoo import export_onnx
+from testkit.zoo import export_onnx
 
 
 def _mlp(hidden: int, seed: int, out: int = 10) -> nn.Module:

@@ -17,7 +17,7 @@ from compression.errors import InvalidSpec
 from compression.exits import add_exit_heads, build_gated, choose_cuts, confidence, find_cuts, simulate
 from compression.registry import get_technique
 from compression.spec import parse_spec
-from compression.zoo import TinyResNet, export_onnx
+from testkit.zoo import TinyResNet, export_onnx
 
 SPEC = {"method": "early_exit", "epochs": 3, "threshold": "auto", "latency_samples": 30, "latency_rounds": 1}
 

@@ -16,10 +16,10 @@ from compression.analysis import count_params, macs
 from compression.context import StepContext
 from compression.data import Arrays, DataSplit
 from compression.errors import InvalidSpec
-from compression.refdata import fit
+from testkit.refdata import fit
 from compression.registry import get_technique
 from compression.spec import parse_spec
-from compression.zoo import LeNet300100, export_onnx
+from testkit.zoo import LeNet300100, export_onnx
 
 
 def _apply(spec: dict, model: onnx.ModelProto, data: DataSplit | None, tmp_path):

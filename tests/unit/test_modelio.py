@@ -12,7 +12,7 @@ import torch
 
 from compression.errors import InvalidModel, UnsupportedModelFormat
 from compression.modelio import read_upload
-from compression.zoo import LeNet300100
+from testkit.zoo import LeNet300100
 
 CAP = 100 * 1024 * 1024
 

@@ -13,10 +13,10 @@ from compression.context import StepContext
 from compression.data import Arrays, DataSplit
 from compression.quant.layers import channel_view, weight_layers
 from compression.quant.packing import computed_weights, packed_param_counts
-from compression.refdata import fit
+from testkit.refdata import fit
 from compression.registry import get_technique
 from compression.spec import parse_spec
-from compression.zoo import LeNet300100, export_onnx
+from testkit.zoo import LeNet300100, export_onnx
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

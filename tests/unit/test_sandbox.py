@@ -8,7 +8,7 @@ import pytest
 
 from compression import sandbox
 from compression.errors import Cancelled, InvalidModel
-from tests.hostile import constant_bomb, run_time_bomb, spinning_loop
+from testkit.hostile import constant_bomb, run_time_bomb, spinning_loop
 
 MiB = 1024 * 1024
 

@@ -12,11 +12,11 @@ import torch
 from compression.data import Arrays, split
 from compression.errors import Cancelled, InvalidSpec
 from compression.pipeline import run_pipeline
-from compression.refdata import fit
+from testkit.refdata import fit
 from compression.search import allocate, pareto_front
 from compression.search_space import expand
 from compression.spec import parse_spec
-from compression.zoo import LeNet300100, export_onnx
+from testkit.zoo import LeNet300100, export_onnx
 
 EVAL = {"latency_runs": 5, "holdout": 0.4}
 

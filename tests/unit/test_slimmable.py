@@ -16,11 +16,11 @@ from compression.context import StepContext
 from compression.converter import to_torch
 from compression.data import Arrays, DataSplit
 from compression.errors import InvalidSpec
-from compression.refdata import fit
+from testkit.refdata import fit
 from compression.registry import get_technique
 from compression.spec import parse_spec
 from compression.structured import plan_channels
-from compression.zoo import LeNet300100, SmallCNN, TinyResNet, export_onnx
+from testkit.zoo import LeNet300100, SmallCNN, TinyResNet, export_onnx
 
 WIDTHS = [0.25, 0.5, 0.75, 1.0]
 

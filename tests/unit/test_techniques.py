@@ -11,9 +11,9 @@ from onnx import numpy_helper
 from compression.context import StepContext
 from compression.data import Arrays, split
 from compression.registry import get_technique, list_techniques
-from compression.refdata import fit
+from testkit.refdata import fit
 from compression.spec import parse_spec
-from compression.zoo import LeNet300100, export_onnx
+from testkit.zoo import LeNet300100, export_onnx
 
 CONTRACT_SPECS = {
     "prune": {"method": "prune", "sparsity": 0.5, "finetune": {"epochs": 1}},

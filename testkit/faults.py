@@ -9,7 +9,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tests.stack import free_port
+from testkit.stack import free_port
 
 
 def _wait_port(port: int, timeout: float = 30) -> None:
