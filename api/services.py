@@ -75,8 +75,7 @@ def ingest_dataset(*, upload: Upload, settings: Settings, store: LocalArtifactSt
 def _search_needs(spec: ParsedSpec, dataset: DatasetRecord | None) -> list[dict]:
     """A search's own data needs: an accuracy target needs labels; a searched value may add training."""
     from compression.data import LABELS
-    from compression.registry import get_technique
-    from compression.search_space import TargetSpec, expand
+    from compression.search_space import TargetSpec
 
     errors = []
     target = spec.target or TargetSpec()
@@ -85,13 +84,11 @@ def _search_needs(spec: ParsedSpec, dataset: DatasetRecord | None) -> list[dict]
         errors.append({"loc": ["target", "metric"],
                        "msg": "accuracy needs a dataset with labels: upload one, or use agreement or output_cosine"})
     if dataset is None:
-        for cand in expand(spec.raw_steps(), spec.search if spec.search is not None else "auto"):
-            for i, raw in enumerate(cand.steps):
-                step = get_technique(raw["method"]).spec_model.model_validate(raw)
-                if getattr(step, "needs_data", False):
-                    errors.append({"loc": ["search"], "msg": f"candidate {cand.values} makes step {i} "
-                                                             f"({raw['method']}) train: it needs a dataset"})
-                    return errors
+        cand = next((c for c in spec.candidates() if c.data_steps), None)
+        if cand is not None:
+            i = cand.data_steps[0]
+            errors.append({"loc": ["search"], "msg": f"candidate {cand.values} makes step {i} "
+                                                     f"({cand.steps[i]['method']}) train: it needs a dataset"})
     return errors
 
 
