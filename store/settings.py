@@ -57,6 +57,12 @@ class Settings(BaseSettings):
         600.0, ge=0, le=86_400, description="How long a worker keeps retrying its final writes while the DB is down."
     )
     max_json_bytes: int = Field(1024 * 1024, ge=1024, le=64 * 1024**2, description="Cap on a JSON request body.")
+    # --- cheap refusals ---
+    max_json_elements: int = Field(
+        20_000, ge=100, le=10_000_000, description="Most nodes (objects, arrays, scalars) in a JSON request body; "
+                                                   "counted before validation (413 past it).")
+    max_layers_entries: int = Field(
+        1024, ge=1, le=1_000_000, description="Most entries in a spec's per-layer `layers` map (422 past it).")
 
     @field_validator("home")
     @classmethod
