@@ -63,6 +63,10 @@ class Settings(BaseSettings):
                                                    "counted before validation (413 past it).")
     max_layers_entries: int = Field(
         1024, ge=1, le=1_000_000, description="Most entries in a spec's per-layer `layers` map (422 past it).")
+    max_form_fields: int = Field(16, ge=1, le=1000, description="Most non-file fields in a multipart upload.")
+    max_form_field_bytes_total: int = Field(
+        256 * 1024, ge=1024, le=64 * 1024**2, description="Most bytes of all non-file fields (and part headers) "
+                                                          "of a multipart upload together.")
 
     @field_validator("home")
     @classmethod
