@@ -13,8 +13,9 @@ from sqlalchemy.orm import Session
 from api.errors import Problem, validation_errors
 from api.schemas import JobCreate
 from api.uploads import Upload
+from compression.archives import check_zip_directory
 from compression.data import check_against_model, inspect_npz
-from compression.errors import InvalidDataset, InvalidSpec
+from compression.errors import InvalidDataset, InvalidModel, InvalidSpec
 from compression.modelio import describe, read_upload, save, uses_external_data
 from compression.spec import ParsedSpec, parse_spec
 from store.artifacts import LocalArtifactStore
@@ -31,8 +32,9 @@ def ingest_model(*, upload: Upload, settings: Settings, store: LocalArtifactStor
 
     Runs in a worker thread (ONNX parsing and an ORT load are CPU work).
     """
+    check_zip_directory(upload.path, max_bytes=settings.max_zip_directory_bytes, error=InvalidModel)
     loaded = read_upload(upload.path, upload.filename, upload.folder, max_unpacked_bytes=settings.max_upload_bytes * 4,
-                         lazy_above=settings.model_inline_max_bytes)
+                         lazy_above=settings.model_inline_max_bytes, max_ratio=settings.max_unzipped_ratio)
     info = describe(loaded.model)
     if info["params"] > settings.max_model_params:
         raise Problem(413, "too_large", "model too large", f"{info['params']} params; limit {settings.max_model_params}")
@@ -55,6 +57,7 @@ def ingest_model(*, upload: Upload, settings: Settings, store: LocalArtifactStor
 
 def ingest_dataset(*, upload: Upload, settings: Settings, store: LocalArtifactStore) -> dict[str, Any]:
     """Check an ``.npz`` (headers first, then every array loads without pickle) and store it."""
+    check_zip_directory(upload.path, max_bytes=settings.max_zip_directory_bytes, error=InvalidDataset)
     arrays = inspect_npz(upload.path, max_uncompressed_bytes=settings.max_npz_uncompressed_bytes)
     try:
         # Stream every member through zipfile's CRC check: proves the data intact in O(chunk) memory.
