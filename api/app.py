@@ -1,10 +1,10 @@
 """The FastAPI application."""
 from __future__ import annotations
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 
 from api import errors
-from api.limits import BodySizeLimit
+from api.limits import BodySizeLimit, json_shape_limits
 from api.metrics import Metrics, MetricsMiddleware
 from api.metrics import router as metrics_router
 from api.routers import dashboard, datasets, events, health, jobs, models, preflight
@@ -14,7 +14,8 @@ from store.settings import Settings, get_settings
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the app; settings are injected (tests pass their own)."""
-    app = FastAPI(title="netcompress", version="1.0", description="Neural network compression as a job queue.")
+    app = FastAPI(title="netcompress", version="1.0", description="Neural network compression as a job queue.",
+                  dependencies=[Depends(json_shape_limits)])  # before any body is validated
     app.state.settings = settings or get_settings()
     errors.install(app)
     for r in (health.router, metrics_router, models.router, datasets.router, preflight.router, jobs.router,

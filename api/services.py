@@ -4,7 +4,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +14,10 @@ from sqlalchemy.orm import Session
 from api.errors import Problem, validation_errors
 from api.schemas import JobCreate
 from api.uploads import Upload
-from compression.data import check_against_model, inspect_npz
 from compression import sandbox
-from compression.errors import InvalidDataset, InvalidSpec
+from compression.archives import check_zip_directory
+from compression.data import check_against_model, check_npz_data, inspect_npz
+from compression.errors import InvalidDataset, InvalidModel, InvalidSpec
 from compression.search_space import search_model_refs
 from compression.spec import ParsedSpec, parse_spec
 from store.artifacts import LocalArtifactStore
@@ -36,10 +36,12 @@ def ingest_model(*, upload: Upload, settings: Settings, store: LocalArtifactStor
     Parsing, the ``.pt2`` conversion and the ONNX Runtime load all happen in a sandboxed child
     (:mod:`compression.sandbox`): this process only moves bytes. Runs in a worker thread.
     """
+    check_zip_directory(upload.path, max_bytes=settings.max_zip_directory_bytes, error=InvalidModel)  # its size only
     out = upload.folder / "model.onnx"
     info = sandbox.run("read_upload", {
         "path": str(upload.path), "filename": upload.filename, "workdir": str(upload.folder), "out": str(out),
         "max_unpacked_bytes": settings.max_upload_bytes * 4, "lazy_above": settings.model_inline_max_bytes,
+        "max_ratio": settings.max_unzipped_ratio,
     }, limits=sandbox.Limits(**settings.sandbox_limits("check")), workdir=upload.folder)
     if info["params"] > settings.max_model_params:
         raise Problem(413, "too_large", "model too large", f"{info['params']} params; limit {settings.max_model_params}")
@@ -60,16 +62,10 @@ def ingest_model(*, upload: Upload, settings: Settings, store: LocalArtifactStor
 
 def ingest_dataset(*, upload: Upload, settings: Settings, store: LocalArtifactStore) -> dict[str, Any]:
     """Check an ``.npz`` (headers first, then every array loads without pickle) and store it."""
-    arrays = inspect_npz(upload.path, max_uncompressed_bytes=settings.max_npz_uncompressed_bytes)
-    try:
-        # Stream every member through zipfile's CRC check: proves the data intact in O(chunk) memory.
-        with zipfile.ZipFile(upload.path) as zf:
-            for info in zf.infolist():
-                with zf.open(info) as f:
-                    while f.read(1 << 20):
-                        pass
-    except Exception as e:
-        raise InvalidDataset(f"the .npz data is unreadable: {type(e).__name__}: {e}") from None
+    check_zip_directory(upload.path, max_bytes=settings.max_zip_directory_bytes, error=InvalidDataset)
+    arrays = inspect_npz(upload.path, max_uncompressed_bytes=settings.max_npz_uncompressed_bytes,
+                         max_ratio=settings.max_unzipped_ratio)
+    check_npz_data(upload.path)
     ds_id = new_id()
     key = f"datasets/{ds_id}/data.npz"
     store.put_file(key, upload.path)
@@ -80,8 +76,7 @@ def ingest_dataset(*, upload: Upload, settings: Settings, store: LocalArtifactSt
 def _search_needs(spec: ParsedSpec, dataset: DatasetRecord | None) -> list[dict]:
     """A search's own data needs: an accuracy target needs labels; a searched value may add training."""
     from compression.data import LABELS
-    from compression.registry import get_technique
-    from compression.search_space import TargetSpec, expand
+    from compression.search_space import TargetSpec
 
     errors = []
     target = spec.target or TargetSpec()
@@ -90,13 +85,11 @@ def _search_needs(spec: ParsedSpec, dataset: DatasetRecord | None) -> list[dict]
         errors.append({"loc": ["target", "metric"],
                        "msg": "accuracy needs a dataset with labels: upload one, or use agreement or output_cosine"})
     if dataset is None:
-        for cand in expand(spec.raw_steps(), spec.search if spec.search is not None else "auto"):
-            for i, raw in enumerate(cand.steps):
-                step = get_technique(raw["method"]).spec_model.model_validate(raw)
-                if getattr(step, "needs_data", False):
-                    errors.append({"loc": ["search"], "msg": f"candidate {cand.values} makes step {i} "
-                                                             f"({raw['method']}) train: it needs a dataset"})
-                    return errors
+        cand = next((c for c in spec.candidates() if c.data_steps), None)
+        if cand is not None:
+            i = cand.data_steps[0]
+            errors.append({"loc": ["search"], "msg": f"candidate {cand.values} makes step {i} "
+                                                     f"({cand.steps[i]['method']}) train: it needs a dataset"})
     return errors
 
 

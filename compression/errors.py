@@ -1,6 +1,7 @@
 """Errors the engine raises; the service maps them to HTTP problems or failed jobs."""
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Sequence
 
@@ -61,6 +62,9 @@ _SEGMENT = r"[^\s/\\'\"`,;:()\[\]{}<>|]+"
 _START = r"(?<![\w./~:)\]}-])"
 # An absolute path (or a file: URL); the last segment, the file name, is group 1.
 _ABSOLUTE = re.compile(rf"(?:{_START}|{_START}file:)/+(?:{_SEGMENT}/+)*({_SEGMENT})")
+# What a file the service keeps ends in; an ONNX node name (``/features/features.3/Conv``) does not.
+_FILE_SUFFIXES = (".onnx", ".data", ".zip", ".npz", ".npy", ".pt2", ".pt", ".pth", ".bin", ".json", ".txt", ".log",
+                  ".db", ".py", ".so", ".xz", ".pb", ".tmp", ".part", ".svg", ".yaml", ".yml")
 
 
 def scrub_paths(message: str, roots: Sequence[str] = ()) -> str:
@@ -80,4 +84,15 @@ def scrub_paths(message: str, roots: Sequence[str] = ()) -> str:
     for root in sorted({r.rstrip("/") for r in roots if r.rstrip("/") not in ("", ".")}, key=len, reverse=True):
         under = re.compile(rf"{_START}{re.escape(root)}(?:/+{_SEGMENT})*/+({_SEGMENT})")
         message = under.sub(lambda m: m.group(1), message)
-    return _ABSOLUTE.sub(lambda m: m.group(1), message)
+    return _ABSOLUTE.sub(_file_name_if_on_disk, message)
+
+
+def _file_name_if_on_disk(m: re.Match[str]) -> str:
+    """A server path becomes its file name: one whose first folder exists here (``/tmp/…``, ``/var/…``) or
+    that names a file. Anything else that merely looks like a path is left alone — ONNX node names
+    (``/features/features.3/MaxPool``) above all, so error messages still name the layer."""
+    path = m.group(0)
+    first = path.split("file:")[-1].lstrip("/").split("/", 1)[0]
+    if os.path.isdir("/" + first) or m.group(1).lower().endswith(_FILE_SUFFIXES):
+        return m.group(1)
+    return path

@@ -18,6 +18,7 @@ import numpy as np
 import onnx
 from onnx import external_data_helper, helper, numpy_helper
 
+from compression.archives import ZIP_ERRORS, check_zip_sizes
 from compression.errors import InvalidModel, UnsupportedModelFormat
 
 # ONNX protobuf cannot exceed 2 GiB in one file; above this we keep weights as external data.
@@ -42,7 +43,7 @@ def _is_pickle(path: Path) -> bool:
 
 
 def read_upload(path: Path, filename: str, workdir: Path, *, max_unpacked_bytes: int,
-                lazy_above: int | None = None) -> LoadedModel:
+                lazy_above: int | None = None, max_ratio: float | None = None) -> LoadedModel:
     """Turn an uploaded file into a validated ONNX model.
 
     Args:
@@ -50,6 +51,8 @@ def read_upload(path: Path, filename: str, workdir: Path, *, max_unpacked_bytes:
         filename: the client's file name (only its suffix is used as a hint).
         workdir: an empty private folder for unpacking.
         max_unpacked_bytes: cap on what a zip may unpack to (zip bombs).
+        max_ratio: cap on a zip member's uncompressed / compressed size, checked before inflating (see
+            :func:`safe_extract`); None: only the size cap.
         lazy_above: for a ``.zip`` whose external data exceeds this many bytes, validate without loading
             the weights into this process (the API: a 1 GiB model must not cost it gigabytes); the graph
             comes back with its external references, and the zip itself is what gets stored
@@ -74,7 +77,8 @@ def read_upload(path: Path, filename: str, workdir: Path, *, max_unpacked_bytes:
             )
         if suffix == ".pt2" or any(n.endswith("archive_format") for n in names):
             return LoadedModel(pt2_to_onnx(path, workdir), "pt2")
-        return LoadedModel(_load_onnx_zip(path, workdir, max_unpacked_bytes, lazy_above=lazy_above), "onnx_zip")
+        return LoadedModel(_load_onnx_zip(path, workdir, max_unpacked_bytes, lazy_above=lazy_above,
+                                          max_ratio=max_ratio), "onnx_zip")
     if suffix in (".pt", ".pth", ".ckpt", ".bin", ".pkl"):
         raise UnsupportedModelFormat(f"{suffix} checkpoints are refused; upload ONNX or a torch.export .pt2")
     model = _parse_onnx(path)
@@ -102,46 +106,75 @@ def _zip_names(path: Path) -> list[str]:
         raise InvalidModel(f"corrupt zip: {e}") from None
 
 
-def safe_extract(path: Path, dest: Path, *, max_unpacked_bytes: int) -> list[Path]:
-    """Extract a zip refusing traversal, absolute paths, links and bombs; returns extracted files."""
-    out: list[Path] = []
+def safe_extract(path: Path, dest: Path, *, max_unpacked_bytes: int, max_ratio: float | None = None) -> list[Path]:
+    """Extract a zip refusing traversal, absolute paths, links and bombs; returns extracted files.
+
+    The whole central directory is checked first (names, links, declared sizes, compression ratios), so a
+    refused zip has had nothing inflated; then members are extracted counting real bytes (lying headers).
+
+    Args:
+        max_unpacked_bytes: cap on the total uncompressed size.
+        max_ratio: cap on uncompressed / compressed size (per member and for the whole zip, see
+            :func:`compression.archives.check_zip_sizes`); None for zips this service stored itself.
+
+    Raises:
+        InvalidModel: an unsafe member, a bomb, or a corrupt zip.
+    """
     dest = dest.resolve()
+    try:
+        with zipfile.ZipFile(path) as zf:
+            members = _checked_members(zf, dest)
+            check_zip_sizes(zf, archive_bytes=path.stat().st_size, max_total=max_unpacked_bytes,
+                            max_ratio=max_ratio, error=InvalidModel)
+            return _extract_counting(zf, members, max_unpacked_bytes)
+    except ZIP_ERRORS as e:
+        raise InvalidModel(f"corrupt zip: {type(e).__name__}: {e}") from None
+
+
+def _checked_members(zf: zipfile.ZipFile, dest: Path) -> list[tuple[zipfile.ZipInfo, Path]]:
+    """Every file member with its target under ``dest``; raises on traversal, absolute paths and links."""
+    out = []
+    for info in zf.infolist():
+        name = info.filename
+        p = PurePosixPath(name)
+        if p.is_absolute() or ".." in p.parts or "\\" in name or (p.parts and p.parts[0].endswith(":")):
+            raise InvalidModel(f"zip member {name!r} points outside the upload")
+        mode = info.external_attr >> 16
+        if stat.S_ISLNK(mode):
+            raise InvalidModel(f"zip member {name!r} is a link; links are refused")
+        if info.is_dir():
+            continue
+        target = dest.joinpath(*p.parts)
+        if not str(target.resolve()).startswith(str(dest) + os.sep):
+            raise InvalidModel(f"zip member {name!r} points outside the upload")
+        out.append((info, target))
+    return out
+
+
+def _extract_counting(zf: zipfile.ZipFile, members: list[tuple[zipfile.ZipInfo, Path]],
+                      max_unpacked_bytes: int) -> list[Path]:
+    """Inflate checked members, counting real bytes: a header that lies about a size stops here."""
+    out: list[Path] = []
     total = 0
-    with zipfile.ZipFile(path) as zf:
-        for info in zf.infolist():
-            name = info.filename
-            p = PurePosixPath(name)
-            if p.is_absolute() or ".." in p.parts or "\\" in name or (p.parts and p.parts[0].endswith(":")):
-                raise InvalidModel(f"zip member {name!r} points outside the upload")
-            mode = info.external_attr >> 16
-            if stat.S_ISLNK(mode):
-                raise InvalidModel(f"zip member {name!r} is a link; links are refused")
-            if info.is_dir():
-                continue
-            total += info.file_size
-            if total > max_unpacked_bytes:
-                raise InvalidModel(f"zip unpacks to more than {max_unpacked_bytes} bytes")
-            target = dest.joinpath(*p.parts)
-            if not str(target.resolve()).startswith(str(dest) + os.sep):
-                raise InvalidModel(f"zip member {name!r} points outside the upload")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            written = 0
-            with zf.open(info) as src, open(target, "wb") as dst:
-                # Count real bytes: a lying header must not let a bomb through.
-                for chunk in iter(lambda: src.read(1 << 20), b""):
-                    written += len(chunk)
-                    if written > info.file_size or total - info.file_size + written > max_unpacked_bytes:
-                        raise InvalidModel("zip member is larger than declared")
-                    dst.write(chunk)
-            out.append(target)
+    for info, target in members:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        written = 0
+        with zf.open(info) as src, open(target, "wb") as dst:
+            for chunk in iter(lambda: src.read(1 << 20), b""):
+                written += len(chunk)
+                if written > info.file_size or total + written > max_unpacked_bytes:
+                    raise InvalidModel("zip member is larger than declared")
+                dst.write(chunk)
+        total += written
+        out.append(target)
     return out
 
 
 def _load_onnx_zip(path: Path, workdir: Path, max_unpacked_bytes: int, *,
-                   lazy_above: int | None = None) -> onnx.ModelProto:
+                   lazy_above: int | None = None, max_ratio: float | None = None) -> onnx.ModelProto:
     root = workdir / "unzipped"
     root.mkdir(parents=True, exist_ok=True)
-    files = safe_extract(path, root, max_unpacked_bytes=max_unpacked_bytes)
+    files = safe_extract(path, root, max_unpacked_bytes=max_unpacked_bytes, max_ratio=max_ratio)
     onnx_files = [f for f in files if f.suffix == ".onnx"]
     preferred = [f for f in onnx_files if f.name == "model.onnx"]
     if len(preferred) == 1:

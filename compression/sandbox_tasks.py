@@ -26,7 +26,7 @@ def read_upload(args: dict[str, Any], channel: Any, limits: dict[str, Any]) -> d
 
     workdir = Path(args["workdir"])
     loaded = read(Path(args["path"]), args["filename"], workdir, max_unpacked_bytes=args["max_unpacked_bytes"],
-                  lazy_above=args.get("lazy_above"))
+                  lazy_above=args.get("lazy_above"), max_ratio=args.get("max_ratio"))
     info = describe(loaded.model)
     store, files = "upload", 1
     if loaded.format == "pt2" or (loaded.format == "onnx_zip" and not uses_external_data(loaded.model)):

@@ -2,8 +2,9 @@
 
 A search key names a step field as ``<selector>.<field>``: the selector is a method (``prune``), a
 quantize scheme (``cluster`` — applies only to quantize steps using that scheme in the candidate) or a
-step index (``steps[1]``). Values are lists. The grid is the product of every key's values; candidates
-that come out identical (``cluster.bits`` on an ``int8`` candidate) are kept once.
+step index (``steps[1]``). Values are lists. The grid is the product of every key's values, at most
+MAX_CANDIDATES points; candidates that come out identical (``cluster.bits`` on an ``int8`` candidate) are
+kept once.
 
 ``prune.allocation: [uniform, sensitivity]`` is the one pseudo-field: ``sensitivity`` gives each layer its
 own sparsity from a quick per-layer scan (the search fills ``scope: layer`` and ``layers`` in), so layers
@@ -17,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -63,17 +65,30 @@ class BudgetSpec(StrictModel):
 
 @dataclass
 class Candidate:
-    """One point of the grid: its steps (raw dicts, validated), the searched values, a stable id."""
+    """One point of the grid: its steps (raw dicts, validated), the searched values, a stable id.
+
+    ``steps`` dicts are shared between candidates (a step no searched key touches is validated once, not
+    once per candidate, and sections a searched key leaves alone are shared too): treat them as read-only.
+    """
 
     steps: list[dict[str, Any]]
     values: dict[str, Any]
     sensitivity_steps: list[int] = field(default_factory=list)  # prune steps to allocate per layer
     cost: float = 1.0
+    data_steps: list[int] = field(default_factory=list)  # steps that need a dataset (train, calibrate)
+    digests: list[str] = field(default_factory=list)  # one per step, see step_digest
 
     @property
     def id(self) -> str:
-        blob = json.dumps({"steps": self.steps, "sens": self.sensitivity_steps}, sort_keys=True)
+        """Hash of the steps' digests and the sensitivity steps: O(steps), not O(spec size), per candidate."""
+        digests = self.digests or [step_digest(s) for s in self.steps]
+        blob = json.dumps({"steps": digests, "sens": self.sensitivity_steps})
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def step_digest(step: dict[str, Any]) -> str:
+    """A stable hash of one validated step (key order does not matter)."""
+    return hashlib.sha256(json.dumps(step, sort_keys=True).encode()).hexdigest()
 
 
 def _selector_matches(step: dict[str, Any], method: str | None, index: int | None, i: int) -> bool:
@@ -154,12 +169,16 @@ def search_model_refs(search: dict[str, list[Any]], steps: list[dict[str, Any]])
 
 
 def _set(step: dict[str, Any], fld: str, value: Any) -> None:
-    """Set ``a.b`` in a step dict (``finetune.epochs``), creating the section when missing."""
+    """Set ``a.b`` in a step dict (``finetune.epochs``), creating the section when missing.
+
+    Copies each section on the way down: ``step`` is a shallow copy whose sections are shared with the
+    user's step and with every other candidate.
+    """
     parts = fld.split(".")
     cur = step
     for p in parts[:-1]:
-        if not isinstance(cur.get(p), dict):
-            cur[p] = {}
+        sub = cur.get(p)
+        cur[p] = dict(sub) if isinstance(sub, dict) else {}
         cur = cur[p]
     cur[parts[-1]] = value
 
@@ -208,36 +227,50 @@ def _step_cost(step: Any) -> float:
     return 1.0 + epochs
 
 
+@dataclass
+class _Variant:
+    """One step as some searched values leave it, validated once however many candidates share it."""
+
+    dump: dict[str, Any]
+    digest: str
+    cost: float
+    needs_data: bool
+
+
 def expand(steps: list[dict[str, Any]], search: dict[str, list[Any]] | str) -> list[Candidate]:
     """Every distinct candidate of the grid, validated, cheapest first (stable within equal cost).
+
+    The grid's size is checked from the list lengths before anything is expanded, and each distinct
+    version of a step is validated once: a large step (a 1,000-entry ``layers`` map) that the search does
+    not touch costs its size once, not once per candidate.
 
     Raises:
         InvalidSpec: a bad key, a value a step refuses (with the searched key in ``loc``), or a grid
             larger than MAX_CANDIDATES.
     """
-    from compression.registry import get_technique
-
     space = auto_space(steps) if search == "auto" else dict(search)
     if search != "auto":
         validate_search_keys(space, steps)
+    size = math.prod(len(v) for v in space.values())  # from the list lengths alone: nothing expanded yet
+    if size > MAX_CANDIDATES:
+        raise InvalidSpec(f"the search grid has {size} points; at most {MAX_CANDIDATES}",
+                          [{"loc": ["search"], "msg": f"grid too large ({size} points, at most {MAX_CANDIDATES})"}])
     # scheme changes first, so a scheme selector (cluster.bits) sees the candidate's scheme
     keys = sorted(space, key=lambda k: (0 if k.endswith(".scheme") else 1, k))
-    size = 1
-    for k in keys:
-        size *= len(space[k])
-    if size > MAX_CANDIDATES * 4:
-        raise InvalidSpec(f"the search grid has {size} points; at most {MAX_CANDIDATES * 4}",
-                          [{"loc": ["search"], "msg": "grid too large"}])
+    parsed = []
+    for key in keys:
+        m = _KEY.match(key)
+        assert m is not None
+        parsed.append((key, m["method"], int(m["index"]) if m["index"] is not None else None, m["field"]))
+    variants: dict[tuple[int, str], _Variant] = {}
+    last: list[dict[str, Any]] = [{} for _ in steps]  # each step's latest dump, to share unchanged sections
     seen: dict[str, Candidate] = {}
     for combo in itertools.product(*(space[k] for k in keys)):
-        cand_steps = json.loads(json.dumps(steps))
+        cand_steps = [dict(s) for s in steps]  # shallow: _set copies what it changes
+        applied: list[list[tuple[str, Any]]] = [[] for _ in steps]
         values: dict[str, Any] = {}
         sens: set[int] = set()
-        for key, value in zip(keys, combo):
-            m = _KEY.match(key)
-            assert m is not None
-            method, index, fld = m["method"], m["index"], m["field"]
-            index = int(index) if index is not None else None
+        for (key, method, index, fld), value in zip(parsed, combo):
             hit = False
             for i, s in enumerate(cand_steps):
                 if not _selector_matches(s, method, index, i):
@@ -255,30 +288,50 @@ def expand(steps: list[dict[str, Any]], search: dict[str, list[Any]] | str) -> l
                         and s.get("scheme", "int8") != "cluster":
                     continue  # bits only mean something for clustering
                 _set(s, fld, value)
+                applied[i].append((fld, value))
                 hit = True
             if hit:
                 values[key] = value
-        for s in cand_steps:
-            _drop_foreign_options(s)
-        validated = []
-        for i, s in enumerate(cand_steps):
-            try:
-                validated.append(get_technique(s["method"]).spec_model.model_validate(s))
-            except ValidationError as e:
-                err = e.errors()[0]
-                raise InvalidSpec(f"search value makes step {i} invalid: {err['msg']}",
-                                  [{"loc": ["search", *values.keys()] or ["search"], "msg": err["msg"]}]) from None
-        cand = Candidate(steps=[v.model_dump(mode="json") for v in validated], values=values,
-                         sensitivity_steps=sorted(sens), cost=sum(_step_cost(v) for v in validated))
+        chosen = [_variant(variants, last, i, s, applied[i], values) for i, s in enumerate(cand_steps)]
+        cand = Candidate(steps=[v.dump for v in chosen], values=values, sensitivity_steps=sorted(sens),
+                         cost=sum(v.cost for v in chosen), data_steps=[i for i, v in enumerate(chosen) if v.needs_data],
+                         digests=[v.digest for v in chosen])
         seen.setdefault(cand.id, cand)
-    if len(seen) > MAX_CANDIDATES:
-        raise InvalidSpec(f"the search has {len(seen)} distinct candidates; at most {MAX_CANDIDATES}",
-                          [{"loc": ["search"], "msg": "too many candidates"}])
     cands = list(seen.values())
     spread = {c.id: _bit_reverse(i, len(cands)) for i, c in enumerate(cands)}
     # cheapest first; within a cost tier, a bit-reversed grid order, so a search cut short by its budget
     # has still sampled the whole grid coarsely instead of one corner of it finely
     return sorted(cands, key=lambda c: (c.cost, spread[c.id]))
+
+
+def _variant(memo: dict[tuple[int, str], _Variant], last: list[dict[str, Any]], i: int, step: dict[str, Any],
+             applied: list[tuple[str, Any]], values: dict[str, Any]) -> _Variant:
+    """Step ``i`` with ``applied`` (field, value) changes, validated; memoised on (i, changes).
+
+    A section equal to the one in step ``i``'s previous variant is replaced by that one, so 512 variants
+    of a step with a 1,000-entry ``layers`` map hold one copy of the map, not 512.
+    """
+    from compression.registry import get_technique
+
+    memo_key = (i, json.dumps(applied))
+    found = memo.get(memo_key)
+    if found is not None:
+        return found
+    _drop_foreign_options(step)
+    try:
+        spec = get_technique(step["method"]).spec_model.model_validate(step)
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise InvalidSpec(f"search value makes step {i} invalid: {err['msg']}",
+                          [{"loc": ["search", *values.keys()] or ["search"], "msg": err["msg"]}]) from None
+    dump = spec.model_dump(mode="json")
+    for k, v in dump.items():
+        if isinstance(v, (dict, list)) and last[i].get(k) == v:
+            dump[k] = last[i][k]
+    last[i] = dump
+    memo[memo_key] = found = _Variant(dump=dump, digest=step_digest(dump), cost=_step_cost(spec),
+                                      needs_data=bool(getattr(spec, "needs_data", False)))
+    return found
 
 
 def _bit_reverse(i: int, n: int) -> int:

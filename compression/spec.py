@@ -8,7 +8,7 @@ from typing import Any
 
 from typing import Literal
 
-from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, PrivateAttr, ValidationError, model_validator
 
 from compression.errors import InvalidSpec
 from compression.registry import get_technique, list_techniques
@@ -59,6 +59,7 @@ class ParsedSpec(BaseModel):
     target: TargetSpec | None = None
     search: dict[str, list[Any]] | Literal["auto"] | None = None
     budget: BudgetSpec | None = None
+    _candidates: list[Any] | None = PrivateAttr(None)
 
     def raw_steps(self) -> list[dict[str, Any]]:
         """The steps as the user wrote them (defaults left unset): what a search varies."""
@@ -67,6 +68,14 @@ class ParsedSpec(BaseModel):
     @property
     def is_search(self) -> bool:
         return self.target is not None or self.search is not None
+
+    def candidates(self) -> list[Any]:
+        """A search's candidates (:func:`compression.search_space.expand`), expanded once per parsed spec."""
+        if self._candidates is None:
+            from compression.search_space import expand
+
+            self._candidates = expand(self.raw_steps(), self.search if self.search is not None else "auto")
+        return self._candidates
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"steps": [s.model_dump(mode="json") for s in self.steps],
@@ -120,9 +129,7 @@ def parse_spec(raw: Any) -> ParsedSpec:
         raise InvalidSpec("invalid spec", errors)
     parsed = ParsedSpec(steps=steps, eval=top.eval, target=top.target, search=top.search, budget=top.budget)
     if parsed.is_search:
-        from compression.search_space import expand
-
-        expand(parsed.raw_steps(), parsed.search if parsed.search is not None else "auto")
+        parsed.candidates()  # a bad key or value is refused here, before anything is queued
     return parsed
 
 

@@ -88,6 +88,22 @@ class Settings(BaseSettings):
         None, description="Test-only: while this file exists and its text matches a progress message (a substring, "
                           "or phase:<name>), the worker holds the job there and writes <file>.reached. Off in production.",
     )
+    # --- cheap refusals ---
+    max_unzipped_ratio: int = Field(
+        100, ge=2, le=100_000, description="Most a zip member (and a whole uploaded zip or .npz) may inflate, as "
+                                           "uncompressed / compressed size; checked before anything is inflated.")
+    max_json_elements: int = Field(
+        20_000, ge=100, le=10_000_000, description="Most nodes (objects, arrays, scalars) in a JSON request body; "
+                                                   "counted before validation (413 past it).")
+    max_layers_entries: int = Field(
+        1024, ge=1, le=1_000_000, description="Most entries in a spec's per-layer `layers` map (422 past it).")
+    max_zip_directory_bytes: int = Field(
+        1024 * 1024, ge=4096, le=1024**3, description="Largest central directory (the member list) of an uploaded "
+                                                      "zip or .npz: each entry costs the API memory to parse.")
+    max_form_fields: int = Field(16, ge=1, le=1000, description="Most non-file fields in a multipart upload.")
+    max_form_field_bytes_total: int = Field(
+        256 * 1024, ge=1024, le=64 * 1024**2, description="Most bytes of all non-file fields (and part headers) "
+                                                          "of a multipart upload together.")
 
     @field_validator("home")
     @classmethod

@@ -225,6 +225,26 @@ def upload(client: httpx.Client, path: Path) -> dict:
     return r.json()
 
 
+def expect_problem(r: httpx.Response, status: int, code: str) -> dict:
+    """Assert ``r`` is an RFC 9457 problem+json with this status and code; returns the body."""
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"].startswith("application/problem+json")
+    body = r.json()
+    assert body["status"] == status and body["code"] == code and body["type"] == f"/problems/{code}"
+    assert body["title"]
+    return body
+
+
+def upload_counts(stack: Stack) -> tuple[int, int, int, int]:
+    """Models and datasets listed, upload files stored, temp files left: what a refused upload must not change."""
+    c = stack.client()
+    # uploads only: jobs of other tests may publish artifacts meanwhile
+    files = sum(len(fs) for sub in ("models", "datasets") for _, _, fs in os.walk(stack.home / "artifacts" / sub))
+    tmp = sum(len(fs) for _, _, fs in os.walk(stack.home / "tmp")) if (stack.home / "tmp").exists() else 0
+    return (len(c.get("/v1/models?limit=100").json()["items"]), len(c.get("/v1/datasets?limit=100").json()["items"]),
+            files, tmp)
+
+
 def wait_job(client: httpx.Client, job_id: str, timeout: float = 600) -> dict:
     deadline = time.time() + timeout
     while time.time() < deadline:

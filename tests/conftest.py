@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from testkit.stack import METRICS_TOKEN, PG_HOST, PG_PORT, REDIS_PORT, Stack, fresh_database, start_embedded, start_stack
+from testkit.stack import (METRICS_TOKEN, PG_HOST, PG_PORT, REDIS_PORT, Stack, fresh_database, start_embedded,
+                           start_stack, upload_counts)
 
 CI = os.environ.get("CI") == "true"
 
@@ -103,6 +104,14 @@ def embedded(tmp_path_factory) -> Stack:
     s = start_embedded(tmp_path_factory.mktemp("embedded"))
     yield s
     s.stop()
+
+
+@pytest.fixture()
+def unchanged(stack):
+    """The test's requests leave the stack's models, datasets, stored uploads and temp files as they were."""
+    before = upload_counts(stack)
+    yield
+    assert upload_counts(stack) == before
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ router = APIRouter(prefix="/v1/datasets", tags=["datasets"], responses=COMMON_PR
 async def upload_dataset(request: Request, team: TeamDep, session: SessionDep, settings: SettingsDep,
                          store: StoreDep) -> DatasetRecord:
     """Upload an ``.npz``: arrays named after the model's inputs (first axis = samples), optional ``labels``."""
-    up = await receive_upload(request, tmp_root=settings.home / "tmp", max_bytes=settings.max_upload_bytes)
+    up = await receive_upload(request, settings=settings)
     try:
         fields = await run_in_threadpool(ingest_dataset, upload=up, settings=settings, store=store)
     finally:

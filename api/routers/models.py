@@ -24,7 +24,7 @@ router = APIRouter(prefix="/v1/models", tags=["models"], responses=COMMON_PROBLE
 async def upload_model(request: Request, team: TeamDep, session: SessionDep, settings: SettingsDep,
                        store: StoreDep) -> ModelRecord:
     """Upload ONNX, a .zip of ONNX + external data, or a torch.export .pt2 (multipart field ``file``)."""
-    up = await receive_upload(request, tmp_root=settings.home / "tmp", max_bytes=settings.max_upload_bytes)
+    up = await receive_upload(request, settings=settings)
     try:
         fields = await run_in_threadpool(ingest_model, upload=up, settings=settings, store=store)
     finally:

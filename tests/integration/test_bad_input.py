@@ -10,30 +10,7 @@ import httpx
 import numpy as np
 import pytest
 
-
-def _counts(stack) -> tuple[int, int, int, int]:
-    c = stack.client()
-    # uploads only: jobs of other tests may publish artifacts meanwhile
-    files = sum(len(fs) for sub in ("models", "datasets") for _, _, fs in os.walk(stack.home / "artifacts" / sub))
-    tmp = sum(len(fs) for _, _, fs in os.walk(stack.home / "tmp")) if (stack.home / "tmp").exists() else 0
-    return (len(c.get("/v1/models?limit=100").json()["items"]), len(c.get("/v1/datasets?limit=100").json()["items"]),
-            files, tmp)
-
-
-def _problem(r: httpx.Response, status: int, code: str) -> dict:
-    assert r.status_code == status, r.text
-    assert r.headers["content-type"].startswith("application/problem+json")
-    body = r.json()
-    assert body["status"] == status and body["code"] == code and body["type"] == f"/problems/{code}"
-    assert body["title"]
-    return body
-
-
-@pytest.fixture()
-def unchanged(stack):
-    before = _counts(stack)
-    yield
-    assert _counts(stack) == before
+from testkit.stack import expect_problem as _problem
 
 
 def _post_file(stack, path: str, name: str, content: bytes) -> httpx.Response:
