@@ -235,6 +235,11 @@ def expect_problem(r: httpx.Response, status: int, code: str) -> dict:
     return body
 
 
+def jobs_count(stack: Stack) -> int:
+    """The caller's jobs (first page of 100): a bad request must not add one."""
+    return len(stack.client().get("/v1/jobs?limit=100").json()["items"])
+
+
 def upload_counts(stack: Stack) -> tuple[int, int, int, int]:
     """Models and datasets listed, upload files stored, temp files left: what a refused upload must not change."""
     c = stack.client()

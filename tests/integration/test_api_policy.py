@@ -10,8 +10,7 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.integration.test_bad_input import _jobs_count, _problem, unchanged  # noqa: F401 - fixture
-from testkit.stack import METRICS_TOKEN, tiny_classifier, upload
+from testkit.stack import METRICS_TOKEN, expect_problem as _problem, jobs_count, tiny_classifier, upload
 
 FAST_EVAL = {"latency_runs": 5}
 
@@ -44,12 +43,12 @@ def _searches(ids: dict[str, str]) -> list[tuple[dict, str]]:
 @pytest.mark.parametrize("route", ["/v1/jobs", "/v1/jobs/preflight"])
 def test_model_ids_in_search_values_are_checked(stack, ids, case, route):
     spec, path = _searches(ids)[case]
-    before = _jobs_count(stack)
+    before = jobs_count(stack)
     r = stack.client().post(route, json={"model_id": ids["model"], "dataset_id": ids["data"], "spec": spec})
     body = _problem(r, 404, "not_found")
     assert [e["path"] for e in body["errors"]] == [path], body  # the foreign id only, not the team's own
     assert ids["theirs"] in body["errors"][0]["message"]
-    assert _jobs_count(stack) == before
+    assert jobs_count(stack) == before
 
 
 def test_idempotency_key_reused_with_another_body(stack, ids):
@@ -63,11 +62,11 @@ def test_idempotency_key_reused_with_another_body(stack, ids):
     again = c.post("/v1/jobs", content=reordered,
                    headers={"Idempotency-Key": "policy-key", "Content-Type": "application/json"})
     assert again.status_code == 202 and again.json()["id"] == first.json()["id"]
-    before = _jobs_count(stack)
+    before = jobs_count(stack)
     other = {**body, "spec": {"steps": [{"method": "quantize", "scheme": "int8", "mode": "dynamic"}]}}
     r = c.post("/v1/jobs", json=other, headers={"Idempotency-Key": "policy-key"})
     assert "different request body" in _problem(r, 422, "idempotency_key_reused")["detail"]
-    assert _jobs_count(stack) == before
+    assert jobs_count(stack) == before
     assert c.get(f"/v1/jobs/{first.json()['id']}").json()["spec"]["steps"][0]["scheme"] == "fp16"
     # keys are the team's own: another team's first use of the same key makes its own job
     theirs = stack.client(ids["other_key"]).post("/v1/jobs", json={**other, "model_id": ids["theirs"]},

@@ -10,7 +10,7 @@ import httpx
 import numpy as np
 import pytest
 
-from testkit.stack import expect_problem as _problem
+from testkit.stack import expect_problem as _problem, jobs_count
 
 
 def _post_file(stack, path: str, name: str, content: bytes) -> httpx.Response:
@@ -89,10 +89,6 @@ def model_and_data(stack, cnn_onnx, mnist_npz):
     return model, ds, bad_ds
 
 
-def _jobs_count(stack) -> int:
-    return len(stack.client().get("/v1/jobs?limit=100").json()["items"])
-
-
 @pytest.mark.parametrize("spec, path", [
     ({"steps": [{"method": "shrink"}]}, "$.spec.steps[0].method"),
     ({"steps": [{"method": "prune", "sparsity": 1.5}]}, "$.spec.steps[0].sparsity"),
@@ -103,11 +99,11 @@ def _jobs_count(stack) -> int:
 ])
 def test_bad_specs(stack, model_and_data, spec, path):
     model, ds, _ = model_and_data
-    before = _jobs_count(stack)
+    before = jobs_count(stack)
     r = stack.client().post("/v1/jobs", json={"model_id": model["id"], "dataset_id": ds["id"], "spec": spec})
     body = _problem(r, 422, "invalid_spec")
     assert path in [e["path"] for e in body["errors"]], body
-    assert _jobs_count(stack) == before
+    assert jobs_count(stack) == before
 
 
 def test_static_quant_without_dataset(stack, model_and_data):
@@ -120,12 +116,12 @@ def test_static_quant_without_dataset(stack, model_and_data):
 
 def test_dataset_not_matching_model(stack, model_and_data):
     model, _, bad_ds = model_and_data
-    before = _jobs_count(stack)
+    before = jobs_count(stack)
     r = stack.client().post("/v1/jobs", json={"model_id": model["id"], "dataset_id": bad_ds["id"],
                                               "spec": {"steps": [{"method": "prune"}]}})
     body = _problem(r, 422, "dataset_mismatch")
     assert "input" in body["detail"] and body["errors"][0]["path"] == "$.dataset_id"
-    assert _jobs_count(stack) == before
+    assert jobs_count(stack) == before
 
 
 def test_other_team_gets_404_everywhere(stack, model_and_data):
@@ -215,7 +211,7 @@ def test_deeply_nested_subgraphs_refused(stack, unchanged):
 
 
 def test_fifty_megabyte_json_body_is_413(stack):
-    before = _jobs_count(stack)
+    before = jobs_count(stack)
     blob = b'{"model_id": "x", "spec": {"steps": [], "pad": "' + b"a" * (50 * 1024 * 1024) + b'"}}'
     r = stack.client().post("/v1/jobs", content=blob, headers={"Content-Type": "application/json"})
     _problem(r, 413, "too_large")
@@ -226,7 +222,7 @@ def test_fifty_megabyte_json_body_is_413(stack):
 
     r = stack.client().post("/v1/jobs", content=chunks(), headers={"Content-Type": "application/json"})
     _problem(r, 413, "too_large")
-    assert _jobs_count(stack) == before and stack.client().get("/healthz").status_code == 200
+    assert jobs_count(stack) == before and stack.client().get("/healthz").status_code == 200
 
 
 def test_revoked_key_is_401(stack):

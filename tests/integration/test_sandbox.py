@@ -13,8 +13,7 @@ from pathlib import Path
 import pytest
 
 from testkit.hostile import constant_bomb, poison_program, run_time_bomb, save_program, spinning_loop
-from tests.integration.test_bad_input import _problem
-from testkit.stack import start_stack, tiny_classifier, wait_job
+from testkit.stack import expect_problem as _problem, start_stack, tiny_classifier, wait_job
 
 MiB = 1024 * 1024
 UPLOAD_S = 2.0
