@@ -11,7 +11,7 @@ import pytest
 import torch
 from onnx import TensorProto
 
-from compression.packaging import load_compressed
+from compression.xz_artifact import load_compressed
 from compression.quant.layers import channel_view, weight_layers
 from compression.quant.packing import computed_weights
 from testkit.stack import wait_job

@@ -11,7 +11,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from compression.errors import InvalidSpec
-from compression.packaging import compress, load_compressed, write_compressed
+from compression.xz_artifact import compress, load_compressed, write_compressed
 from compression.quant.kmeans import kmeans_1d
 from compression.quant.packing import (
     computed_weights, container_bits, encode_weight, pack_codes, packed_param_counts, unpack_codes,
@@ -178,7 +178,7 @@ def test_compressed_artifact_round_trip(tmp_path):
 
 
 def test_compressed_size_is_not_measured_above_the_cap():
-    from compression.packaging import MAX_COMPRESS_BYTES, compressed_size
+    from compression.xz_artifact import MAX_COMPRESS_BYTES, compressed_size
 
     assert compressed_size(bytes(1000)) == len(compress(bytes(1000)))
     assert compressed_size(bytes(MAX_COMPRESS_BYTES + 1)) is None

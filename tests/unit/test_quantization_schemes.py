@@ -218,7 +218,7 @@ def test_int8_quantizes_embedding_tables(tiny_transformer, tmp_path, mode):
 
 def test_measure_counts_packed_weights_and_entropy_coded_bytes(lenet, tmp_path):
     from compression.metrics import EvalData, measure, ratios
-    from compression.packaging import compress
+    from compression.xz_artifact import compress
 
     model, data = lenet
     q = _apply({"scheme": "cluster", "bits": 2}, model, data, tmp_path).model
