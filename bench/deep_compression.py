@@ -19,9 +19,9 @@ from onnx import numpy_helper
 
 from bench.report import fmt, write_section
 from compression.data import Arrays, DataSplit
-from compression.xz_artifact import compressed_size
 from compression.pipeline import run_pipeline
-from compression.quant.packing import packed_entries
+from compression.techniques.quantization.packing import packed_entries
+from compression.xz_artifact import compressed_size
 from testkit.refdata import fit, mnist
 from compression.spec import parse_spec
 from testkit.zoo import LeNet300100, export_onnx

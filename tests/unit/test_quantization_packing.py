@@ -12,8 +12,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from compression.errors import InvalidSpec
 from compression.xz_artifact import compress, load_compressed, write_compressed
-from compression.quant.kmeans import kmeans_1d
-from compression.quant.packing import (
+from compression.techniques.quantization.kmeans import kmeans_1d
+from compression.techniques.quantization.packing import (
     computed_weights, container_bits, encode_weight, pack_codes, packed_param_counts, unpack_codes,
 )
 from compression.spec import parse_spec
@@ -77,7 +77,7 @@ def test_affine_ternary_weight_and_param_counts():
 
 
 def test_sparse_codebook_layout_decodes_and_is_smaller():
-    from compression.quant.packing import encode_sparse_codebook
+    from compression.techniques.quantization.packing import encode_sparse_codebook
 
     rng = np.random.default_rng(2)
     codebook = np.array([-0.7, -0.2, 0.0, 0.3, 0.9], np.float32)

@@ -11,8 +11,8 @@ from onnx import TensorProto, numpy_helper
 from compression.analysis import count_params
 from compression.context import StepContext
 from compression.data import Arrays, DataSplit
-from compression.quant.layers import channel_view, weight_layers
-from compression.quant.packing import computed_weights, packed_param_counts
+from compression.techniques.quantization.layers import channel_view, weight_layers
+from compression.techniques.quantization.packing import computed_weights, packed_param_counts
 from testkit.refdata import fit
 from compression.registry import get_technique
 from compression.spec import parse_spec
