@@ -14,7 +14,7 @@ import torch
 from bench.deep_compression import EVAL, TRAIN, _original
 from bench.int8_cnn import accuracy, apply_step, paired_latency
 from bench.report import fmt, write_section
-from compression.quant.layers import weight_layers
+from compression.techniques.quantization.layers import weight_layers
 
 EPOCHS = 8
 

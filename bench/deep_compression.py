@@ -19,9 +19,9 @@ from onnx import numpy_helper
 
 from bench.report import fmt, write_section
 from compression.data import Arrays, DataSplit
-from compression.packaging import compressed_size
 from compression.pipeline import run_pipeline
-from compression.quant.packing import packed_entries
+from compression.techniques.quantization.packing import packed_entries
+from compression.xz_artifact import compressed_size
 from testkit.refdata import fit, mnist
 from compression.spec import parse_spec
 from testkit.zoo import LeNet300100, export_onnx
@@ -112,7 +112,7 @@ def main() -> None:
         f"on those same images and is measured on {EVAL:,} held-out ones (1 image = 0.1 pt). Spec: "
         "`prune weight (l1, global, 3–4 iterations, fine-tune 3 epochs lr 1e-3 each) → quantize cluster bits 5 "
         "(centroid fine-tune 2 epochs lr 1e-4)`; the download is `model.onnx.xz` (stdlib LZMA), loaded back with "
-        "`compression.packaging.load_compressed`. Latency: ONNX Runtime CPU, batch 1.\n\n"
+        "`compression.xz_artifact.load_compressed`. Latency: ONNX Runtime CPU, batch 1.\n\n"
         "**Target: ≥ 40× smaller than the float32 ONNX (compressed artifact) at ≤ 0.5 pt accuracy drop** "
         "(paper, full MNIST: 40× at −0.06 pt; 32× before Huffman coding).\n\n"
         "| sparsity, pruning rounds | × smaller (xz vs original) | accuracy drop | target |\n|---|---:|---:|---|\n"

@@ -117,8 +117,8 @@ def measure(model: onnx.ModelProto, files: list[Path], data: EvalData, *, latenc
         ``file_bytes, zip_bytes, compressed_bytes, params, nonzero_params, macs, latency_ms{p50,p90}, throughput``
         and, with data, ``accuracy, agreement, output_cosine, max_abs_error``.
     """
-    from compression.packaging import compressed_size
-    from compression.quant.packing import packed_param_counts
+    from compression.techniques.quantization.packing import packed_param_counts
+    from compression.xz_artifact import compressed_size
 
     blob = b"".join(Path(f).read_bytes() for f in files)
     params, nonzero = count_params(model)

@@ -147,7 +147,7 @@ def run_pipeline(
     last = [f for f in files if f.name.startswith(f"step{n}-")]
     files = [f for f in files if f not in last]
     files.extend(OutputFile(f.name, f, "model") for f in final_files)
-    from compression.packaging import MAX_COMPRESS_BYTES, write_compressed
+    from compression.xz_artifact import MAX_COMPRESS_BYTES, write_compressed
 
     if len(final_files) == 1 and final_files[0].stat().st_size <= MAX_COMPRESS_BYTES:
         xz = write_compressed(final_files[0])  # the entropy-coded download: metrics' compressed_bytes

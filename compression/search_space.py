@@ -21,14 +21,13 @@ import json
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import Field, ValidationError
 
 from compression.errors import InvalidSpec
 from compression.spec_base import StrictModel
 
-QUANT_SCHEMES = ("int8", "fp16", "cluster", "binary", "ternary")
 ALLOCATION = "allocation"
 MAX_CANDIDATES = 512
 MAX_VALUES = 32
@@ -99,11 +98,19 @@ def _selector_matches(step: dict[str, Any], method: str | None, index: int | Non
     return step.get("method") == "quantize" and step.get("scheme", "int8") == method
 
 
+def quant_schemes() -> tuple[str, ...]:
+    """The quantize schemes, which also select search keys (``cluster.bits``): the spec model's ``scheme`` values."""
+    from compression.registry import get_technique
+
+    return get_args(get_technique("quantize").spec_model.model_fields["scheme"].annotation)
+
+
 def validate_search_keys(search: dict[str, list[Any]], steps: list[dict[str, Any]]) -> None:
     """Every key names a step that exists and a field its spec model has; raises InvalidSpec otherwise."""
     from compression.registry import get_technique, list_techniques
 
     errors = []
+    schemes = quant_schemes()
     for key, values in search.items():
         m = _KEY.match(key)
         if not m:
@@ -118,11 +125,11 @@ def validate_search_keys(search: dict[str, list[Any]], steps: list[dict[str, Any
         if index is not None and index >= len(steps):
             errors.append({"loc": ["search", key], "msg": f"there is no step {index}"})
             continue
-        if method is not None and method not in list_techniques() and method not in QUANT_SCHEMES:
+        if method is not None and method not in list_techniques() and method not in schemes:
             errors.append({"loc": ["search", key], "msg": f"unknown method or scheme {method!r}"})
             continue
         targets = [s for i, s in enumerate(steps) if _selector_matches(s, method, index, i)
-                   or (method in QUANT_SCHEMES and s.get("method") == "quantize"
+                   or (method in schemes and s.get("method") == "quantize"
                        and method in search.get("quantize.scheme", []))]
         if not targets:
             errors.append({"loc": ["search", key], "msg": f"no step matches {key.split('.')[0]!r}"})
@@ -187,10 +194,10 @@ def _drop_foreign_options(step: dict[str, Any]) -> None:
     """A searched scheme change (int8 → cluster) drops the options the new scheme does not take (``mode``)."""
     if step.get("method") != "quantize":
         return
-    from compression.techniques.quantization import _APPLIES
+    from compression.registry import get_technique
 
     scheme = step.get("scheme", "int8")
-    for opt, schemes in _APPLIES.items():
+    for opt, schemes in get_technique("quantize").spec_model.OPTION_SCHEMES.items():
         if opt in step and scheme not in schemes:
             del step[opt]
 
@@ -265,6 +272,7 @@ def expand(steps: list[dict[str, Any]], search: dict[str, list[Any]] | str) -> l
     variants: dict[tuple[int, str], _Variant] = {}
     last: list[dict[str, Any]] = [{} for _ in steps]  # each step's latest dump, to share unchanged sections
     seen: dict[str, Candidate] = {}
+    schemes = quant_schemes()
     for combo in itertools.product(*(space[k] for k in keys)):
         cand_steps = [dict(s) for s in steps]  # shallow: _set copies what it changes
         applied: list[list[tuple[str, Any]]] = [[] for _ in steps]
@@ -282,7 +290,7 @@ def expand(steps: list[dict[str, Any]], search: dict[str, list[Any]] | str) -> l
                         sens.add(i)
                     hit = True
                     continue
-                if method in QUANT_SCHEMES and fld != "scheme" and s.get("scheme", "int8") != method:
+                if method in schemes and fld != "scheme" and s.get("scheme", "int8") != method:
                     continue
                 if s.get("method") == "quantize" and index is not None and fld == "bits" \
                         and s.get("scheme", "int8") != "cluster":

@@ -11,9 +11,9 @@ import pytest
 import torch
 from onnx import TensorProto
 
-from compression.packaging import load_compressed
-from compression.quant.layers import channel_view, weight_layers
-from compression.quant.packing import computed_weights
+from compression.techniques.quantization.layers import channel_view, weight_layers
+from compression.techniques.quantization.packing import computed_weights
+from compression.xz_artifact import load_compressed
 from testkit.stack import wait_job
 
 DEEP_COMPRESSION = {"steps": [

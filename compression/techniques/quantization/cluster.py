@@ -8,8 +8,6 @@ entropy of the indices (what an ideal entropy coder such as Deep Compression's H
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 import onnx
 import torch
@@ -18,14 +16,12 @@ from torch.nn.utils import parametrize
 
 from compression.context import StepContext, StepResult
 from compression.errors import CompressionError, InvalidSpec
-from compression.quant.fake import ClusterWeight
-from compression.quant.kmeans import kmeans_1d
-from compression.quant.layers import select_layers, weight_layers
-from compression.quant.packing import container_bits, encode_sparse_codebook, encode_weight
-from compression.quant.trainable import finetune, freeze_latent, to_trainable
-
-if TYPE_CHECKING:
-    from compression.techniques.quantization import QuantizeSpec
+from compression.spec import FinetuneSpec
+from compression.techniques.quantization.fake_quant import ClusterWeight
+from compression.techniques.quantization.kmeans import kmeans_1d
+from compression.techniques.quantization.layers import select_layers, weight_layers
+from compression.techniques.quantization.packing import container_bits, encode_sparse_codebook, encode_weight
+from compression.techniques.quantization.trainable import finetune, freeze_latent, to_trainable
 
 
 def index_bits(levels: int) -> int:
@@ -40,24 +36,30 @@ def entropy_bits(codes: np.ndarray) -> float:
     return float(-(p * np.log2(p)).sum())
 
 
-def cluster(model: onnx.ModelProto, spec: QuantizeSpec, ctx: StepContext) -> StepResult:
+def cluster(model: onnx.ModelProto, ctx: StepContext, *, bits: int, layers: list[str] | None,
+            exclude_layers: list[str], training: FinetuneSpec | None) -> StepResult:
     """k-means each selected layer into ≤ 2**bits shared values (zeros keep their own centroid).
 
-    With ``finetune`` the model is converted to torch, each layer computes ``codebook[codes]`` and only
+    With ``training`` the model is converted to torch, each layer computes ``codebook[codes]`` and only
     the centroids (plus biases and norms) train; a centroid's gradient is the sum over its cluster.
+
+    Args:
+        bits: at most ``2**bits`` centroids per layer.
+        layers, exclude_layers: weight or node names to cluster / to leave float32 (None: every layer).
+        training: centroid fine-tuning, or None.
     """
     all_layers = weight_layers(model)
-    layers = select_layers(all_layers, spec.layers, spec.exclude_layers)
-    if not layers:
+    chosen = select_layers(all_layers, layers, exclude_layers)
+    if not chosen:
         raise InvalidSpec("no Conv/Gemm/MatMul weights held as initializers: nothing to cluster")
-    k = 2 ** spec.bits
+    k = 2 ** bits
     notes: list[str] = []
     losses: list[float] = []
-    ft = spec.finetune
+    ft = training
     arrays = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     ctx.progress("quantizing", 0.05, f"k-means, {k} clusters per layer")
     if ft is not None and ft.epochs > 0:
-        tr = to_trainable(model, layers)
+        tr = to_trainable(model, chosen)
         if tr.untrainable:
             notes.append(f"clustered without fine-tuning (not held by a trainable layer): {tr.untrainable}")
         for w, layer in tr.layers.items():
@@ -77,7 +79,7 @@ def cluster(model: onnx.ModelProto, spec: QuantizeSpec, ctx: StepContext) -> Ste
         books = {}
     out = float_model
     rows = []
-    for i, wl in enumerate(layers):
+    for i, wl in enumerate(chosen):
         w = arrays[wl.weight]
         if wl.weight in books:
             cb = books[wl.weight].astype(w.dtype)
@@ -99,7 +101,7 @@ def cluster(model: onnx.ModelProto, spec: QuantizeSpec, ctx: StepContext) -> Ste
                      "entropy_bits_per_weight": round(entropy_bits(codes), 4),
                      "sparsity": round(float((cb[codes] == 0).mean()), 4),
                      "zero_centroid": zero_code is not None})
-        ctx.progress("quantizing", 0.9 + 0.1 * (i + 1) / len(layers), f"encoded {wl.node}")
+        ctx.progress("quantizing", 0.9 + 0.1 * (i + 1) / len(chosen), f"encoded {wl.node}")
     onnx.checker.check_model(out)
     total = sum(r["params"] for r in rows)
     report = {
@@ -107,7 +109,7 @@ def cluster(model: onnx.ModelProto, spec: QuantizeSpec, ctx: StepContext) -> Ste
         "clustered_params": total,
         "bits_per_weight": round(sum(r["bits_per_weight"] * r["params"] for r in rows) / total, 4),
         "entropy_bits_per_weight": round(sum(r["entropy_bits_per_weight"] * r["params"] for r in rows) / total, 4),
-        "layers_left_float": [x.node for x in all_layers if x not in layers],
+        "layers_left_float": [x.node for x in all_layers if x not in chosen],
         "storage": "dense: codes packed 1/2/4/8 bits per byte -> BitShift unpack -> Gather(codebook); sparse "
                    "(mostly-zero layers): 1-bit nonzero mask + nonzero codes -> CumSum rank -> Gather -> Gather(codebook)",
         "finetune_losses": losses,

@@ -5,7 +5,7 @@ coder turns that into real bytes saved on disk and on the wire (Deep Compression
 xz (LZMA2) is in the standard library, so users need nothing to read the artifact::
 
     xz -d model.onnx.xz        # or, in Python:
-    onnx.load_from_string(compression.packaging.load_compressed("model.onnx.xz"))
+    onnx.load_from_string(compression.xz_artifact.load_compressed("model.onnx.xz"))
 
 ``compressed_bytes`` in the metrics is the size of exactly this artifact.
 """

@@ -7,21 +7,22 @@ output always runs; the report lists them.
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING
 
 import onnx
 
 from compression.context import StepContext, StepResult
 from compression.errors import CompressionError
 
-if TYPE_CHECKING:
-    from compression.techniques.quantization import QuantizeSpec
-
 _MISSING = re.compile(r"Could not find an implementation for (\w+)\(")
 
 
-def to_fp16(model: onnx.ModelProto, spec: QuantizeSpec, ctx: StepContext) -> StepResult:
-    """Convert to float16; returns the model and which ops stayed float32."""
+def to_fp16(model: onnx.ModelProto, ctx: StepContext, *, keep_io_types: bool, exclude_nodes: list[str]) -> StepResult:
+    """Convert to float16; returns the model and which ops stayed float32.
+
+    Args:
+        keep_io_types: graph inputs and outputs stay float32 (Casts at the edges).
+        exclude_nodes: node names left in float32.
+    """
     import onnxruntime as ort
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
@@ -30,9 +31,9 @@ def to_fp16(model: onnx.ModelProto, spec: QuantizeSpec, ctx: StepContext) -> Ste
     for _ in range(16):
         ctx.progress("quantizing", 0.2, "converting to float16")
         try:
-            out = convert_float_to_float16(model, keep_io_types=bool(spec.keep_io_types),
+            out = convert_float_to_float16(model, keep_io_types=keep_io_types,
                                            op_block_list=DEFAULT_OP_BLOCK_LIST + blocked,
-                                           node_block_list=spec.exclude_nodes or None)
+                                           node_block_list=exclude_nodes or None)
         except Exception as e:
             raise CompressionError(f"float16 conversion failed: {type(e).__name__}: {e}") from None
         try:
@@ -47,8 +48,8 @@ def to_fp16(model: onnx.ModelProto, spec: QuantizeSpec, ctx: StepContext) -> Ste
     else:
         raise CompressionError(f"the float16 model does not load in ONNX Runtime: {last[:300]}")
     fallback = _runtime_float32_ops(out, ctx)
-    report = {"keep_io_types": bool(spec.keep_io_types), "kept_float32_op_types": blocked,
-              "kept_float32_nodes": list(spec.exclude_nodes),
+    report = {"keep_io_types": keep_io_types, "kept_float32_op_types": blocked,
+              "kept_float32_nodes": list(exclude_nodes),
               "casts": sum(1 for n in out.graph.node if n.op_type == "Cast"),
               "runtime_float32_fallback": fallback,
               "notes": ["weights are stored in float16 (half the bytes); ONNX Runtime's CPU provider computes in "

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
@@ -23,34 +22,29 @@ from torch.nn.utils import parametrize
 
 from compression.context import StepContext, StepResult
 from compression.errors import InvalidSpec
-from compression.quant.fake import ActivationFakeQuant, FakeQuantWeight
-from compression.quant.layers import weight_layers
-from compression.quant.trainable import finetune, latent, to_trainable
-
-if TYPE_CHECKING:
-    from compression.techniques.quantization import QuantizeSpec
+from compression.spec import FinetuneSpec
+from compression.techniques.quantization.fake_quant import ActivationFakeQuant, FakeQuantWeight
+from compression.techniques.quantization.int8 import Int8Options, pre_process, quantize_int8
+from compression.techniques.quantization.layers import weight_layers
+from compression.techniques.quantization.trainable import finetune, latent, to_trainable
 
 
 def _prepared(model: onnx.ModelProto, workdir: Path) -> tuple[onnx.ModelProto, str]:
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    from compression.techniques.quantization import _in_dir
-
+    """``model`` after ORT's pre-processing (or as it was, when that fails), and the pre-processing status."""
     work = Path(tempfile.mkdtemp(prefix="qat-", dir=workdir))
     src, dst = work / "float.onnx", work / "prepared.onnx"
     onnx.save_model(model, str(src))
-    with _in_dir(work):
-        try:
-            quant_pre_process(str(src), str(dst), skip_symbolic_shape=True)
-            return onnx.load_model(str(dst)), "ok"
-        except Exception as e:
-            return model, f"skipped: {type(e).__name__}"
+    status = pre_process(src, dst)
+    return (onnx.load_model(str(dst)) if status == "ok" else model), status
 
 
-def qat(model: onnx.ModelProto, spec: QuantizeSpec, ctx: StepContext) -> StepResult:
-    """Fake-quant training, then QDQ export with the trained weights on the int8 grid."""
-    from compression.techniques.quantization import int8_ort
+def qat(model: onnx.ModelProto, ctx: StepContext, *, options: Int8Options, training: FinetuneSpec) -> StepResult:
+    """Fake-quant training, then QDQ export with the trained weights on the int8 grid.
 
+    Args:
+        options: the int8 export's options (``per_channel`` also shapes the weights' fake-quant).
+        training: the QAT fine-tuning.
+    """
     if ctx.data is None:
         raise InvalidSpec("int8 qat trains on a dataset", [{"loc": ["mode"], "msg": "qat needs a dataset"}])
     prepared, pre = _prepared(model, ctx.workdir)
@@ -64,7 +58,7 @@ def qat(model: onnx.ModelProto, spec: QuantizeSpec, ctx: StepContext) -> StepRes
              if bool((layer.weight == 0).any())}  # an earlier step's pruned zeros stay zero
     for w, layer in tr.layers.items():
         cd = tr.channel_dim(w)
-        parametrize.register_parametrization(layer, "weight", FakeQuantWeight(cd if spec.per_channel else None))
+        parametrize.register_parametrization(layer, "weight", FakeQuantWeight(cd if options.per_channel else None))
         obs = ActivationFakeQuant()
         layer.add_module("nc_input_fake_quant", obs)
         hooks.append(layer.register_forward_pre_hook(lambda mod, args, obs=obs: (obs(args[0]), *args[1:])))
@@ -75,7 +69,7 @@ def qat(model: onnx.ModelProto, spec: QuantizeSpec, ctx: StepContext) -> StepRes
             for w, m in masks.items():
                 latent(tr.layers[w]).mul_(m.to(latent(tr.layers[w]).device))
 
-    losses, notes = finetune(tr, spec.finetune, ctx, phase="finetuning", after_step=keep_zeros if masks else None)
+    losses, notes = finetune(tr, training, ctx, phase="finetuning", after_step=keep_zeros if masks else None)
     for h in hooks:
         h.remove()
     trained = tr.module.write_back(prepared)
@@ -87,7 +81,7 @@ def qat(model: onnx.ModelProto, spec: QuantizeSpec, ctx: StepContext) -> StepRes
         node = nodes.get(by_weight[w].node)
         if node is not None and bool(obs.seen) and node.input[0] not in overrides:
             overrides[node.input[0]] = [{"rmin": np.float32(obs.lo), "rmax": np.float32(obs.hi)}]
-    result = int8_ort(trained, spec, ctx, overrides=overrides or None)
+    result = quantize_int8(trained, ctx, options=options, overrides=overrides or None)
     result.report.update(
         qat={"layers": len(tr.layers), "layers_with_pruned_zeros_kept": len(masks), "untrainable": tr.untrainable, "losses": losses, "pre_process": pre,
              "activation_ranges_from_training": len(overrides),

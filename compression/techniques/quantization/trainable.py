@@ -10,8 +10,8 @@ from torch import nn
 
 from compression.context import StepContext
 from compression.errors import InvalidSpec, NotTrainable
-from compression.quant.layers import WeightLayer
 from compression.spec import FinetuneSpec
+from compression.techniques.quantization.layers import WeightLayer
 from compression.training import loss_config, teacher_outputs, train
 
 

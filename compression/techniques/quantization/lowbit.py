@@ -7,7 +7,7 @@ Exported weights take only the values {−α, +α} / {−α, 0, +α}, stored as 
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Literal
 
 import numpy as np
 import onnx
@@ -17,23 +17,28 @@ from torch.nn.utils import parametrize
 
 from compression.context import StepContext, StepResult
 from compression.errors import CompressionError, InvalidSpec
-from compression.quant.fake import SignWeight
-from compression.quant.layers import broadcast_shape, channel_view, select_layers, weight_layers
-from compression.quant.packing import encode_weight
-from compression.quant.trainable import finetune, latent, to_trainable
-
-if TYPE_CHECKING:
-    from compression.techniques.quantization import QuantizeSpec
+from compression.spec import FinetuneSpec
+from compression.techniques.quantization.fake_quant import SignWeight
+from compression.techniques.quantization.layers import broadcast_shape, channel_view, select_layers, weight_layers
+from compression.techniques.quantization.packing import encode_weight
+from compression.techniques.quantization.trainable import finetune, latent, to_trainable
 
 
-def lowbit(model: onnx.ModelProto, spec: QuantizeSpec, ctx: StepContext) -> StepResult:
-    """Binarize / ternarize the selected layers with STE training, then pack them."""
-    kind = spec.scheme
+def lowbit(model: onnx.ModelProto, ctx: StepContext, *, kind: Literal["binary", "ternary"], threshold: float | None,
+           layers: list[str] | None, exclude_layers: list[str], training: FinetuneSpec) -> StepResult:
+    """Binarize / ternarize the selected layers with STE training, then pack them.
+
+    Args:
+        kind: binary (±α) or ternary ({−α, 0, +α}).
+        threshold: ternary: Δ = threshold·mean|W| (None: 0.7).
+        layers, exclude_layers: weight or node names to quantize / to leave float32 (None: every layer).
+        training: the STE training.
+    """
     all_layers = weight_layers(model)
-    layers = select_layers(all_layers, spec.layers, spec.exclude_layers)
-    if not layers:
+    chosen = select_layers(all_layers, layers, exclude_layers)
+    if not chosen:
         raise InvalidSpec(f"no Conv/Gemm/MatMul weights held as initializers: nothing to make {kind}")
-    tr = to_trainable(model, layers)
+    tr = to_trainable(model, chosen)
     notes: list[str] = []
     if tr.untrainable:
         notes.append(f"left in float32 (not held by a trainable layer): {tr.untrainable}")
@@ -48,7 +53,7 @@ def lowbit(model: onnx.ModelProto, spec: QuantizeSpec, ctx: StepContext) -> Step
             lost_zeros += int(zeros.sum())
         dims = tuple(d for d in range(weight.dim()) if d != cd)
         bounds[w] = weight.abs().amax(dims, keepdim=True)
-        parametrize.register_parametrization(layer, "weight", SignWeight(kind, cd, spec.threshold or 0.7, mask))
+        parametrize.register_parametrization(layer, "weight", SignWeight(kind, cd, threshold or 0.7, mask))
     if lost_zeros:
         notes.append(f"binary weights have no zero: {lost_zeros} pruned weights became ±α (ternary keeps them)")
 
@@ -59,11 +64,11 @@ def lowbit(model: onnx.ModelProto, spec: QuantizeSpec, ctx: StepContext) -> Step
                 b = bounds[w].to(lat.device)
                 lat.copy_(torch.maximum(torch.minimum(lat, b), -b))
 
-    losses, ft_notes = finetune(tr, spec.finetune, ctx, phase="finetuning", after_step=clip)
+    losses, ft_notes = finetune(tr, training, ctx, phase="finetuning", after_step=clip)
     notes += ft_notes
     out = tr.module.write_back(model)
     arrays = {t.name: numpy_helper.to_array(t) for t in out.graph.initializer}
-    by_weight = {wl.weight: wl for wl in layers}
+    by_weight = {wl.weight: wl for wl in chosen}
     rows = []
     for w in tr.layers:
         wl = by_weight[w]

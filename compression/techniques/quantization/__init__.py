@@ -1,0 +1,204 @@
+"""Quantization: one ``quantize`` technique, five schemes.
+
+- ``int8`` with ``mode: dynamic | static | qat`` — ONNX Runtime's quantizer (QDQ for static/qat).
+  Defaults favour accuracy and real speed on CPU: per-channel symmetric int8 weights, uint8 activations
+  (ORT's U8S8 kernels), no dynamic quantization of Conv (ConvInteger is 4–10× slower than fp32 on CPU:
+  static QDQ is the road for convolutions), and embedding tables (``Gather`` data) quantized too — half
+  of a small transformer's bytes are its word embeddings.
+- ``fp16`` — weights and compute in float16 where ONNX Runtime's CPU kernels exist (ops without one
+  stay float32 behind Casts), inputs/outputs float32 with ``keep_io_types``.
+- ``cluster`` — per-layer k-means weight sharing (Deep Compression), stored as packed indices + codebook.
+- ``binary`` / ``ternary`` — BinaryConnect / TWN training with a straight-through estimator, per-channel α,
+  stored as 1-/2-bit packed codes.
+
+Options that do not apply to the chosen scheme are refused at submit time; the settings used (defaults
+filled in) are in the step's report.
+
+This module holds the spec and picks the engine; beside it:
+
+- ``int8``: ONNX Runtime's quantizer (dynamic, static QDQ, calibration) and its pre-processing.
+- ``qat``: int8 quantization-aware training, exported through ``int8``.
+- ``fp16``: ONNX Runtime's float16 converter, with the ops it cannot run kept float32.
+- ``cluster``: k-means weight sharing (``kmeans``: 1-D k-means with a fixed zero centroid).
+- ``lowbit``: binary / ternary weights.
+- ``fake_quant``: torch parametrizations (cluster, sign, int8 fake-quant) and activation fake-quant.
+- ``trainable``: the ONNX → torch round trip shared by the training-based schemes.
+- ``layers``: which initializers are layer weights, and their output-channel axis.
+- ``packing``: low-bit codes packed into bytes and decoded in-graph (``BitShift`` → ``Gather``/affine).
+
+The engines that train import torch; they are imported when their scheme runs, so validating a spec
+(the API does, for every submit) stays light.
+"""
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+import onnx
+from pydantic import Field, ValidationInfo, field_validator, model_validator
+
+from compression.context import StepContext, StepResult
+from compression.registry import register_technique
+from compression.spec import FinetuneSpec, StrictModel
+from compression.techniques.quantization.int8 import Int8Options, quantize_int8
+
+# defaults filled in per scheme (accuracy first)
+QAT_FINETUNE = FinetuneSpec(epochs=2, lr=1e-4)
+LOWBIT_FINETUNE = FinetuneSpec(epochs=6, lr=1e-3)
+
+
+class QuantizeSpec(StrictModel):
+    """Scheme and its options; options of another scheme are refused at their JSON path."""
+
+    # option -> the schemes it applies to (anything else set is refused with this table's answer); a search
+    # that changes a step's scheme reads it too, to drop the options the new scheme does not take
+    OPTION_SCHEMES: ClassVar[dict[str, tuple[str, ...]]] = {
+        "mode": ("int8",),
+        "calibration": ("int8",),
+        "calibration_samples": ("int8",),
+        "per_channel": ("int8",),
+        "op_types": ("int8",),
+        "exclude_nodes": ("int8", "fp16"),
+        "keep_io_types": ("fp16",),
+        "bits": ("cluster",),
+        "finetune": ("int8", "cluster", "binary", "ternary"),
+        "threshold": ("ternary",),
+        "layers": ("cluster", "binary", "ternary"),
+        "exclude_layers": ("cluster", "binary", "ternary"),
+    }
+
+    method: Literal["quantize"] = "quantize"
+    scheme: Literal["int8", "fp16", "cluster", "binary", "ternary"] = "int8"
+    mode: Literal["dynamic", "static", "qat"] | None = Field(
+        None, description="int8 only (default static): static = QDQ calibrated on the dataset; dynamic = "
+        "weights only, activation scales at run time; qat = fake-quant training, then QDQ")
+    calibration: Literal["minmax", "entropy", "percentile"] | None = Field(
+        None, description="int8 static/qat (default minmax)")
+    calibration_samples: int | None = Field(None, ge=1, le=100_000, description="int8 static/qat (default 256)")
+    per_channel: bool | None = Field(None, description="int8: per-output-channel weight scales (default true)")
+    op_types: list[str] | None = Field(None, max_length=200, description="int8: op types to quantize")
+    exclude_nodes: list[str] = Field(default_factory=list, max_length=10_000,
+                                     description="int8/fp16: node names left in float32")
+    keep_io_types: bool | None = Field(None, description="fp16: keep float32 inputs/outputs (default true)")
+    bits: int | None = Field(None, ge=1, le=8, description="cluster: at most 2**bits shared values per layer (default 5)")
+    finetune: FinetuneSpec | None = Field(
+        None, description="training: int8 qat (default 2 epochs, lr 1e-4), cluster centroid fine-tuning "
+        "(default none), binary/ternary STE training (default 6 epochs, lr 1e-3)")
+    threshold: float | None = Field(None, gt=0, le=1.5, description="ternary: Δ = threshold·mean|W| (default 0.7)")
+    layers: list[str] | None = Field(None, max_length=10_000,
+                                     description="cluster/binary/ternary: only these layers (weight or node names)")
+    exclude_layers: list[str] = Field(default_factory=list, max_length=10_000,
+                                      description="cluster/binary/ternary: layers left in float32")
+
+    @field_validator(*OPTION_SCHEMES)
+    @classmethod
+    def _applies(cls, value, info: ValidationInfo):  # noqa: ANN001, ANN206
+        """Refuse an option the chosen scheme (or int8 mode) does not use, at that option's JSON path."""
+        scheme, mode = info.data.get("scheme"), info.data.get("mode")
+        if value in (None, []) or scheme is None:
+            return value
+        schemes = cls.OPTION_SCHEMES[info.field_name]
+        if scheme not in schemes:
+            raise ValueError(f"'{info.field_name}' does not apply to scheme '{scheme}' "
+                             f"(it applies to: {', '.join(schemes)})")
+        if scheme == "int8" and info.field_name in ("calibration", "calibration_samples") and mode == "dynamic":
+            raise ValueError(f"'{info.field_name}' applies to int8 modes static and qat, not dynamic")
+        if scheme == "int8" and info.field_name == "finetune" and mode != "qat":
+            raise ValueError("'finetune' applies to int8 mode 'qat' only")
+        return value
+
+    @model_validator(mode="after")
+    def _defaults(self) -> "QuantizeSpec":
+        """Fill the scheme's defaults, so the stored spec and the report say what ran."""
+        if self.scheme == "int8":
+            self.mode = self.mode or "static"
+            if self.mode != "dynamic":
+                self.calibration = self.calibration or "minmax"
+                self.calibration_samples = self.calibration_samples or 256
+            if self.mode == "qat" and self.finetune is None:
+                self.finetune = QAT_FINETUNE.model_copy()
+            if self.per_channel is None:
+                self.per_channel = True
+        elif self.scheme == "fp16":
+            if self.keep_io_types is None:
+                self.keep_io_types = True
+        elif self.scheme == "cluster":
+            self.bits = self.bits or 5
+        else:
+            if self.finetune is None:
+                self.finetune = LOWBIT_FINETUNE.model_copy()
+            if self.scheme == "ternary" and self.threshold is None:
+                self.threshold = 0.7
+        return self
+
+    @property
+    def needs_data(self) -> bool:
+        if self.scheme == "int8":
+            return self.mode in ("static", "qat")
+        return self.finetune is not None and self.finetune.epochs > 0
+
+    def settings(self) -> dict:
+        """The options that apply to this scheme, defaults filled in (for the report)."""
+        out = {"scheme": self.scheme}
+        for name, schemes in self.OPTION_SCHEMES.items():
+            if self.scheme in schemes:
+                v = getattr(self, name)
+                out[name] = v.model_dump() if hasattr(v, "model_dump") else v
+        if self.scheme == "int8" and self.mode == "dynamic":
+            out.pop("calibration", None)
+            out.pop("calibration_samples", None)
+        if self.scheme == "int8" and self.mode != "qat":
+            out.pop("finetune", None)
+        return out
+
+
+@register_technique("quantize", QuantizeSpec, phase="quantizing")
+def quantize(model: onnx.ModelProto, spec: QuantizeSpec, ctx: StepContext) -> StepResult:
+    """Quantize weights (and, for int8 static/qat, activations) so the file really shrinks.
+
+    Args:
+        model: float model (earlier steps' zeros are kept by every scheme but binary, which has no zero).
+        spec: scheme and its options; see :class:`QuantizeSpec`.
+        ctx: the training split feeds calibration and training (the held-out split is never seen).
+
+    Returns:
+        StepResult with the quantized model; the report holds the settings used and per-layer facts
+        (bits per weight for cluster/binary/ternary).
+
+    Raises:
+        InvalidSpec: a scheme that needs data got none; unknown layer names.
+        NotTrainable: a training scheme on a graph the converter cannot train.
+        CompressionError: ONNX Runtime's quantizer failed.
+
+    Example:
+        >>> quantize(model, QuantizeSpec(scheme="cluster", bits=4), ctx).report["layers"][0]["centroids"]  # doctest: +SKIP
+        16
+    """
+    if spec.scheme == "int8":
+        options = Int8Options(mode=spec.mode, per_channel=bool(spec.per_channel), calibration=spec.calibration,
+                              calibration_samples=spec.calibration_samples, op_types=spec.op_types,
+                              exclude_nodes=spec.exclude_nodes)
+        if spec.mode == "qat":
+            from compression.techniques.quantization.qat import qat
+
+            result = qat(model, ctx, options=options, training=spec.finetune)
+        else:
+            result = quantize_int8(model, ctx, options=options)
+    elif spec.scheme == "fp16":
+        from compression.techniques.quantization.fp16 import to_fp16
+
+        result = to_fp16(model, ctx, keep_io_types=bool(spec.keep_io_types), exclude_nodes=spec.exclude_nodes)
+    elif spec.scheme == "cluster":
+        from compression.techniques.quantization.cluster import cluster
+
+        result = cluster(model, ctx, bits=spec.bits, layers=spec.layers, exclude_layers=spec.exclude_layers,
+                         training=spec.finetune)
+    else:
+        from compression.techniques.quantization.lowbit import lowbit
+
+        result = lowbit(model, ctx, kind=spec.scheme, threshold=spec.threshold, layers=spec.layers,
+                        exclude_layers=spec.exclude_layers, training=spec.finetune)
+    result.report = {"settings": spec.settings(), **result.report}
+    ctx.progress("quantizing", 1.0, "done")
+    return result
+
+
