@@ -5,7 +5,7 @@ convolution/linear weights are shared, every width has its own BatchNorm (its ac
 statistics). Universally Slimmable Networks (Yu & Huang 2019) add the *sandwich rule* (widest + narrowest
 + random widths per step) and *in-place distillation* (narrower widths learn the widest's outputs).
 
-Here a width ``w`` keeps, in every channel group that DepGraph finds (:mod:`compression.structured`:
+Here a width ``w`` keeps, in every channel group that DepGraph finds (:mod:`compression.channels`:
 a layer's filters together with the BatchNorm, residual adds and concat slices coupled to them), the
 first ``round(w·C)`` channels of one fixed order (L1 importance of the original by default), so the
 width slices nest and share weights. Training does not slice: it *masks*. At width ``w`` a forward
@@ -34,7 +34,8 @@ import torch
 from torch import nn
 
 from compression.data import Arrays
-from compression.structured import ChannelPlan, Layer, importance
+from compression.channels import (ChannelPlan, Layer, first_output, group_importance, out_channel_pruner,
+                                  torch_pruning)
 from compression.training import LossConfig, loss_fn
 
 Location = tuple[str, str]  # ("weights" | "norms", module key in that container of the OnnxModule)
@@ -77,17 +78,6 @@ def kept_channels(channels: int, width: float, round_to: int | None = None) -> i
     return int(min(channels, max(1, k)))
 
 
-def _tp():  # noqa: ANN202
-    import torch_pruning as tp
-
-    return tp
-
-
-def _out_fn(module: nn.Module):  # noqa: ANN202
-    tp = _tp()
-    return tp.prune_conv_out_channels if isinstance(module, nn.modules.conv._ConvNd) else tp.prune_linear_out_channels
-
-
 def _locations(module) -> dict[int, Location]:  # noqa: ANN001 - OnnxModule
     """id(layer) -> where the OnnxModule keeps it, for every weight layer and BatchNorm."""
     out = {id(m): ("weights", k) for k, m in module.weights.items()}
@@ -112,7 +102,7 @@ def find_groups(module, plan: ChannelPlan, example: tuple[torch.Tensor, ...], or
 
     Args:
         module: the converted module (unchanged).
-        plan: :func:`compression.structured.plan_channels` for it.
+        plan: :func:`compression.channels.plan_channels` for it.
         example: inputs to trace DepGraph with.
         order: ``"l1"`` (group L1 magnitude of the original, largest first: the narrow widths start from
             the strongest channels) or ``"index"`` (the first channels, as in the paper, trained from scratch).
@@ -120,20 +110,20 @@ def find_groups(module, plan: ChannelPlan, example: tuple[torch.Tensor, ...], or
     Returns:
         (groups, skipped: layer name -> why).
     """
-    tp = _tp()
+    tp = torch_pruning()
     dg = tp.DependencyGraph().build_dependency(module, example_inputs=example)
     by_module = {id(la.module): name for name, la in plan.layers.items()}
     groups: list[ChannelGroup] = []
     covered: set[str] = set()
     skipped: dict[str, str] = {}
-    imp = importance("l1") if order == "l1" else None
+    imp = group_importance("l1") if order == "l1" else None
     for name, layer in plan.layers.items():
         if name in plan.ignored or name in covered:
             continue
         if layer.channels < 2:
             skipped[name] = "a single output channel: nothing to slim"
             continue
-        group = dg.get_pruning_group(layer.module, _out_fn(layer.module), idxs=list(range(layer.channels)))
+        group = dg.get_pruning_group(layer.module, out_channel_pruner(layer.module), idxs=list(range(layer.channels)))
         members = [by_module[id(dep.target.module)] for dep, _ in group
                    if dg.is_out_channel_pruning_fn(dep.handler) and id(dep.target.module) in by_module]
         members = list(dict.fromkeys(members))
@@ -195,7 +185,7 @@ class SlimmableNet(nn.Module):
     def _build_masks(self, example: tuple[torch.Tensor, ...]) -> None:
         """Per width: which output channels of which layer/BatchNorm are zero. Read from the same
         DepGraph groups that export prunes with, so masks and export cannot disagree."""
-        tp = _tp()
+        tp = torch_pruning()
         dg = tp.DependencyGraph().build_dependency(self.module, example_inputs=example)
         where = _locations(self.module)
         for w in self.widths:
@@ -204,7 +194,7 @@ class SlimmableNet(nn.Module):
                 drop = sorted(g.order[g.kept[w]:])
                 if not drop:
                     continue
-                group = dg.get_pruning_group(g.root.module, _out_fn(g.root.module), idxs=drop)
+                group = dg.get_pruning_group(g.root.module, out_channel_pruner(g.root.module), idxs=drop)
                 for dep, idxs in group:
                     target = dep.target.module
                     if not dg.is_out_channel_pruning_fn(dep.handler) or id(target) not in where:
@@ -277,7 +267,7 @@ class SlimmableNet(nn.Module):
     # ------------------------------------------------------------------------------------ export
     def sliced(self, width: float, example: tuple[torch.Tensor, ...]):  # noqa: ANN201 - OnnxModule
         """A copy of the module at ``width`` with the dropped channels physically removed (on the CPU)."""
-        tp = _tp()
+        tp = torch_pruning()
         previous = self.width
         self.select(width)
         try:
@@ -291,7 +281,7 @@ class SlimmableNet(nn.Module):
             for g, drop in drops:
                 if drop:
                     root = clone.weights[g.root.key]
-                    dg.get_pruning_group(root, _out_fn(root), idxs=drop).prune()
+                    dg.get_pruning_group(root, out_channel_pruner(root), idxs=drop).prune()
         return clone
 
     def export(self, width: float, model: onnx.ModelProto, example: tuple[torch.Tensor, ...]) -> onnx.ModelProto:
@@ -318,10 +308,6 @@ def step_widths(widths: list[float], rule: str, random_widths: int, rng: np.rand
     n = min(random_widths, len(middle))
     picked = [middle[i] for i in sorted(rng.choice(len(middle), size=n, replace=False))] if n else []
     return [ordered[0], ordered[-1], *picked]
-
-
-def _first(y):  # noqa: ANN001, ANN202
-    return y[0] if isinstance(y, (tuple, list)) else y
 
 
 def _tensors(batch: Arrays, names: list[str], device: str) -> list[torch.Tensor]:
@@ -370,7 +356,7 @@ def train_slimmable(net: SlimmableNet, input_names: list[str], arrays: Arrays, *
             step_loss = 0.0
             for w in step_widths(net.widths, rule, random_widths, rng):
                 net.select(w)
-                out = _first(net(*xs))
+                out = first_output(net(*xs))
                 if w == widest or not inplace_distill:
                     l = loss_fn(out, labels, t_out, loss)
                     if w == widest:
@@ -452,7 +438,7 @@ def export_checked(net: SlimmableNet, width: float, model: onnx.ModelProto, exam
     net.eval()
     try:
         with torch.no_grad():
-            want = _first(net(*[torch.from_numpy(np.ascontiguousarray(feeds[n])) for n in names])).numpy()
+            want = first_output(net(*[torch.from_numpy(np.ascontiguousarray(feeds[n])) for n in names])).numpy()
     finally:
         net.select(previous)
     got = session(out, threads).run(None, feeds)[0]

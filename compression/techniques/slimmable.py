@@ -116,7 +116,7 @@ def slimmable(model: onnx.ModelProto, spec: SlimmableSpec, ctx: StepContext) -> 
         ['width_0.5.onnx', 'width_1.0.onnx']
     """
     from compression import slimming as SL
-    from compression.structured import plan_channels
+    from compression.channels import plan_channels
 
     data = ctx.data
     if data is None:

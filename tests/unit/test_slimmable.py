@@ -19,7 +19,7 @@ from compression.errors import InvalidSpec
 from testkit.refdata import fit
 from compression.registry import get_technique
 from compression.spec import parse_spec
-from compression.structured import plan_channels
+from compression.channels import plan_channels
 from testkit.zoo import LeNet300100, SmallCNN, TinyResNet, export_onnx
 
 WIDTHS = [0.25, 0.5, 0.75, 1.0]
