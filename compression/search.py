@@ -24,22 +24,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-import numpy as np
 import onnx
 
 from compression import modelio
 from compression.context import StepContext
 from compression.data import DataSplit
 from compression.errors import Cancelled, CompressionError, InvalidSpec
-from compression.metrics import EvalData, measure, ratios, run_batched, session
+from compression.metrics import EvalData, measure, ratios
 from compression.pipeline import json_default
 from compression.plots import pareto_svg
 from compression.registry import get_technique
 from compression.search_space import BudgetSpec, Candidate, TargetSpec, expand
 from compression.spec import ParsedSpec
-
-SENSITIVITY_LEVELS = (0.0, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.98)
-SCAN_SAMPLES = 512
+from compression.techniques.pruning.sensitivity import allocate_step, layer_sensitivity
 
 
 class Checkpoint(Protocol):
@@ -88,70 +85,6 @@ def pareto_front(points: list[tuple[str, float, float]]) -> list[str]:
         if not dominated:
             front.append((d, o, pid))
     return [pid for _, _, pid in sorted(front)]
-
-
-# ------------------------------------------------------------------------------------------ sensitivity
-def layer_sensitivity(model: onnx.ModelProto, ev: EvalData, threads: int = 0) -> dict[str, dict[str, Any]]:
-    """Per prunable weight: the output's relative L2 error when that layer alone is magnitude-pruned to
-    each of SENSITIVITY_LEVELS (the other layers intact), on up to SCAN_SAMPLES held-out inputs.
-
-    A smooth, label-free measure: small prunings move agreement or accuracy by nothing, but they move
-    the outputs, which is what ranks layers.
-    """
-    from compression.techniques.pruning import _prunable_initializers
-
-    inputs = {k: v[:SCAN_SAMPLES] for k, v in ev.inputs.items()}
-    ref = run_batched(session(model, threads), inputs)[0].astype(np.float64)
-    norm = float(np.linalg.norm(ref)) or 1.0
-    inits = {t.name: i for i, t in enumerate(model.graph.initializer)}
-    out: dict[str, dict[str, Any]] = {}
-    for init_name, node_name in _prunable_initializers(model).items():
-        w = onnx.numpy_helper.to_array(model.graph.initializer[inits[init_name]])
-        if not np.issubdtype(w.dtype, np.floating) or w.size < 2:
-            continue
-        order = np.sort(np.abs(w).ravel())
-        errors = []
-        for level in SENSITIVITY_LEVELS:
-            if level == 0.0:
-                errors.append(0.0)
-                continue
-            cut = order[min(int(level * w.size), w.size - 1)]
-            pruned = np.where(np.abs(w) < cut, 0, w).astype(w.dtype)
-            trial = onnx.ModelProto()
-            trial.CopyFrom(model)
-            trial.graph.initializer[inits[init_name]].CopyFrom(onnx.numpy_helper.from_array(pruned, init_name))
-            y = run_batched(session(trial, threads), inputs)[0].astype(np.float64)
-            errors.append(round(float(np.linalg.norm(y - ref)) / norm, 6))
-        out[init_name] = {"node": node_name, "params": int(w.size), "levels": list(SENSITIVITY_LEVELS),
-                          "relative_error": errors}
-    return out
-
-
-def allocate(sens: dict[str, dict[str, Any]], target: float) -> dict[str, float]:
-    """Per-layer sparsities whose parameter-weighted mean reaches ``target`` at the least summed error.
-
-    Greedy on the scanned curves: repeatedly raise the layer whose next level costs the least error per
-    weight removed (Han et al.'s sensitivity analysis, made automatic).
-    """
-    total = sum(s["params"] for s in sens.values())
-    level = {k: 0 for k in sens}
-    removed = 0.0
-    while removed < target * total - 1e-9:
-        best, best_cost = None, float("inf")
-        for k, s in sens.items():
-            i = level[k]
-            if i + 1 >= len(s["levels"]):
-                continue
-            gain = (s["levels"][i + 1] - s["levels"][i]) * s["params"]
-            cost = max(s["relative_error"][i + 1] - s["relative_error"][i], 0.0) / gain
-            if cost < best_cost:
-                best, best_cost = k, cost
-        if best is None:
-            break
-        s = sens[best]
-        removed += (s["levels"][level[best] + 1] - s["levels"][level[best]]) * s["params"]
-        level[best] += 1
-    return {k: float(sens[k]["levels"][i]) for k, i in level.items()}
 
 
 # ------------------------------------------------------------------------------------------ the search
@@ -204,9 +137,7 @@ class _Search:
         if cand.sensitivity_steps:
             sens = self.sensitivity()
             for i in cand.sensitivity_steps:
-                if sens:
-                    raw[i]["scope"] = "layer"
-                    raw[i]["layers"] = allocate(sens, raw[i]["sparsity"])
+                allocate_step(raw[i], sens)
         return [get_technique(s["method"]).spec_model.model_validate(s) for s in raw]
 
     def run_candidate(self, k: int, cand: Candidate) -> tuple[dict[str, Any], onnx.ModelProto]:

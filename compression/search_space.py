@@ -8,7 +8,9 @@ kept once.
 
 ``prune.allocation: [uniform, sensitivity]`` is the one pseudo-field: ``sensitivity`` gives each layer its
 own sparsity from a quick per-layer scan (the search fills ``scope: layer`` and ``layers`` in), so layers
-that barely affect the output are pruned harder and the fragile ones are spared.
+that barely affect the output are pruned harder and the fragile ones are spared. What it means, where it
+applies and which values it takes is pruning's knowledge (:mod:`compression.techniques.pruning.sensitivity`),
+imported where it is used: that package imports :mod:`compression.spec`, which imports this module.
 
 Example:
     >>> space = SearchSpace.model_validate({"prune.sparsity": [0.5, 0.9]})       # doctest: +SKIP
@@ -108,6 +110,7 @@ def quant_schemes() -> tuple[str, ...]:
 def validate_search_keys(search: dict[str, list[Any]], steps: list[dict[str, Any]]) -> None:
     """Every key names a step that exists and a field its spec model has; raises InvalidSpec otherwise."""
     from compression.registry import get_technique, list_techniques
+    from compression.techniques.pruning.sensitivity import allocation_refusal
 
     errors = []
     schemes = quant_schemes()
@@ -135,10 +138,9 @@ def validate_search_keys(search: dict[str, list[Any]], steps: list[dict[str, Any
             errors.append({"loc": ["search", key], "msg": f"no step matches {key.split('.')[0]!r}"})
             continue
         if fld == ALLOCATION:
-            if not all(s.get("method") == "prune" for s in targets):
-                errors.append({"loc": ["search", key], "msg": "allocation applies to prune steps"})
-            elif any(v not in ("uniform", "sensitivity") for v in values):
-                errors.append({"loc": ["search", key], "msg": "allocation values: uniform, sensitivity"})
+            refusal = allocation_refusal(targets, values)
+            if refusal:
+                errors.append({"loc": ["search", key], "msg": refusal})
             continue
         model = get_technique(targets[0]["method"]).spec_model
         if fld.split(".")[0] not in model.model_fields:
@@ -204,6 +206,8 @@ def _drop_foreign_options(step: dict[str, Any]) -> None:
 
 def auto_space(steps: list[dict[str, Any]]) -> dict[str, list[Any]]:
     """The grid ``search: auto`` explores for these steps (by step index, so two prune steps vary alone)."""
+    from compression.techniques.pruning.sensitivity import allocation_searchable
+
     space: dict[str, list[Any]] = {}
     for i, s in enumerate(steps):
         method = s.get("method")
@@ -216,7 +220,7 @@ def auto_space(steps: list[dict[str, Any]]) -> dict[str, list[Any]]:
         else:
             grid = AUTO_GRID.get(method or "", {})
         for fld, values in grid.items():
-            if fld == ALLOCATION and (s.get("rewind", "none") != "none" or s.get("layers")):
+            if fld == ALLOCATION and not allocation_searchable(s):
                 continue
             space[f"steps[{i}].{fld}"] = list(values)
     return space
@@ -255,6 +259,8 @@ def expand(steps: list[dict[str, Any]], search: dict[str, list[Any]] | str) -> l
         InvalidSpec: a bad key, a value a step refuses (with the searched key in ``loc``), or a grid
             larger than MAX_CANDIDATES.
     """
+    from compression.techniques.pruning.sensitivity import allocation_applies
+
     space = auto_space(steps) if search == "auto" else dict(search)
     if search != "auto":
         validate_search_keys(space, steps)
@@ -284,7 +290,7 @@ def expand(steps: list[dict[str, Any]], search: dict[str, list[Any]] | str) -> l
                 if not _selector_matches(s, method, index, i):
                     continue
                 if fld == ALLOCATION:
-                    if s.get("granularity", "weight") != "weight":
+                    if not allocation_applies(s):
                         continue
                     if value == "sensitivity":
                         sens.add(i)

@@ -80,6 +80,26 @@ def cnn_onnx(trained_cnn, tmp_path_factory) -> dict[str, Path]:
             "legacy": export_onnx(trained_cnn, ex, d / "cnn_legacy.onnx", dynamo=False)}
 
 
+@pytest.fixture(scope="module")
+def lenet(mnist_data, tmp_path_factory):
+    """LeNet-300-100 trained briefly on 3,000 MNIST images (exported by dynamo), and 1,000 others split
+    600 train / 400 held out. Module-scoped: each module that uses it trains its own from seed 0."""
+    import onnx
+    import torch
+
+    from compression.data import Arrays, split
+    from testkit.refdata import fit
+    from testkit.zoo import LeNet300100, export_onnx
+
+    X, y = mnist_data
+    Xf = X.reshape(len(X), -1)
+    torch.manual_seed(0)
+    net = fit(LeNet300100(), Xf[:3000], y[:3000], epochs=2)
+    path = export_onnx(net, torch.zeros(2, 784), tmp_path_factory.mktemp("lenet") / "lenet.onnx", dynamo=True)
+    data = split(Arrays({"input": Xf[3000:4000]}, y[3000:4000]), holdout=0.4, seed=0, max_eval=1000)
+    return onnx.load(str(path)), data
+
+
 @pytest.fixture(scope="session")
 def mnist_npz(mnist_data, tmp_path_factory) -> Path:
     """1,000 MNIST images + labels as the dataset upload (input name ``input``)."""

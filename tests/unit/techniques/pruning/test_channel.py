@@ -1,37 +1,18 @@
-"""Channel (structured) pruning and lottery tickets: the exported graph really has fewer channels, runs in
-ONNX Runtime with a dynamic batch, and keeps accuracy within bounds."""
+"""Channel (structured) pruning: the exported graph really has fewer channels, runs in ONNX Runtime with a
+dynamic batch, and keeps accuracy within bounds."""
 from __future__ import annotations
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 import torch
-from onnx import numpy_helper
 
 from compression.analysis import count_params, macs
-from compression.context import StepContext
 from compression.data import Arrays, split
 from compression.errors import InvalidSpec
-from testkit.refdata import fit
-from compression.registry import get_technique
-from compression.spec import parse_spec
-from testkit.zoo import LeNet300100, TinyResNet, export_onnx
-
-
-def _apply(spec: dict, model, data, tmp_path, **ctx):
-    step = parse_spec({"steps": [spec]}).steps[0]
-    return get_technique(step.method).apply(model, step, StepContext(workdir=tmp_path, data=data, original=model,
-                                                                      threads=1, **ctx))
-
-
-def _run(model: onnx.ModelProto, X: np.ndarray) -> np.ndarray:
-    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    return sess.run(None, {sess.get_inputs()[0].name: X})[0]
-
-
-def _acc(model, data) -> float:
-    return float((_run(model, data.holdout.inputs["input"]).argmax(1) == data.holdout.labels).mean())
+from compression.techniques.pruning.channel import choose
+from testkit.helpers import accuracy, apply_step, run_ort
+from testkit.zoo import TinyResNet, export_onnx
 
 
 def _weights(model, op: str) -> list[list[int]]:
@@ -51,9 +32,9 @@ def cnn_data(mnist_data):
 @pytest.mark.parametrize("exporter", ["dynamo", "legacy"])
 def test_channel_pruning_removes_filters_and_keeps_accuracy(exporter, cnn_onnx, cnn_data, tmp_path):
     model = onnx.load(str(cnn_onnx[exporter]))
-    base = _acc(model, cnn_data)
-    res = _apply({"method": "prune", "granularity": "channel", "sparsity": 0.5, "scope": "layer",
-                  "finetune": {"epochs": 3, "lr": 2e-3, "distill": True}}, model, cnn_data, tmp_path)
+    base = accuracy(model, cnn_data)
+    res = apply_step({"method": "prune", "granularity": "channel", "sparsity": 0.5, "scope": "layer",
+                      "finetune": {"epochs": 3, "lr": 2e-3, "distill": True}}, model, cnn_data, tmp_path)
     out = res.model
     onnx.checker.check_model(out)
     assert [w[0] for w in _weights(out, "Conv")] == [8, 16]  # 16 -> 8 and 32 -> 16 filters
@@ -64,8 +45,8 @@ def test_channel_pruning_removes_filters_and_keeps_accuracy(exporter, cnn_onnx, 
     assert macs(out, sample) * 3 < macs(model, sample)
     # The batch stays dynamic: a baked [-1, 1568] reshape was rewritten, not specialised to one batch size.
     for n in (1, 7):
-        assert _run(out, cnn_data.holdout.inputs["input"][:n]).shape == (n, 10)
-    assert _acc(out, cnn_data) >= base - 0.03
+        assert run_ort(out, cnn_data.holdout.inputs["input"][:n]).shape == (n, 10)
+    assert accuracy(out, cnn_data) >= base - 0.03
     assert res.report["channels_after"] < res.report["channels_before"]
     assert res.report["ignored"][0]["reason"].startswith("feeds a graph output")
     assert res.report["export_max_abs_error"] < 1e-4
@@ -73,15 +54,15 @@ def test_channel_pruning_removes_filters_and_keeps_accuracy(exporter, cnn_onnx, 
 
 def test_global_scope_prunes_layers_unevenly_and_overrides_apply(cnn_onnx, cnn_data, tmp_path):
     model = onnx.load(str(cnn_onnx["legacy"]))
-    glob = _apply({"method": "prune", "granularity": "channel", "sparsity": 0.5}, model, cnn_data, tmp_path)
+    glob = apply_step({"method": "prune", "granularity": "channel", "sparsity": 0.5}, model, cnn_data, tmp_path)
     kept = [la["channels_after"] / la["channels_before"] for la in glob.report["layers"][:3]]
     assert max(kept) - min(kept) > 0.05
     first = glob.report["layers"][0]["layer"]
-    layer = _apply({"method": "prune", "granularity": "channel", "sparsity": 0.5, "scope": "layer",
-                    "layers": {first: 0.25}}, model, cnn_data, tmp_path)
+    layer = apply_step({"method": "prune", "granularity": "channel", "sparsity": 0.5, "scope": "layer",
+                        "layers": {first: 0.25}}, model, cnn_data, tmp_path)
     assert [w[0] for w in _weights(layer.model, "Conv")] == [12, 16]
     with pytest.raises(InvalidSpec, match="unknown layers"):
-        _apply({"method": "prune", "granularity": "channel", "layers": {"nope": 0.3}}, model, cnn_data, tmp_path)
+        apply_step({"method": "prune", "granularity": "channel", "layers": {"nope": 0.3}}, model, cnn_data, tmp_path)
 
 
 def test_iterative_taylor_with_finetune(cnn_onnx, cnn_data, tmp_path):
@@ -89,11 +70,11 @@ def test_iterative_taylor_with_finetune(cnn_onnx, cnn_data, tmp_path):
 
     model = onnx.load(str(cnn_onnx["dynamo"]))
     small = DataSplit(cnn_data.train.take(np.arange(1000)), cnn_data.holdout)
-    res = _apply({"method": "prune", "granularity": "channel", "sparsity": 0.5, "importance": "taylor",
-                  "iterations": 2, "finetune": {"epochs": 1, "lr": 2e-3}}, model, small, tmp_path)
+    res = apply_step({"method": "prune", "granularity": "channel", "sparsity": 0.5, "importance": "taylor",
+                      "iterations": 2, "finetune": {"epochs": 1, "lr": 2e-3}}, model, small, tmp_path)
     rounds = res.report["rounds"]
     assert len(rounds) == 2 and rounds[0]["channels"] > rounds[1]["channels"]
-    assert _acc(res.model, cnn_data) > 0.85
+    assert accuracy(res.model, cnn_data) > 0.85
 
 
 @pytest.fixture(scope="module")
@@ -116,21 +97,21 @@ def test_residual_network_with_batchnorm_bn_scale(resnet_bn, mnist_data, tmp_pat
     X, y = mnist_data
     data = split(Arrays({"input": X[:200]}, y[:200]), holdout=0.5, seed=0, max_eval=100)
     model = resnet_bn["bn"]
-    res = _apply({"method": "prune", "granularity": "channel", "sparsity": 0.5, "importance": "bn_scale",
-                  "scope": "layer"}, model, data, tmp_path)
+    res = apply_step({"method": "prune", "granularity": "channel", "sparsity": 0.5, "importance": "bn_scale",
+                      "scope": "layer"}, model, data, tmp_path)
     inits = {t.name: t for t in res.model.graph.initializer}
     before = {t.name: t for t in model.graph.initializer}
     bn_before = sum(int(before[n.input[1]].dims[0]) for n in model.graph.node if n.op_type == "BatchNormalization")
     bn_after = sum(int(inits[n.input[1]].dims[0]) for n in res.model.graph.node if n.op_type == "BatchNormalization")
     assert bn_after <= 0.55 * bn_before
     # Residual adds stay consistent: the block input and its shortcut lose the same channels.
-    out = _run(res.model, X[:3])
+    out = run_ort(res.model, X[:3])
     assert out.shape == (3, 10) and np.isfinite(out).all()
     sample = {"input": X[:1]}
     assert macs(res.model, sample) * 2.5 < macs(model, sample)
     with pytest.raises(InvalidSpec, match="bn_scale"):
-        _apply({"method": "prune", "granularity": "channel", "importance": "bn_scale"}, resnet_bn["folded"], data,
-               tmp_path)
+        apply_step({"method": "prune", "granularity": "channel", "importance": "bn_scale"}, resnet_bn["folded"], data,
+                   tmp_path)
 
 
 class _SplitNet(torch.nn.Module):
@@ -154,68 +135,13 @@ def test_layer_that_cannot_be_pruned_safely_is_left_alone_and_reported(mnist_dat
     path = export_onnx(_SplitNet().eval(), torch.zeros(2, 1, 28, 28), tmp_path / "split.onnx", dynamo=False)
     model = onnx.load(str(path))
     data = split(Arrays({"input": X[:100]}, y[:100]), holdout=0.5, seed=0, max_eval=50)
-    res = _apply({"method": "prune", "granularity": "channel", "sparsity": 0.5, "scope": "layer"}, model, data,
-                 tmp_path)
+    res = apply_step({"method": "prune", "granularity": "channel", "sparsity": 0.5, "scope": "layer"}, model, data,
+                     tmp_path)
     ignored = {i["layer"]: i["reason"] for i in res.report["ignored"]}
     conv1 = [n.name for n in model.graph.node if n.op_type == "Conv"][0]
     assert conv1 in ignored and "feeds a graph output" not in ignored[conv1]
     assert [w[0] for w in _weights(res.model, "Conv")] == [8, 8]  # conv1 kept, conv2 halved
-    assert _run(res.model, X[:4]).shape == (4, 10)
-
-
-# --------------------------------------------------------------------------------- lottery tickets
-@pytest.fixture(scope="module")
-def lenet_init_and_trained(mnist_data, tmp_path_factory):
-    X, y = mnist_data
-    Xf = X.reshape(len(X), -1)
-    d = tmp_path_factory.mktemp("lottery")
-    torch.manual_seed(0)
-    net = LeNet300100()
-    init = onnx.load(str(export_onnx(net, torch.zeros(2, 784), d / "init.onnx", dynamo=False)))
-    fit(net, Xf[:2000], y[:2000], epochs=2)
-    trained = onnx.load(str(export_onnx(net, torch.zeros(2, 784), d / "trained.onnx", dynamo=False)))
-    data = split(Arrays({"input": Xf[:2000]}, y[:2000]), holdout=0.25, seed=0, max_eval=500)
-    return init, trained, data
-
-
-def test_lottery_ticket_rewinds_to_init_and_reports_rounds(lenet_init_and_trained, tmp_path):
-    init, trained, data = lenet_init_and_trained
-    spec = {"method": "prune", "sparsity": 0.8, "iterations": 2, "rewind": "init", "rewind_model_id": "init-id",
-            "finetune": {"epochs": 2, "lr": 3e-3}}
-    with pytest.raises(InvalidSpec, match="cannot be resolved"):
-        _apply(spec, trained, data, tmp_path)
-    res = _apply(spec, trained, data, tmp_path, load_model={"init-id": init}.__getitem__)
-    rounds = res.report["rounds"]
-    assert [r["round"] for r in rounds] == [0, 1, 2]
-    assert rounds[1]["kept"] == pytest.approx(0.4472, abs=1e-3) and rounds[2]["kept"] == pytest.approx(0.2, abs=1e-3)
-    assert all(r["accuracy"] > 0.8 for r in rounds)
-    w = [numpy_helper.to_array(t) for t in res.model.graph.initializer if len(t.dims) == 2]
-    zeros = sum(int((a == 0).sum()) for a in w) / sum(a.size for a in w)
-    assert zeros == pytest.approx(0.8, abs=0.01)
-    ctl = _apply({**spec, "rewind": "random", "rewind_model_id": None}, trained, data, tmp_path)
-    assert ctl.report["rewind"] == "random" and len(ctl.report["rounds"]) == 3
-    assert _acc(res.model, data) > 0.85 and _acc(ctl.model, data) > 0.5
-
-
-def test_lottery_refuses_a_rewind_model_of_another_graph(lenet_init_and_trained, tmp_path):
-    _, trained, data = lenet_init_and_trained
-    path = export_onnx(torch.nn.Linear(784, 10), torch.zeros(2, 784), tmp_path / "other.onnx", dynamo=False)
-    other = onnx.load(str(path))
-    with pytest.raises(InvalidSpec, match="not the same graph"):
-        _apply({"method": "prune", "sparsity": 0.5, "rewind": "init", "rewind_model_id": "x",
-                "finetune": {"epochs": 1}}, trained, data, tmp_path, load_model=lambda _: other)
-
-
-@pytest.mark.parametrize("bad", [
-    {"granularity": "channel", "rewind": "random", "finetune": {"epochs": 1}},
-    {"rewind": "init", "finetune": {"epochs": 1}},
-    {"rewind": "random"},
-    {"importance": "bn_scale"},
-    {"head_sparsity": 0.5},
-])
-def test_invalid_prune_specs_are_refused_at_validation(bad):
-    with pytest.raises(InvalidSpec):
-        parse_spec({"steps": [{"method": "prune", **bad}]})
+    assert run_ort(res.model, X[:4]).shape == (4, 10)
 
 
 # ------------------------------------------------------------------------------------ transformers
@@ -230,8 +156,8 @@ def test_minilm_heads_and_ffn_neurons_pruned_and_recovered_by_distillation(tmp_p
     sentences = [f"{a} {b} the {c}." for a in ("A cat", "The committee", "My neighbour", "This model")
                  for b in ("watched", "approved", "painted", "ignored") for c in ("river", "budget", "fence")]
     data = split(Arrays(minilm_example_inputs(sentences, seq_len=10), None), holdout=0.25, seed=0, max_eval=100)
-    res = _apply({"method": "prune", "granularity": "channel", "sparsity": 0.5, "scope": "layer",
-                  "finetune": {"epochs": 2, "lr": 3e-4, "batch_size": 12}}, model, data, tmp_path)
+    res = apply_step({"method": "prune", "granularity": "channel", "sparsity": 0.5, "scope": "layer",
+                      "finetune": {"epochs": 2, "lr": 3e-4, "batch_size": 12}}, model, data, tmp_path)
     assert [h["heads_after"] for h in res.report["heads"]] == [6] * 6
     assert [f["neurons_after"] for f in res.report["ffn"]] == [768] * 6
     shapes = _weights(res.model, "MatMul")
@@ -244,8 +170,8 @@ def test_minilm_heads_and_ffn_neurons_pruned_and_recovered_by_distillation(tmp_p
         got = session(m).run(None, hold)[0]
         return float(((ref * got).sum(-1) / np.linalg.norm(ref, axis=-1) / np.linalg.norm(got, axis=-1)).mean())
 
-    untuned = _apply({"method": "prune", "granularity": "channel", "sparsity": 0.5, "scope": "layer"}, model, data,
-                     tmp_path)
+    untuned = apply_step({"method": "prune", "granularity": "channel", "sparsity": 0.5, "scope": "layer"}, model, data,
+                         tmp_path)
     assert cosine(res.model) > cosine(untuned.model) + 0.05
     one = {k: v[:1] for k, v in hold.items()}
     assert macs(res.model, one) < 0.6 * macs(model, one)
@@ -272,30 +198,29 @@ def test_depthwise_follows_its_input_and_grouped_conv_is_reported(dynamo, tmp_pa
     torch.manual_seed(0)
     model = onnx.load(str(export_onnx(_Depthwise().eval(), torch.zeros(2, 1, 28, 28), tmp_path / "dw.onnx",
                                       dynamo=dynamo)))
-    res = _apply({"method": "prune", "granularity": "channel", "sparsity": 0.5, "scope": "layer"}, model, None,
-                 tmp_path)  # no dataset: weight magnitudes only
+    res = apply_step({"method": "prune", "granularity": "channel", "sparsity": 0.5, "scope": "layer"}, model, None,
+                     tmp_path)  # no dataset: weight magnitudes only
     convs = _weights(res.model, "Conv")
     assert convs[:2] == [[4, 1, 3, 3], [4, 1, 3, 3]]  # c1 and its depthwise conv lose the same channels
     groups = [next(a.i for a in n.attribute if a.name == "group") for n in res.model.graph.node if n.op_type == "Conv"]
     assert groups[1] == 4
     reasons = " ".join(i["reason"] for i in res.report["ignored"])
     assert "grouped convolution (groups=4)" in reasons
-    assert _run(res.model, np.random.default_rng(0).random((3, 1, 28, 28), dtype=np.float32)).shape == (3, 10)
+    assert run_ort(res.model, np.random.default_rng(0).random((3, 1, 28, 28), dtype=np.float32)).shape == (3, 10)
 
 
 def test_round_to_keeps_channel_counts_multiples_of_8(cnn_onnx, cnn_data, tmp_path):
     model = onnx.load(str(cnn_onnx["legacy"]))
-    odd = _apply({"method": "prune", "granularity": "channel", "sparsity": 0.3, "scope": "layer"}, model, None, tmp_path)
+    odd = apply_step({"method": "prune", "granularity": "channel", "sparsity": 0.3, "scope": "layer"}, model, None,
+                     tmp_path)
     assert [w[0] for w in _weights(odd.model, "Conv")] == [11, 22]
     assert any("round_to: 8" in n for n in odd.report["notes"])
-    even = _apply({"method": "prune", "granularity": "channel", "sparsity": 0.3, "scope": "layer", "round_to": 8},
-                  model, None, tmp_path)
+    even = apply_step({"method": "prune", "granularity": "channel", "sparsity": 0.3, "scope": "layer", "round_to": 8},
+                      model, None, tmp_path)
     assert all(w[0] % 8 == 0 for w in _weights(even.model, "Conv")) and not even.report["notes"]
 
 
 def test_choose_heads_and_neurons_by_scope():
-    from compression.structured import choose
-
     scores = {"a": [float(i) for i in range(16)], "b": [10.0 * i for i in range(16)]}
     totals = {"a": 16, "b": 16}
     layer = choose(scores, totals, {"a": 0.5, "b": 0.25}, "layer", 0.9)

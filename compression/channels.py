@@ -1,4 +1,6 @@
-"""Structured (channel) pruning of a converted :class:`~compression.converter.OnnxModule`.
+"""The channel planner: which output channels of a converted :class:`~compression.converter.OnnxModule`
+can shrink, and in which groups. Channel pruning (:mod:`compression.techniques.pruning.channel`) removes
+them; slimmable networks (:mod:`compression.techniques.slimmable`) mask and slice them per width.
 
 Two kinds of groups:
 
@@ -14,27 +16,30 @@ Two kinds of groups:
   FFN neuron group per hidden unit. The residual width (tied to the embeddings and every LayerNorm)
   is kept.
 
-Importance strategies are tiny callables, as in torch-pruning (``l1``, ``l2``, ``taylor``,
-``bn_scale``, ``random``).
+torch-pruning is imported on first use (:func:`torch_pruning`): it is slow to import, and only the steps
+that change channels need it.
 
 Example:
     >>> module = to_torch(model); module.record_shapes(*example)            # doctest: +SKIP
     >>> plan = plan_channels(module, model, example)                         # doctest: +SKIP
-    >>> pruner = depgraph_pruner(module, example, plan, importance="l1", sparsity=0.5)  # doctest: +SKIP
+    >>> sorted(plan.ignored)                 # the classifier, layers that failed the probe  # doctest: +SKIP
 """
 from __future__ import annotations
 
 import copy
-import math
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from types import ModuleType
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
 import torch
 from torch import nn
 
-IMPORTANCE_NAMES = ("l1", "l2", "taylor", "bn_scale", "random")
+if TYPE_CHECKING:
+    from compression.converter import OnnxModule
 
 # Ops a channel passes through unchanged (elementwise, with scalar or same-source other inputs).
 _ELEMENTWISE = {
@@ -88,7 +93,7 @@ class ChannelPlan:
 
 
 # ----------------------------------------------------------------------------------- graph facts
-def prunable_layers(module) -> dict[str, Layer]:  # noqa: ANN001 - OnnxModule
+def prunable_layers(module: OnnxModule) -> dict[str, Layer]:
     """ONNX node name -> :class:`Layer` for every Conv/Gemm/MatMul whose weight became a torch layer."""
     weight_of = {(s.key, s.attr): name for name, s in module._sources.items() if s.container == "weights"}
     out: dict[str, Layer] = {}
@@ -108,7 +113,7 @@ def prunable_layers(module) -> dict[str, Layer]:  # noqa: ANN001 - OnnxModule
     return out
 
 
-def _consumers(module) -> dict[str, list]:  # noqa: ANN001
+def _consumers(module: OnnxModule) -> dict[str, list]:
     cons: dict[str, list] = defaultdict(list)
     for spec in module._nodes:
         for name in spec.inputs:
@@ -117,7 +122,7 @@ def _consumers(module) -> dict[str, list]:  # noqa: ANN001
     return cons
 
 
-def output_layers(module, layers: dict[str, Layer]) -> set[str]:  # noqa: ANN001
+def output_layers(module: OnnxModule, layers: dict[str, Layer]) -> set[str]:
     """Layers whose output channels reach a graph output without passing another layer (e.g. the classifier)."""
     producers = {o: spec for spec in module._nodes for o in spec.outputs if o}
     by_output = {spec.outputs[0]: spec.name for spec in module._nodes if spec.name in layers}
@@ -137,7 +142,8 @@ def output_layers(module, layers: dict[str, Layer]) -> set[str]:  # noqa: ANN001
     return found
 
 
-def find_transformer_groups(module, layers: dict[str, Layer]) -> tuple[list[AttentionBlock], list[tuple[Layer, Layer]]]:  # noqa: ANN001
+def find_transformer_groups(module: OnnxModule, layers: dict[str, Layer],
+                            ) -> tuple[list[AttentionBlock], list[tuple[Layer, Layer]]]:
     """Attention blocks (Q, K, V, O, heads) and FFN pairs (up, down) read from the converted graph."""
     producers = {o: spec for spec in module._nodes for o in spec.outputs if o}
     consumers = _consumers(module)
@@ -269,15 +275,21 @@ def _sole_next_layer(up: Layer, consumers, by_spec, const: dict[str, tuple], out
 
 
 # ------------------------------------------------------------------------------------ DepGraph
-def _tp():
+def torch_pruning() -> ModuleType:
+    """The ``torch_pruning`` package, imported on first use (it is slow to import, and only steps that
+    change channels need it)."""
     import torch_pruning as tp
 
     return tp
 
 
-def importance(name: str):  # noqa: ANN201
-    """torch-pruning importance for DepGraph groups."""
-    tp = _tp()
+def group_importance(name: str):  # noqa: ANN201 - a torch_pruning.importance.Importance
+    """torch-pruning's importance for DepGraph groups: ``l1``, ``l2``, ``taylor``, ``bn_scale``, ``random``.
+
+    Channel pruning ranks the channels to remove with it; slimmable networks order each group's channels
+    with ``l1`` (the narrow widths keep the strongest).
+    """
+    tp = torch_pruning()
     return {
         "l1": lambda: tp.importance.GroupMagnitudeImportance(p=1),
         "l2": lambda: tp.importance.GroupMagnitudeImportance(p=2),
@@ -287,32 +299,40 @@ def importance(name: str):  # noqa: ANN201
     }[name]()
 
 
-def _out_fn(layer: Layer):  # noqa: ANN202
-    tp = _tp()
-    return tp.prune_conv_out_channels if isinstance(layer.module, nn.modules.conv._ConvNd) else tp.prune_linear_out_channels
+def out_channel_pruner(module: nn.Module) -> Callable:
+    """torch-pruning's function that removes output channels of ``module`` (a conv or a linear layer):
+    the trigger a DepGraph group is built from."""
+    tp = torch_pruning()
+    return tp.prune_conv_out_channels if isinstance(module, nn.modules.conv._ConvNd) else tp.prune_linear_out_channels
 
 
-def probe(module, model: onnx.ModelProto, example: tuple[torch.Tensor, ...], layers: list[Layer]) -> str | None:  # noqa: ANN001
+def first_output(y: torch.Tensor | tuple | list) -> torch.Tensor:
+    """The first output of a converted module's forward (a tensor alone, or the first of several)."""
+    return y[0] if isinstance(y, (tuple, list)) else y
+
+
+def probe(module: OnnxModule, model: onnx.ModelProto, example: tuple[torch.Tensor, ...], layers: list[Layer],
+          ) -> str | None:
     """Remove one output channel of each of ``layers`` on a copy; None when the copy exports to ONNX and
     ONNX Runtime agrees with torch, else what went wrong."""
-    tp = _tp()
+    tp = torch_pruning()
     from compression.metrics import session
 
     clone = copy.deepcopy(module)
     try:
         with torch.no_grad():
-            ref_shape = tuple(_first(clone(*example)).shape)
+            ref_shape = tuple(first_output(clone(*example)).shape)
         dg = tp.DependencyGraph().build_dependency(clone, example_inputs=example)
         for layer in layers:
             mod = clone.weights[layer.key]
             if (mod.out_channels if isinstance(mod, nn.modules.conv._ConvNd) else mod.out_features) < 2:
                 continue
-            group = dg.get_pruning_group(mod, _out_fn(layer), idxs=[0])
+            group = dg.get_pruning_group(mod, out_channel_pruner(mod), idxs=[0])
             if not dg.check_pruning_group(group):
                 return "no channel of it can be removed (coupled to a layer that must keep its size)"
             group.prune()
         with torch.no_grad():
-            y = _first(clone(*example))
+            y = first_output(clone(*example))
         if tuple(y.shape) != ref_shape:
             return f"pruning changes the output shape {ref_shape} -> {tuple(y.shape)}"
         exported = clone.export_resized(model, *example)
@@ -328,11 +348,7 @@ def probe(module, model: onnx.ModelProto, example: tuple[torch.Tensor, ...], lay
     return None
 
 
-def _first(y):  # noqa: ANN001, ANN202
-    return y[0] if isinstance(y, (tuple, list)) else y
-
-
-def plan_channels(module, model: onnx.ModelProto, example: tuple[torch.Tensor, ...]) -> ChannelPlan:  # noqa: ANN001
+def plan_channels(module: OnnxModule, model: onnx.ModelProto, example: tuple[torch.Tensor, ...]) -> ChannelPlan:
     """Find what can be pruned. Needs ``module.record_shapes(*example)`` to have run."""
     layers = prunable_layers(module)
     plan = ChannelPlan(layers=layers)
@@ -368,158 +384,3 @@ def plan_channels(module, model: onnx.ModelProto, example: tuple[torch.Tensor, .
             if why is not None:
                 plan.ignored[la.name] = why
     return plan
-
-
-def depgraph_pruner(module, example: tuple[torch.Tensor, ...], plan: ChannelPlan, *, importance_name: str,  # noqa: ANN001
-                    sparsity: float, scope: str, layer_sparsity: dict[str, float] | None, iterations: int,
-                    max_layer_sparsity: float, round_to: int | None = None):
-    """A torch-pruning ``MetaPruner`` over the plan's prunable layers (``step()`` once per iteration)."""
-    tp = _tp()
-    by_name = {spec.name: module.weights[spec.extra["module"][1]] for spec in module._nodes
-               if spec.extra.get("module") and spec.extra["module"][0] == "weights"}
-    ignored = [by_name[n] for n in plan.ignored if n in by_name]
-    ratio_dict = {plan.layers[n].module: r for n, r in (layer_sparsity or {}).items()} or None
-    return tp.pruner.MetaPruner(
-        module, example, importance=importance(importance_name), global_pruning=scope == "global",
-        pruning_ratio=sparsity, pruning_ratio_dict=ratio_dict, max_pruning_ratio=max_layer_sparsity,
-        iterative_steps=iterations, ignored_layers=ignored, round_to=round_to,
-    )
-
-
-def zero_grads(module) -> None:  # noqa: ANN001
-    module.zero_grad(set_to_none=True)
-
-
-def has_batchnorm(module) -> bool:  # noqa: ANN001
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.norms.values())
-
-
-# ---------------------------------------------------------------------------- transformer groups
-def _score(tensors: list[torch.Tensor], name: str, rng: np.random.Generator) -> float:
-    if name == "random":
-        return float(rng.random())
-    if name == "l1":
-        return float(sum(t.detach().abs().sum() for t in tensors))
-    if name == "l2":
-        return float(sum(t.detach().pow(2).sum() for t in tensors))
-    if name == "taylor":
-        return float(sum((t.detach() * t.grad).abs().sum() if t.grad is not None else 0.0 for t in tensors))
-    raise ValueError(f"importance {name!r} does not apply to attention heads / FFN neurons")
-
-
-def _slice_of(t: torch.Tensor, idx, dim: int) -> torch.Tensor:  # noqa: ANN001
-    """A slice of ``t`` along ``dim`` that carries the matching slice of ``t.grad`` (for Taylor scores)."""
-    out = t.narrow(dim, idx.start, idx.stop - idx.start) if isinstance(idx, slice) else t.index_select(dim, torch.tensor(idx))
-    if t.grad is not None:
-        g = t.grad.narrow(dim, idx.start, idx.stop - idx.start) if isinstance(idx, slice) else t.grad.index_select(dim, torch.tensor(idx))
-        out = out.detach().clone()
-        out.grad = g.clone()
-    return out
-
-
-def head_scores(block: AttentionBlock, name: str, rng: np.random.Generator) -> list[float]:
-    d = block.head_dim
-    out = []
-    for h in range(block.heads):
-        sl = slice(h * d, (h + 1) * d)
-        parts = []
-        for la in (block.q, block.k, block.v):
-            parts.append(_slice_of(la.module.weight, sl, 0))
-            if la.module.bias is not None:
-                parts.append(_slice_of(la.module.bias, sl, 0))
-        parts.append(_slice_of(block.o.module.weight, sl, 1))
-        out.append(_score(parts, name, rng))
-    return out
-
-
-def neuron_scores(up: Layer, down: Layer, name: str, rng: np.random.Generator) -> list[float]:
-    if name == "random":
-        return list(rng.random(up.channels))
-    w1, w2 = up.module.weight, down.module.weight
-    if name in ("l1", "l2"):
-        f = (lambda t: t.abs()) if name == "l1" else (lambda t: t.pow(2))
-        s = f(w1.detach()).sum(1) + f(w2.detach()).sum(0)
-        if up.module.bias is not None:
-            s = s + f(up.module.bias.detach())
-        return s.tolist()
-    if name == "taylor":
-        def tay(t: torch.Tensor, dim: int) -> torch.Tensor:
-            return (t.detach() * t.grad).abs().sum(dim) if t.grad is not None else torch.zeros(t.shape[1 - dim])
-        s = tay(w1, 1) + tay(w2, 0)
-        if up.module.bias is not None and up.module.bias.grad is not None:
-            s = s + (up.module.bias.detach() * up.module.bias.grad).abs()
-        return s.tolist()
-    raise ValueError(f"importance {name!r} does not apply to attention heads / FFN neurons")
-
-
-def _keep_linear(lin: nn.Linear, keep: torch.Tensor, dim: int) -> None:
-    """Keep only ``keep`` rows (dim 0: output features) or columns (dim 1: input features) of ``lin``."""
-    with torch.no_grad():
-        lin.weight = nn.Parameter(lin.weight.detach().index_select(dim, keep).clone())
-        if dim == 0:
-            if lin.bias is not None:
-                lin.bias = nn.Parameter(lin.bias.detach().index_select(0, keep).clone())
-            lin.out_features = int(keep.numel())
-        else:
-            lin.in_features = int(keep.numel())
-
-
-def prune_heads(block: AttentionBlock, drop: list[int]) -> None:
-    if not drop:
-        return
-    d = block.head_dim
-    keep_heads = [h for h in range(block.heads) if h not in set(drop)]
-    keep = torch.tensor([h * d + i for h in keep_heads for i in range(d)], dtype=torch.long)
-    for la in (block.q, block.k, block.v):
-        _keep_linear(la.module, keep, 0)
-    _keep_linear(block.o.module, keep, 1)
-    block.heads = len(keep_heads)
-
-
-def prune_neurons(up: Layer, down: Layer, drop: list[int]) -> None:
-    if not drop:
-        return
-    dropped = set(drop)
-    keep = torch.tensor([i for i in range(up.channels) if i not in dropped], dtype=torch.long)
-    _keep_linear(up.module, keep, 0)
-    _keep_linear(down.module, keep, 1)
-
-
-def choose(scores: dict[str, list[float]], totals: dict[str, int], fraction: dict[str, float], scope: str,
-           max_fraction: float, minimum: int = 1, round_to: int | None = None) -> dict[str, list[int]]:
-    """Indices to drop per group so that ``fraction[group]`` of its *original* units (``totals``) are gone.
-
-    ``layer`` scope drops each group's fraction; ``global`` ranks mean-normalised scores across groups and
-    drops the overall fraction (a group never loses more than ``max_fraction`` of its units nor keeps
-    fewer than ``minimum``).
-    """
-    drop: dict[str, list[int]] = {}
-    if scope == "layer":
-        for key, s in scores.items():
-            n_now, n0 = len(s), totals[key]
-            target = min(int(round(fraction[key] * n0)), int(math.floor(max_fraction * n0)), n0 - minimum)
-            if round_to and round_to < n0:  # keep a multiple of round_to, rounded down as torch-pruning does
-                target = n0 - max(round_to, (n0 - target) // round_to * round_to)
-            k = max(0, target - (n0 - n_now))
-            drop[key] = [int(i) for i in np.argsort(s, kind="stable")[:k]]
-        return drop
-    pool = []
-    for key, s in scores.items():
-        mean = float(np.mean(s)) or 1.0
-        pool.extend((v / mean, key, i) for i, v in enumerate(s))
-    pool.sort(key=lambda t: t[0])
-    want = int(round(sum(fraction[k] * totals[k] for k in totals))) - sum(totals[k] - len(s) for k, s in scores.items())
-    caps = {k: min(int(math.floor(max_fraction * totals[k])), totals[k] - minimum) - (totals[k] - len(s))
-            for k, s in scores.items()}
-    for _, key, i in pool:
-        if want <= 0:
-            break
-        if len(drop.setdefault(key, [])) < caps[key]:
-            drop[key].append(i)
-            want -= 1
-    if round_to:  # give back the weakest cuts until every group keeps a multiple of round_to
-        for key, cut in drop.items():
-            keep = len(scores[key]) - len(cut)
-            extra = (-keep) % round_to if keep < totals[key] else 0
-            drop[key] = cut[:len(cut) - extra] if extra else cut
-    return drop

@@ -5,44 +5,28 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 import torch
 from onnx import numpy_helper
 from torch import nn
 
-from compression import slimming as SL
-from compression.context import StepContext
+from compression.channels import plan_channels
 from compression.converter import to_torch
 from compression.data import Arrays, DataSplit
 from compression.errors import InvalidSpec
-from testkit.refdata import fit
-from compression.registry import get_technique
 from compression.spec import parse_spec
-from compression.structured import plan_channels
+from compression.techniques.slimmable.network import SlimmableNet, find_groups, kept_channels
+from compression.techniques.slimmable.training import step_widths
+from testkit.helpers import accuracy, apply_step, run_ort
+from testkit.refdata import fit
 from testkit.zoo import LeNet300100, SmallCNN, TinyResNet, export_onnx
 
 WIDTHS = [0.25, 0.5, 0.75, 1.0]
 
 
-def _run(model: onnx.ModelProto, X: np.ndarray) -> np.ndarray:
-    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    return sess.run(None, {sess.get_inputs()[0].name: X})[0]
-
-
-def _acc(model: onnx.ModelProto, data: DataSplit) -> float:
-    return float((_run(model, data.holdout.inputs["input"]).argmax(1) == data.holdout.labels).mean())
-
-
 def _weights(model: onnx.ModelProto, op: str) -> list[np.ndarray]:
     inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     return [inits[n.input[1]] for n in model.graph.node if n.op_type == op and n.input[1] in inits]
-
-
-def _apply(spec: dict, model: onnx.ModelProto, data: DataSplit, tmp_path):
-    step = parse_spec({"steps": [spec]}).steps[0]
-    ctx = StepContext(workdir=tmp_path, data=data, original=model, threads=1)
-    return get_technique("slimmable").apply(model, step, ctx)
 
 
 @pytest.fixture(scope="module")
@@ -69,11 +53,11 @@ def _net(model: onnx.ModelProto, X: np.ndarray, widths=WIDTHS, order: str = "l1"
     module = to_torch(model)
     example = (torch.from_numpy(X[:2]),)
     module.record_shapes(*example)
-    groups, skipped = SL.find_groups(module, plan_channels(module, model, example), example, order)
-    return SL.SlimmableNet(module, groups, example, widths), example
+    groups, skipped = find_groups(module, plan_channels(module, model, example), example, order)
+    return SlimmableNet(module, groups, example, widths), example
 
 
-def _scramble_norms(net: SL.SlimmableNet) -> None:
+def _scramble_norms(net: SlimmableNet) -> None:
     """Give every width's BatchNorm set different statistics and affine terms, so that exporting the wrong
     set (or none) cannot go unnoticed."""
     g = torch.Generator().manual_seed(1)
@@ -88,15 +72,15 @@ def _scramble_norms(net: SL.SlimmableNet) -> None:
 
 
 def test_kept_channels_and_step_widths():
-    assert [SL.kept_channels(16, w) for w in WIDTHS] == [4, 8, 12, 16]
-    assert SL.kept_channels(3, 0.1) == 1  # never zero channels
-    assert [SL.kept_channels(20, w, round_to=8) for w in (0.25, 0.5, 1.0)] == [8, 8, 20]
+    assert [kept_channels(16, w) for w in WIDTHS] == [4, 8, 12, 16]
+    assert kept_channels(3, 0.1) == 1  # never zero channels
+    assert [kept_channels(20, w, round_to=8) for w in (0.25, 0.5, 1.0)] == [8, 8, 20]
     rng = np.random.default_rng(0)
-    assert SL.step_widths(WIDTHS, "sum", 2, rng) == [1.0, 0.75, 0.5, 0.25]
+    assert step_widths(WIDTHS, "sum", 2, rng) == [1.0, 0.75, 0.5, 0.25]
     for _ in range(20):
-        ws = SL.step_widths(WIDTHS, "sandwich", 1, rng)
+        ws = step_widths(WIDTHS, "sandwich", 1, rng)
         assert ws[:2] == [1.0, 0.25] and len(ws) == 3 and ws[2] in (0.5, 0.75)
-    assert SL.step_widths(WIDTHS, "sandwich", 0, rng) == [1.0, 0.25]
+    assert step_widths(WIDTHS, "sandwich", 0, rng) == [1.0, 0.25]
 
 
 @pytest.mark.parametrize("widths, msg", [
@@ -129,17 +113,17 @@ def test_masked_forward_equals_the_exported_sliced_network_per_width(bn_cnn, dat
         out = net.export(w, bn_cnn, example)
         onnx.checker.check_model(out)
         convs, gemms = _weights(out, "Conv"), _weights(out, "Gemm")
-        k1, k2, k3 = SL.kept_channels(16, w), SL.kept_channels(32, w), SL.kept_channels(128, w)
+        k1, k2, k3 = kept_channels(16, w), kept_channels(32, w), kept_channels(128, w)
         assert [c.shape[0] for c in convs] == [k1, k2] and convs[1].shape[1] == k1
         assert list(gemms[0].shape) == [k3, k2 * 49] and list(gemms[1].shape) == [10, k3]
         assert sum(n.op_type == "BatchNormalization" for n in out.graph.node) == 2
         net.select(w)
         with torch.no_grad():
             want = net(torch.from_numpy(X)).numpy()
-        got = _run(out, X)
+        got = run_ort(out, X)
         assert np.abs(got - want).max() < 1e-4, w
         for n in (1, 5):  # the batch stays dynamic after the flatten Reshape was rewritten
-            assert _run(out, X[:n]).shape == (n, 10)
+            assert run_ort(out, X[:n]).shape == (n, 10)
         if w == 1.0:
             full = out
     # Widths nest and share weights: a narrow conv's filters are the full conv's, at the kept channels.
@@ -181,13 +165,13 @@ def test_residual_coupled_layers_shrink_together(mnist_data, tmp_path):
         net.select(w)
         with torch.no_grad():
             want = net(torch.from_numpy(X[:32])).numpy()
-        assert np.abs(_run(out, X[:32]) - want).max() < 1e-4
+        assert np.abs(run_ort(out, X[:32]) - want).max() < 1e-4
 
 
 def test_slimmable_trains_every_width_with_switchable_bn(bn_cnn, data, tmp_path):
-    base = _acc(bn_cnn, data)
-    res = _apply({"method": "slimmable", "widths": WIDTHS, "epochs": 2, "lr": 2e-3, "batch_size": 64},
-                 bn_cnn, data, tmp_path)
+    base = accuracy(bn_cnn, data)
+    res = apply_step({"method": "slimmable", "widths": WIDTHS, "epochs": 2, "lr": 2e-3, "batch_size": 64},
+                     bn_cnn, data, tmp_path)
     rows = res.report["widths"]
     assert [r["width"] for r in rows] == WIDTHS
     assert sorted(res.extra_models) == [f"width_{w}.onnx" for w in WIDTHS]
@@ -197,7 +181,7 @@ def test_slimmable_trains_every_width_with_switchable_bn(bn_cnn, data, tmp_path)
     for r in rows:
         m = res.extra_models[r["artifact"]]
         onnx.checker.check_model(m)
-        assert abs(_acc(m, data) - r["accuracy"]) < 1e-6 and r["export_max_abs_error"] < 1e-4
+        assert abs(accuracy(m, data) - r["accuracy"]) < 1e-6 and r["export_max_abs_error"] < 1e-4
         assert r["latency_ms"]["p50"] > 0
     accs = [r["accuracy"] for r in rows]
     assert accs[-1] >= base - 0.03 and accs[0] > 0.8 and accs[1] > 0.9
@@ -223,8 +207,8 @@ def test_slimmable_trains_every_width_with_switchable_bn(bn_cnn, data, tmp_path)
 
 def test_sum_rule_and_unlabelled_data(bn_cnn, data, tmp_path):
     unlabelled = DataSplit(Arrays(data.train.inputs, None), data.holdout)
-    res = _apply({"method": "slimmable", "widths": [0.5, 1.0], "rule": "sum", "epochs": 1,
-                  "bn_calibration_samples": 0}, bn_cnn, unlabelled, tmp_path)
+    res = apply_step({"method": "slimmable", "widths": [0.5, 1.0], "rule": "sum", "epochs": 1,
+                      "bn_calibration_samples": 0}, bn_cnn, unlabelled, tmp_path)
     assert any("distillation" in n for n in res.report["notes"]) and res.report["distill"]
     assert res.report["rule"] == "sum" and res.report["inplace_distill"] is False
     assert res.report["bn_calibration_samples"] == 0
@@ -236,7 +220,7 @@ def test_model_without_a_slimmable_layer_is_refused(tmp_path, data):
     linear = nn.Sequential(nn.Flatten(), nn.Linear(784, 10)).eval()
     model = onnx.load(str(export_onnx(linear, torch.zeros(2, 1, 28, 28), tmp_path / "lin.onnx", dynamo=False)))
     with pytest.raises(InvalidSpec, match="no layer of this model can change width"):
-        _apply({"method": "slimmable", "epochs": 1}, model, data, tmp_path)
+        apply_step({"method": "slimmable", "epochs": 1}, model, data, tmp_path)
 
 
 def test_mlp_hidden_neurons_shrink_without_batchnorm(mnist_data, tmp_path):
@@ -245,7 +229,7 @@ def test_mlp_hidden_neurons_shrink_without_batchnorm(mnist_data, tmp_path):
     torch.manual_seed(0)
     model = onnx.load(str(export_onnx(LeNet300100().eval(), torch.zeros(2, 784), tmp_path / "lenet.onnx", dynamo=True)))
     flat = DataSplit(Arrays({"input": Xf[:300]}, y[:300]), Arrays({"input": Xf[4500:4600]}, y[4500:4600]))
-    res = _apply({"method": "slimmable", "widths": [0.25, 0.5, 1.0], "epochs": 1}, model, flat, tmp_path)
+    res = apply_step({"method": "slimmable", "widths": [0.25, 0.5, 1.0], "epochs": 1}, model, flat, tmp_path)
     shapes = {w: [list(a.shape) for a in _weights(res.extra_models[f"width_{w}.onnx"], "Gemm")] for w in (0.25, 0.5)}
     assert shapes == {0.25: [[75, 784], [25, 75], [10, 25]], 0.5: [[150, 784], [50, 150], [10, 50]]}
     assert res.report["switchable_batchnorm_layers"] == 0

@@ -1,11 +1,11 @@
-"""Slimmable networks: one set of shared weights that runs at several widths.
+"""The slimmable network: one set of shared weights that runs at several widths (switchable BatchNorm).
 
 Slimmable Networks (Yu et al. 2018) train a network at a few widths with *switchable BatchNorm*: the
 convolution/linear weights are shared, every width has its own BatchNorm (its activations have other
 statistics). Universally Slimmable Networks (Yu & Huang 2019) add the *sandwich rule* (widest + narrowest
 + random widths per step) and *in-place distillation* (narrower widths learn the widest's outputs).
 
-Here a width ``w`` keeps, in every channel group that DepGraph finds (:mod:`compression.structured`:
+Here a width ``w`` keeps, in every channel group that DepGraph finds (:mod:`compression.channels`:
 a layer's filters together with the BatchNorm, residual adds and concat slices coupled to them), the
 first ``round(w·C)`` channels of one fixed order (L1 importance of the original by default), so the
 width slices nest and share weights. Training does not slice: it *masks*. At width ``w`` a forward
@@ -13,11 +13,13 @@ hook zeroes the dropped output channels of each grouped layer and of the BatchNo
 is not 0); the next layer then reads zeros on those inputs, so the masked full-size forward is the
 sliced network's forward, and its gradients are the sliced network's gradients. Export removes the
 dropped channels physically (torch-pruning with explicit indices) from a copy carrying that width's
-BatchNorm set and writes the smaller ONNX (:meth:`OnnxModule.export_resized`).
+BatchNorm set and writes the smaller ONNX (:meth:`OnnxModule.export_resized`). How it trains is
+:mod:`.training`; how each export is proved and measured, :mod:`.export`.
 
 Example:
     >>> module = to_torch(model); module.record_shapes(*example)                   # doctest: +SKIP
-    >>> net = SlimmableNet(module, plan_channels(module, model, example), example, [0.5, 1.0])  # doctest: +SKIP
+    >>> groups, _ = find_groups(module, plan_channels(module, model, example), example)  # doctest: +SKIP
+    >>> net = SlimmableNet(module, groups, example, [0.5, 1.0])                    # doctest: +SKIP
     >>> net.select(0.5); logits = net(*example)            # == the 0.5-wide network  # doctest: +SKIP
     >>> half = net.export(0.5, model, example)             # its ONNX, channels removed  # doctest: +SKIP
 """
@@ -27,15 +29,16 @@ import contextlib
 import copy
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import numpy as np
 import onnx
 import torch
 from torch import nn
 
-from compression.data import Arrays
-from compression.structured import ChannelPlan, Layer, importance
-from compression.training import LossConfig, loss_fn
+from compression.channels import ChannelPlan, Layer, group_importance, out_channel_pruner, torch_pruning
+
+if TYPE_CHECKING:
+    from compression.converter import OnnxModule
 
 Location = tuple[str, str]  # ("weights" | "norms", module key in that container of the OnnxModule)
 
@@ -77,18 +80,7 @@ def kept_channels(channels: int, width: float, round_to: int | None = None) -> i
     return int(min(channels, max(1, k)))
 
 
-def _tp():  # noqa: ANN202
-    import torch_pruning as tp
-
-    return tp
-
-
-def _out_fn(module: nn.Module):  # noqa: ANN202
-    tp = _tp()
-    return tp.prune_conv_out_channels if isinstance(module, nn.modules.conv._ConvNd) else tp.prune_linear_out_channels
-
-
-def _locations(module) -> dict[int, Location]:  # noqa: ANN001 - OnnxModule
+def _locations(module: OnnxModule) -> dict[int, Location]:
     """id(layer) -> where the OnnxModule keeps it, for every weight layer and BatchNorm."""
     out = {id(m): ("weights", k) for k, m in module.weights.items()}
     out.update({id(m): ("norms", k) for k, m in module.norms.items()})
@@ -103,7 +95,7 @@ def _size(m: nn.Module) -> int:
     return int(m.num_features)
 
 
-def find_groups(module, plan: ChannelPlan, example: tuple[torch.Tensor, ...], order: str = "l1",  # noqa: ANN001
+def find_groups(module: OnnxModule, plan: ChannelPlan, example: tuple[torch.Tensor, ...], order: str = "l1",
                 ) -> tuple[list[ChannelGroup], dict[str, str]]:
     """The channel groups of the plan's prunable layers, each once, with their channel order.
 
@@ -112,7 +104,7 @@ def find_groups(module, plan: ChannelPlan, example: tuple[torch.Tensor, ...], or
 
     Args:
         module: the converted module (unchanged).
-        plan: :func:`compression.structured.plan_channels` for it.
+        plan: :func:`compression.channels.plan_channels` for it.
         example: inputs to trace DepGraph with.
         order: ``"l1"`` (group L1 magnitude of the original, largest first: the narrow widths start from
             the strongest channels) or ``"index"`` (the first channels, as in the paper, trained from scratch).
@@ -120,20 +112,20 @@ def find_groups(module, plan: ChannelPlan, example: tuple[torch.Tensor, ...], or
     Returns:
         (groups, skipped: layer name -> why).
     """
-    tp = _tp()
+    tp = torch_pruning()
     dg = tp.DependencyGraph().build_dependency(module, example_inputs=example)
     by_module = {id(la.module): name for name, la in plan.layers.items()}
     groups: list[ChannelGroup] = []
     covered: set[str] = set()
     skipped: dict[str, str] = {}
-    imp = importance("l1") if order == "l1" else None
+    imp = group_importance("l1") if order == "l1" else None
     for name, layer in plan.layers.items():
         if name in plan.ignored or name in covered:
             continue
         if layer.channels < 2:
             skipped[name] = "a single output channel: nothing to slim"
             continue
-        group = dg.get_pruning_group(layer.module, _out_fn(layer.module), idxs=list(range(layer.channels)))
+        group = dg.get_pruning_group(layer.module, out_channel_pruner(layer.module), idxs=list(range(layer.channels)))
         members = [by_module[id(dep.target.module)] for dep, _ in group
                    if dg.is_out_channel_pruning_fn(dep.handler) and id(dep.target.module) in by_module]
         members = list(dict.fromkeys(members))
@@ -169,7 +161,7 @@ class SlimmableNet(nn.Module):
         round_to: keep channel counts multiples of this (None: exact ``round(w·C)``).
     """
 
-    def __init__(self, module, groups: list[ChannelGroup], example: tuple[torch.Tensor, ...],  # noqa: ANN001
+    def __init__(self, module: OnnxModule, groups: list[ChannelGroup], example: tuple[torch.Tensor, ...],
                  widths: list[float], round_to: int | None = None) -> None:
         super().__init__()
         if not widths or widths[-1] != 1.0:
@@ -195,7 +187,7 @@ class SlimmableNet(nn.Module):
     def _build_masks(self, example: tuple[torch.Tensor, ...]) -> None:
         """Per width: which output channels of which layer/BatchNorm are zero. Read from the same
         DepGraph groups that export prunes with, so masks and export cannot disagree."""
-        tp = _tp()
+        tp = torch_pruning()
         dg = tp.DependencyGraph().build_dependency(self.module, example_inputs=example)
         where = _locations(self.module)
         for w in self.widths:
@@ -204,7 +196,7 @@ class SlimmableNet(nn.Module):
                 drop = sorted(g.order[g.kept[w]:])
                 if not drop:
                     continue
-                group = dg.get_pruning_group(g.root.module, _out_fn(g.root.module), idxs=drop)
+                group = dg.get_pruning_group(g.root.module, out_channel_pruner(g.root.module), idxs=drop)
                 for dep, idxs in group:
                     target = dep.target.module
                     if not dg.is_out_channel_pruning_fn(dep.handler) or id(target) not in where:
@@ -275,9 +267,9 @@ class SlimmableNet(nn.Module):
         return {name: g.kept[width] for g in self.groups for name in g.layers}
 
     # ------------------------------------------------------------------------------------ export
-    def sliced(self, width: float, example: tuple[torch.Tensor, ...]):  # noqa: ANN201 - OnnxModule
+    def sliced(self, width: float, example: tuple[torch.Tensor, ...]) -> OnnxModule:
         """A copy of the module at ``width`` with the dropped channels physically removed (on the CPU)."""
-        tp = _tp()
+        tp = torch_pruning()
         previous = self.width
         self.select(width)
         try:
@@ -291,191 +283,10 @@ class SlimmableNet(nn.Module):
             for g, drop in drops:
                 if drop:
                     root = clone.weights[g.root.key]
-                    dg.get_pruning_group(root, _out_fn(root), idxs=drop).prune()
+                    dg.get_pruning_group(root, out_channel_pruner(root), idxs=drop).prune()
         return clone
 
     def export(self, width: float, model: onnx.ModelProto, example: tuple[torch.Tensor, ...]) -> onnx.ModelProto:
         """The ONNX of the ``width``-wide network: ``model``'s graph with smaller initializers, this width's
         BatchNorm statistics, Reshape targets that follow the new channel counts."""
         return self.sliced(width, example).export_resized(model, *example)
-
-
-# ------------------------------------------------------------------------------------ training
-def step_widths(widths: list[float], rule: str, random_widths: int, rng: np.random.Generator) -> list[float]:
-    """The widths one optimizer step trains, widest first.
-
-    ``sum``: all of them (Slimmable Networks). ``sandwich``: the widest, the narrowest and
-    ``random_widths`` others drawn without replacement (US-Nets, over a discrete set of widths).
-
-    Example:
-        >>> step_widths([0.25, 0.5, 0.75, 1.0], "sandwich", 1, np.random.default_rng(0))
-        [1.0, 0.25, 0.75]
-    """
-    ordered = sorted(widths, reverse=True)
-    if rule == "sum" or len(ordered) <= 2:
-        return ordered
-    middle = ordered[1:-1]
-    n = min(random_widths, len(middle))
-    picked = [middle[i] for i in sorted(rng.choice(len(middle), size=n, replace=False))] if n else []
-    return [ordered[0], ordered[-1], *picked]
-
-
-def _first(y):  # noqa: ANN001, ANN202
-    return y[0] if isinstance(y, (tuple, list)) else y
-
-
-def _tensors(batch: Arrays, names: list[str], device: str) -> list[torch.Tensor]:
-    return [torch.from_numpy(np.ascontiguousarray(batch.inputs[n])).to(device) for n in names]
-
-
-def train_slimmable(net: SlimmableNet, input_names: list[str], arrays: Arrays, *, epochs: int, lr: float,
-                    batch_size: int, loss: LossConfig, teacher: np.ndarray | None, rule: str, random_widths: int,
-                    inplace_distill: bool, seed: int, device: str = "cpu",
-                    on_epoch: Callable[[int, float], None] | None = None) -> list[float]:
-    """Train the shared weights and every width's BatchNorm; returns the mean summed loss per epoch.
-
-    Each step accumulates the gradients of the widths :func:`step_widths` picks and takes one Adam
-    step. The widest learns from ``loss`` (labels and/or the original's outputs); with
-    ``inplace_distill`` the others learn the widest's detached outputs of the same batch (KL at T = 1
-    for class scores, MSE otherwise), weighted ``1 - loss.alpha`` against CE on the labels when there
-    are labels; without ``inplace_distill`` they learn from ``loss`` too.
-
-    Args:
-        teacher: the original model's outputs on ``arrays`` (when ``loss.distill``).
-        on_epoch: ``(epoch, mean_loss)`` after each epoch; may raise ``Cancelled``.
-    """
-    torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
-    net.to(device).train()
-    params = list({id(p): p for p in net.parameters() if p.requires_grad}.values())
-    opt = torch.optim.Adam(params, lr=lr)
-    # In-place distillation at T = 1 (US-Nets), mixed with the labels when there are any: on the short
-    # fine-tunes this service runs, the widest is still moving and labels keep the narrow widths anchored.
-    kd = LossConfig(use_labels=loss.use_labels, distill=True, temperature=1.0, alpha=loss.alpha)
-    widest = net.widths[-1]
-    history = []
-    for epoch in range(epochs):
-        order = rng.permutation(arrays.samples)
-        total, count = 0.0, 0
-        for s in range(0, len(order), batch_size):
-            idx = order[s:s + batch_size]
-            if len(idx) < 2 and net.norms_of(widest):
-                continue  # BatchNorm cannot train on one sample
-            batch = arrays.take(idx)
-            xs = _tensors(batch, input_names, device)
-            labels = torch.from_numpy(batch.labels).to(device) if batch.labels is not None else None
-            t_out = torch.from_numpy(teacher[idx]).to(device) if teacher is not None else None
-            opt.zero_grad(set_to_none=True)
-            soft = None
-            step_loss = 0.0
-            for w in step_widths(net.widths, rule, random_widths, rng):
-                net.select(w)
-                out = _first(net(*xs))
-                if w == widest or not inplace_distill:
-                    l = loss_fn(out, labels, t_out, loss)
-                    if w == widest:
-                        soft = out.detach()
-                else:
-                    l = loss_fn(out, labels, soft, kd)
-                l.backward()
-                step_loss += float(l.detach())
-            opt.step()
-            total += step_loss * len(idx)
-            count += len(idx)
-        history.append(total / max(count, 1))
-        if on_epoch is not None:
-            on_epoch(epoch, history[-1])
-    net.select(widest)
-    net.eval()
-    return history
-
-
-def calibrate_bn(net: SlimmableNet, input_names: list[str], arrays: Arrays, *, samples: int, batch_size: int,
-                 seed: int, device: str = "cpu") -> int:
-    """Re-estimate every width's BatchNorm statistics with the final weights (US-Nets' BN calibration).
-
-    Running averages gathered while the weights moved lag behind them; an exact average over
-    ``samples`` training samples (momentum None: a cumulative mean) at each width is cheap and fixes
-    that. Returns the number of samples used (0 when the model has no BatchNorm).
-    """
-    n = min(samples, arrays.samples)
-    if n < 2 or not net.norms_of(net.widths[-1]):
-        return 0
-    idx_all = np.sort(np.random.default_rng(seed).permutation(arrays.samples)[:n])
-    net.to(device).eval()
-    with torch.no_grad():
-        for w in net.widths:
-            net.select(w)
-            bns = net.norms_of(w)
-            momenta = [bn.momentum for bn in bns]
-            for bn in bns:
-                bn.reset_running_stats()
-                bn.momentum = None
-                bn.train()
-            for s in range(0, n, batch_size):
-                idx = idx_all[s:s + batch_size]
-                if len(idx) < 2:
-                    continue
-                net(*_tensors(arrays.take(idx), input_names, device))
-            for bn, m in zip(bns, momenta, strict=True):
-                bn.momentum = m
-                bn.eval()
-    net.select(net.widths[-1])
-    return n
-
-
-# ------------------------------------------------------------------------------------ export checks
-@dataclass
-class Exported:
-    model: onnx.ModelProto
-    max_abs_error: float  # exported graph in ONNX Runtime vs the masked full-size network, same inputs
-
-
-def export_checked(net: SlimmableNet, width: float, model: onnx.ModelProto, example: tuple[torch.Tensor, ...],
-                   check: Arrays, threads: int = 0, samples: int = 64) -> Exported:
-    """Export ``width`` and prove it: ``onnx.checker`` passes, ONNX Runtime runs it, and on ``samples`` of
-    ``check`` it computes what the masked full-size network computes at that width.
-
-    Raises:
-        RuntimeError: the exported graph disagrees with the masked network (a channel the masks could
-            not silence, e.g. a bias added outside the layer): the export would not be that width.
-    """
-    from compression.metrics import session
-
-    out = net.export(width, model, example)
-    onnx.checker.check_model(out)
-    names = list(net.module.input_names)
-    take = check.take(np.arange(min(samples, check.samples)))
-    feeds = {n: take.inputs[n] for n in names}
-    previous = net.width
-    net.select(width)
-    net.eval()
-    try:
-        with torch.no_grad():
-            want = _first(net(*[torch.from_numpy(np.ascontiguousarray(feeds[n])) for n in names])).numpy()
-    finally:
-        net.select(previous)
-    got = session(out, threads).run(None, feeds)[0]
-    err = float(np.abs(got - want).max())
-    if not err <= 1e-3 * (float(np.abs(want).max()) + 1.0):
-        raise RuntimeError(f"width {width}: the exported graph disagrees with the masked network "
-                           f"(max error {err:.3g})")
-    return Exported(out, err)
-
-
-def width_metrics(model: onnx.ModelProto, holdout: Arrays, reference: np.ndarray | None, threads: int = 0,
-                  latency_runs: int = 30) -> dict:
-    """Measured facts of one width's ONNX: params, MACs and ONNX Runtime latency at batch 1, held-out
-    accuracy (with labels) and agreement / output cosine with the original's ``reference`` outputs."""
-    from compression.analysis import count_params, macs
-    from compression.metrics import accuracy, fidelity, latency, run_batched, session
-
-    sess = session(model, threads)
-    sample = {k: v[:1] for k, v in holdout.inputs.items()}
-    outputs = run_batched(sess, holdout.inputs)
-    res = {"params": int(count_params(model)[0]), "macs": int(macs(model, sample)),
-           "latency_ms": latency(sess, sample, latency_runs), "accuracy": accuracy(outputs, holdout.labels)}
-    if reference is not None:
-        fid = fidelity(outputs, [reference], holdout.labels)
-        res.update({k: fid[k] for k in ("agreement", "output_cosine") if k in fid})
-    return res

@@ -4,25 +4,30 @@ Slimmable Networks (Yu et al. 2018): shared convolution/linear weights, a privat
 BatchNorm per width, trained on the summed loss of every width (``rule: sum``). Universally Slimmable
 Networks (Yu & Huang 2019): the sandwich rule (widest + narrowest + ``random_widths`` others per step)
 with in-place distillation from the widest (``rule: sandwich``). The channels that shrink are the ones
-channel pruning can remove (DepGraph groups; see :mod:`compression.slimming`); the classifier keeps its
-classes. Each width is exported physically smaller with its own BatchNorm statistics and measured here
+channel pruning can remove (DepGraph groups of :mod:`compression.channels`; the net is
+:mod:`.network`); the classifier keeps its classes. Each width is exported physically smaller with its own BatchNorm statistics and measured here
 (params, MACs, ONNX Runtime latency, held-out accuracy).
 """
 from __future__ import annotations
 
 import time
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import numpy as np
 import onnx
-import torch
 from pydantic import Field, field_validator, model_validator
 
+from compression.channels import plan_channels
 from compression.context import StepContext, StepResult
 from compression.errors import InvalidSpec, NotTrainable
 from compression.registry import register_technique
 from compression.spec import FinetuneSpec
+from compression.techniques.slimmable.export import export_checked, width_metrics
+from compression.techniques.slimmable.network import SlimmableNet, find_groups
+from compression.techniques.slimmable.training import calibrate_bn, train_slimmable
 from compression.training import loss_config, teacher_outputs
+
+if TYPE_CHECKING:
+    from compression.converter import OnnxModule
 
 LATENCY_RUNS = 30
 
@@ -78,15 +83,13 @@ class SlimmableSpec(FinetuneSpec):
         return f"width_{float(width)}.onnx"
 
 
-def _convert(model: onnx.ModelProto):  # noqa: ANN202
+def _convert(model: onnx.ModelProto) -> OnnxModule:
     from compression.converter import UnsupportedOp, to_torch
 
     try:
         return to_torch(model)
     except UnsupportedOp as e:
         raise NotTrainable(f"slimmable training needs a trainable model; unsupported ops: {e.op_types}") from None
-
-
 
 
 @register_technique("slimmable", SlimmableSpec, phase="finetuning")
@@ -115,9 +118,6 @@ def slimmable(model: onnx.ModelProto, spec: SlimmableSpec, ctx: StepContext) -> 
         >>> sorted(res.extra_models)                                                      # doctest: +SKIP
         ['width_0.5.onnx', 'width_1.0.onnx']
     """
-    from compression import slimming as SL
-    from compression.structured import plan_channels
-
     data = ctx.data
     if data is None:
         raise InvalidSpec("slimmable training needs a dataset", [{"loc": ["method"], "msg": "needs a dataset"}])
@@ -130,12 +130,12 @@ def slimmable(model: onnx.ModelProto, spec: SlimmableSpec, ctx: StepContext) -> 
     if plan.transformer:
         raise InvalidSpec("slimmable supports CNN/MLP channel groups; attention heads and FFN neurons of a "
                           "transformer are not slimmed", [{"loc": ["method"], "msg": "transformers not supported"}])
-    groups, skipped = SL.find_groups(module, plan, example, spec.channel_order)
+    groups, skipped = find_groups(module, plan, example, spec.channel_order)
     if not groups:
         why = "; ".join(f"{k}: {v}" for k, v in {**plan.ignored, **skipped}.items()) or "no Conv/Gemm/MatMul layers"
         raise InvalidSpec(f"no layer of this model can change width ({why})",
                           [{"loc": ["widths"], "msg": "no layer of this model can change width"}])
-    net = SL.SlimmableNet(module, groups, example, spec.widths, round_to=spec.round_to)
+    net = SlimmableNet(module, groups, example, spec.widths, round_to=spec.round_to)
     kept = [tuple(g.kept[w] for g in groups) for w in spec.widths]
     if len(set(kept)) != len(kept):
         raise InvalidSpec(f"widths {spec.widths} give the same channel counts twice (round_to {spec.round_to}): "
@@ -153,22 +153,22 @@ def slimmable(model: onnx.ModelProto, spec: SlimmableSpec, ctx: StepContext) -> 
                      f"epoch {epoch + 1}/{spec.epochs}: summed loss {loss:.4f}")
 
     t0 = time.perf_counter()
-    history = SL.train_slimmable(net, names, data.train, epochs=spec.epochs, lr=spec.lr, batch_size=spec.batch_size,
-                                 loss=cfg, teacher=teacher, rule=spec.rule, random_widths=spec.random_widths,
-                                 inplace_distill=spec.inplace_distill and spec.rule == "sandwich", seed=ctx.seed,
-                                 device=ctx.device, on_epoch=on_epoch)
+    history = train_slimmable(net, names, data.train, epochs=spec.epochs, lr=spec.lr, batch_size=spec.batch_size,
+                              loss=cfg, teacher=teacher, rule=spec.rule, random_widths=spec.random_widths,
+                              inplace_distill=spec.inplace_distill and spec.rule == "sandwich", seed=ctx.seed,
+                              device=ctx.device, on_epoch=on_epoch)
     train_s = time.perf_counter() - t0
-    calibrated = SL.calibrate_bn(net, names, data.train, samples=spec.bn_calibration_samples,
-                                 batch_size=spec.batch_size, seed=ctx.seed, device=ctx.device)
+    calibrated = calibrate_bn(net, names, data.train, samples=spec.bn_calibration_samples,
+                              batch_size=spec.batch_size, seed=ctx.seed, device=ctx.device)
     net.cpu().eval()
     ctx.progress("exporting", 0.9, f"exporting {len(spec.widths)} widths")
     extras: dict[str, onnx.ModelProto] = {}
     rows = []
     reference = teacher_outputs(ctx.original, data.holdout, ctx.threads)
     for i, w in enumerate(spec.widths):
-        exported = SL.export_checked(net, w, model, example, data.holdout, ctx.threads)
+        exported = export_checked(net, w, model, example, data.holdout, ctx.threads)
         extras[spec.artifact(w)] = exported.model
-        rows.append({"width": w, "artifact": spec.artifact(w), **SL.width_metrics(
+        rows.append({"width": w, "artifact": spec.artifact(w), **width_metrics(
             exported.model, data.holdout, reference, ctx.threads, LATENCY_RUNS),
             "export_max_abs_error": exported.max_abs_error})
         ctx.progress("exporting", 0.9 + 0.1 * (i + 1) / len(spec.widths), f"width {w}: exported and measured")

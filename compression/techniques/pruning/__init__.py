@@ -1,0 +1,128 @@
+"""Pruning: the ``prune`` step's spec, and which engine it runs.
+
+- ``granularity: weight`` — unstructured magnitude pruning with exact zeros kept in the ONNX
+  (:mod:`.weight`). Dense ONNX Runtime kernels do not skip zeros: it shrinks ``nonzero_params`` and
+  ``zip_bytes``, not latency, and the metrics say so. With ``rewind: init | random`` it is the
+  lottery-ticket procedure (:mod:`.lottery`).
+- ``granularity: channel`` — filters, neurons, attention heads and FFN neurons removed physically
+  (:mod:`.channel`, through the shared planner :mod:`compression.channels`): a smaller graph, fewer MACs,
+  faster.
+
+What to remove first is an importance (:mod:`.importance`); the search's per-layer sensitivity scan and
+allocation live in :mod:`.sensitivity`.
+"""
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+import numpy as np
+import onnx
+from pydantic import Field, model_validator
+
+from compression.context import StepContext, StepResult
+from compression.errors import InvalidSpec
+from compression.registry import register_technique
+from compression.spec import FinetuneSpec, StrictModel
+from compression.techniques.pruning.channel import prune_channels
+from compression.techniques.pruning.lottery import lottery
+from compression.techniques.pruning.weight import (check_layer_names, prunable_initializers, prune_onnx_only,
+                                                   prune_with_training)
+
+
+class PruneSpec(StrictModel):
+    model_ref_fields: ClassVar[dict[str, frozenset[str]]] = {"rewind_model_id": frozenset()}
+    method: Literal["prune"] = "prune"
+    granularity: Literal["weight", "channel"] = Field(
+        "weight", description="weight: unstructured magnitude (zeros); channel: filters/neurons/heads removed"
+    )
+    sparsity: float = Field(0.5, ge=0.0, lt=1.0,
+                            description="weight: fraction of weights zeroed; channel: fraction of channels removed")
+    head_sparsity: float | None = Field(
+        None, ge=0.0, lt=1.0, description="channel, transformers: fraction of attention heads removed (default: sparsity)"
+    )
+    importance: Literal["l1", "l2", "taylor", "bn_scale", "random"] = "l1"
+    scope: Literal["global", "layer"] = "global"
+    iterations: int = Field(1, ge=1, le=100, description="prune a little, fine-tune, repeat")
+    layers: dict[str, float] | None = Field(
+        None, description="per-layer sparsity overrides by layer (weight initializer or node) name"
+    )
+    max_layer_sparsity: float = Field(0.9, gt=0.0, le=1.0,
+                                      description="channel: no layer loses more than this fraction of its channels")
+    round_to: int | None = Field(
+        None, ge=1, le=256, description="channel: keep channel counts multiples of this (ONNX Runtime's blocked "
+                                        "conv kernels run fastest at multiples of 8)"
+    )
+    rewind: Literal["none", "init", "random"] = Field(
+        "none", description="lottery ticket (weight granularity): reset survivors to the init model or a fresh "
+                            "random init each round, then retrain"
+    )
+    rewind_model_id: str | None = Field(None, description="rewind: init — an uploaded model, same graph, at initialisation")
+    finetune: FinetuneSpec | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> "PruneSpec":
+        if self.layers:
+            for name, s in self.layers.items():
+                if not 0.0 <= s < 1.0:
+                    raise ValueError(f"layers.{name}: sparsity must be in [0, 1)")
+        if self.importance == "taylor" and self.finetune is None:
+            raise ValueError("importance 'taylor' needs gradients: give a finetune section (and a dataset)")
+        if self.importance == "bn_scale" and self.granularity != "channel":
+            raise ValueError("importance 'bn_scale' ranks channels by BatchNorm scale: needs granularity 'channel'")
+        if self.rewind != "none":
+            if self.granularity != "weight":
+                raise ValueError("rewind (lottery ticket) works on granularity 'weight'")
+            if self.finetune is None or self.finetune.epochs < 1:
+                raise ValueError("rewind retrains every round: give finetune with epochs >= 1")
+            if self.rewind == "init" and not self.rewind_model_id:
+                raise ValueError("rewind 'init' needs rewind_model_id (the uploaded model at initialisation)")
+        if self.rewind_model_id and self.rewind != "init":
+            raise ValueError("rewind_model_id is only used with rewind 'init'")
+        if (self.head_sparsity is not None or self.round_to is not None) and self.granularity != "channel":
+            raise ValueError("head_sparsity and round_to apply to granularity 'channel'")
+        return self
+
+    @property
+    def needs_data(self) -> bool:
+        return self.finetune is not None or self.importance == "taylor" or self.rewind != "none"
+
+
+@register_technique("prune", PruneSpec, phase="pruning")
+def prune(model: onnx.ModelProto, spec: PruneSpec, ctx: StepContext) -> StepResult:
+    """Weight (unstructured, optionally lottery-ticket) or channel (structured) pruning.
+
+    Args:
+        model: the current model of the pipeline.
+        spec: granularity, sparsity, importance, scope, iterations, finetune, rewind.
+        ctx: data (needed for fine-tuning), the original model (teacher), ``load_model`` (rewind), progress.
+
+    Returns:
+        StepResult. ``weight``: exact zeros in the pruned weights, per-layer sparsity in the report.
+        ``channel``: a smaller graph, channels per layer before/after and the layers left alone.
+
+    Raises:
+        InvalidSpec: unknown layer names, no dataset where one is needed, a rewind model of another graph.
+        NotTrainable: fine-tuning or channel pruning on a graph the converter cannot make trainable.
+
+    Example:
+        >>> prune(model, PruneSpec(sparsity=0.5), ctx).report["sparsity"]  # doctest: +SKIP
+        0.5
+    """
+    if spec.granularity == "channel":
+        return prune_channels(model, spec, ctx)
+    names = prunable_initializers(model)
+    if not names:
+        raise InvalidSpec("no Conv/Gemm/MatMul weights held as initializers: nothing to prune")
+    check_layer_names(spec, names)
+    rng = np.random.default_rng(ctx.seed)
+    if spec.rewind != "none":
+        if ctx.data is None:
+            raise InvalidSpec("rewind retrains every round: it needs a dataset", [{"loc": ["rewind"], "msg": "needs a dataset"}])
+        return lottery(model, spec, ctx, names)
+    if spec.needs_data:
+        if ctx.data is None:
+            raise InvalidSpec("fine-tuning needs a dataset", [{"loc": ["finetune"], "msg": "needs a dataset"}])
+        result = prune_with_training(model, spec, ctx, names, rng)
+    else:
+        result = prune_onnx_only(model, spec, ctx, names, rng)
+    return result
