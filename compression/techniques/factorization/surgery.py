@@ -235,7 +235,7 @@ def depthwise_rewrite(model: onnx.ModelProto, names: list[str]) -> tuple[onnx.Mo
 
 def _split_depthwise(node: onnx.NodeProto, w: np.ndarray, taken: set[str]) -> _Split:
     """Conv k×k -> depthwise Conv k×k (the original's attributes, ``group = Cin``) then pointwise 1×1 (bias)."""
-    cout, cin, kh, kw = w.shape
+    cin = w.shape[1]
     depthwise, pointwise = rank1_depthwise(w)
     d_name = unique_name(f"{node.name}.depthwise.W", taken)
     p_name = unique_name(f"{node.name}.pointwise.W", taken)
