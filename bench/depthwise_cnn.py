@@ -17,7 +17,7 @@ import torch
 from bench.pruning_common import accuracy, apply, latency_ms, mnist_split
 from bench.report import write_section
 from compression.analysis import count_params, macs
-from compression.factorize import node_macs
+from compression.techniques.factorization.measure import layer_macs
 from testkit.refdata import fit
 from testkit.zoo import SmallCNN, export_onnx
 
@@ -39,7 +39,7 @@ def main() -> None:
     base = accuracy(model, Xte, yte)
     one, batch = {"input": Xte[:1]}, {"input": Xte[:32]}
     m0, p0 = macs(model, one), count_params(model)[0]
-    per_node = node_macs(model, one)
+    per_node = layer_macs(model, one)
     conv = {n.name: per_node[n.name] for n in model.graph.node if n.op_type == "Conv"}
     stem_share = next(iter(conv.values())) / sum(conv.values())
     conv_desc = ", ".join(f"{k} {v / 1e6:.3f}M" for k, v in conv.items())

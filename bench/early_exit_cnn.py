@@ -24,7 +24,8 @@ import torch
 from bench.pruning_common import apply, mnist_split
 from bench.report import write_section
 from testkit.refdata import fit
-from compression.techniques.early_exit import batch1_latency_ms, quiet_session
+from compression.metrics import session
+from compression.techniques.early_exit.latency import batch1_latency_ms
 from testkit.zoo import SmallCNN, TinyResNet, export_onnx
 
 MODELS = [  # name, factory, train epochs, exits
@@ -38,7 +39,7 @@ STEP = {"method": "early_exit", "epochs": 5, "lr": 1e-2, "pool_size": 4, "thresh
 def _overhead_ms(gated: onnx.ModelProto, full: onnx.ModelProto, X: np.ndarray, runs: int = 300) -> tuple[float, float]:
     """Batch-1 latency of the gated model forced through every block (threshold 1.5) and of the full model:
     the price of the ``If`` machinery and the exit heads when no sample leaves early."""
-    gs, fs = quiet_session(gated, 1), quiet_session(full, 1)
+    gs, fs = session(gated, 1, quiet=True), session(full, 1, quiet=True)
     g, f = batch1_latency_ms([(gs, {"threshold": np.array(1.5, np.float32)}), (fs, {})], {"input": X}, runs, 3)
     return g, f
 

@@ -73,54 +73,91 @@ def count_params(model: onnx.ModelProto) -> tuple[int, int]:
     return params, nonzero
 
 
-def macs(model: onnx.ModelProto, sample: dict[str, np.ndarray]) -> int:
-    """Multiply-accumulates for one sample (``sample`` arrays have batch 1), Conv/Gemm/MatMul only."""
+MAC_OPS = _CONV_OPS | _MATMUL_OPS
+
+
+def measured_shapes(model: onnx.ModelProto, sample: dict[str, np.ndarray], *,
+                    every_value: bool = False) -> dict[str, list[int]]:
+    """Shapes of the main graph's values as ONNX Runtime produces them on ``sample`` (batch 1).
+
+    Measured rather than inferred: shape inference cannot follow every reshape or dynamic dimension, and
+    MACs must count what really executes. Initializers and the sample's arrays are included.
+
+    Args:
+        model: the model (not modified: a copy is probed).
+        sample: one array per graph input, batch 1.
+        every_value: expose every node output (what cut-point search needs), not only the operands and
+            results of the MAC ops (``Conv``, ``Gemm``, ``MatMul`` and their integer variants).
+
+    Returns:
+        Value name -> shape.
+
+    Example:
+        >>> measured_shapes(model, {"input": x[:1]})["/fc/Gemm_output_0"]  # doctest: +SKIP
+        [1, 10]
+    """
     import onnxruntime as ort
 
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     g = probe.graph
-    existing = {o.name for o in g.output}
-    inits = {t.name: list(t.dims) for t in g.initializer}
-    wanted: list[str] = []
+    inits = {t.name: [int(d) for d in t.dims] for t in g.initializer}
+    skip = set(inits) | {o.name for o in g.output}
+    wanted: dict[str, None] = {}  # ordered and de-duplicated
     for n in g.node:
-        if n.op_type in _CONV_OPS | _MATMUL_OPS:
-            for name in (n.input[0], n.input[1], n.output[0]):
-                if name and name not in inits and name not in existing and name not in wanted:
-                    wanted.append(name)
+        if every_value:
+            names = list(n.output)
+        elif n.op_type in MAC_OPS:
+            names = [n.input[0], n.input[1], n.output[0]]
+        else:
+            continue
+        wanted.update((name, None) for name in names if name and name not in skip)
     try:
         inferred = onnx.shape_inference.infer_shapes(probe).graph
-        types = {vi.name: vi.type.tensor_type.elem_type for vi in list(inferred.value_info) + list(inferred.input)}
-    except Exception:
+        types = {vi.name: vi.type.tensor_type.elem_type for vi in [*inferred.value_info, *inferred.input]}
+    except Exception:  # noqa: BLE001 - types are only a hint for the probe's outputs; ORT reports the real ones
         types = {}
     for name in wanted:
         g.output.append(helper.make_tensor_value_info(name, types.get(name, onnx.TensorProto.UNDEFINED), None))
     sess = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
     out_names = [o.name for o in sess.get_outputs()]
     shapes = {k: list(np.shape(v)) for k, v in zip(out_names, sess.run(out_names, sample))}
-    shapes.update({k: [int(d) for d in v] for k, v in inits.items()})
+    shapes.update(inits)
     shapes.update({k: list(np.shape(v)) for k, v in sample.items()})
+    return shapes
 
-    def shape(name: str) -> list[int]:
-        return shapes[name]
 
-    total = 0
-    for n in model.graph.node:
-        if n.op_type in ("Conv", "ConvInteger"):
-            w = shape(n.input[1])
-            total += int(np.prod(shape(n.output[0]))) * int(np.prod(w[1:]))
-        elif n.op_type == "ConvTranspose":
-            w = shape(n.input[1])
-            total += int(np.prod(shape(n.input[0]))) * int(np.prod(w[1:]))
-        elif n.op_type in ("MatMul", "MatMulInteger"):
-            a = shape(n.input[0])
-            total += int(np.prod(shape(n.output[0]))) * int(a[-1])
-        elif n.op_type == "Gemm":
-            a = shape(n.input[0])
-            trans_a = next((at.i for at in n.attribute if at.name == "transA"), 0)
-            k = a[0] if trans_a else a[-1]
-            total += int(np.prod(shape(n.output[0]))) * int(k)
-    return total
+def node_macs(node: onnx.NodeProto, shapes: dict[str, list[int]]) -> int:
+    """Multiply-accumulates per sample of one node, from measured shapes (:func:`measured_shapes`).
+
+    The one counting rule of the project: Conv (and ConvInteger) = output elements × weight elements per
+    output channel; ConvTranspose = input elements × the same; MatMul (and MatMulInteger) and Gemm =
+    output elements × the reduced dimension. Every other op counts 0.
+
+    Raises:
+        KeyError: a shape the count needs is not in ``shapes``.
+
+    Example:
+        >>> node_macs(gemm, {"x": [1, 784], "w": [300, 784], "y": [1, 300]})  # doctest: +SKIP
+        235200
+    """
+    if node.op_type in ("Conv", "ConvInteger"):
+        return int(np.prod(shapes[node.output[0]])) * int(np.prod(shapes[node.input[1]][1:]))
+    if node.op_type == "ConvTranspose":
+        return int(np.prod(shapes[node.input[0]])) * int(np.prod(shapes[node.input[1]][1:]))
+    if node.op_type in ("MatMul", "MatMulInteger"):
+        return int(np.prod(shapes[node.output[0]])) * int(shapes[node.input[0]][-1])
+    if node.op_type == "Gemm":
+        a = shapes[node.input[0]]
+        trans_a = next((at.i for at in node.attribute if at.name == "transA"), 0)
+        return int(np.prod(shapes[node.output[0]])) * int(a[0] if trans_a else a[-1])
+    return 0
+
+
+def macs(model: onnx.ModelProto, sample: dict[str, np.ndarray]) -> int:
+    """Multiply-accumulates for one sample (``sample`` arrays have batch 1), Conv/Gemm/MatMul only."""
+    shapes = measured_shapes(model, sample)
+    return sum(node_macs(n, shapes) for n in model.graph.node)
 
 
 def op_histogram(model: onnx.ModelProto) -> dict[str, int]:

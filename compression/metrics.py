@@ -28,8 +28,15 @@ class EvalData:
     reference: list[np.ndarray] | None = None
 
 
-def session(model: onnx.ModelProto | Path | bytes, threads: int = 0) -> ort.InferenceSession:
+def session(model: onnx.ModelProto | Path | bytes, threads: int = 0, *, quiet: bool = False) -> ort.InferenceSession:
+    """An ONNX Runtime CPU session with ``threads`` intra-op threads (0: ORT's default) and one inter-op thread.
+
+    ``quiet`` drops ORT's warnings: a model with an overridable initializer (the early-exit gated model's
+    ``threshold``) makes ORT warn on every load, by design.
+    """
     opts = ort.SessionOptions()
+    if quiet:
+        opts.log_severity_level = 3
     if threads:
         opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1

@@ -4,7 +4,9 @@ Class scores: ``(1 - alpha)·KL(softmax(t/T) ‖ softmax(s/T))·T² + alpha·CE(
 dataset has labels). Several teachers are an ensemble: the target is the *average of their softened
 distributions*. Outputs that are not class scores (embeddings, regressions) use MSE or cosine to the
 (mean) teacher output. The student is the current model of the pipeline (prune → distill recovers a
-pruned model) or an uploaded one (``student_model_id``); teachers are ``"original"`` and/or model ids.
+pruned model) or an uploaded one (``student_model_id``); teachers are ``"original"`` and/or model ids
+(:mod:`.teachers`). The losses and the training loop are :mod:`compression.training`'s, which the recovery
+training of other families shares.
 """
 from __future__ import annotations
 
@@ -18,7 +20,8 @@ from compression.context import StepContext, StepResult
 from compression.errors import InvalidSpec, NotTrainable
 from compression.registry import register_technique
 from compression.spec import StrictModel
-from compression.training import LossConfig, ensemble_targets, predict, teacher_outputs, train
+from compression.techniques.distillation.teachers import resolve_model, run_teachers
+from compression.training import LossConfig, ensemble_targets, predict, train
 
 ORIGINAL = "original"
 
@@ -50,16 +53,6 @@ class DistillSpec(StrictModel):
     @property
     def needs_data(self) -> bool:
         return True  # inputs to run the teachers on; labels are optional
-
-
-def _resolve(ctx: StepContext, model_id: str, loc: list) -> onnx.ModelProto:
-    if ctx.load_model is None:
-        raise InvalidSpec(f"model id {model_id!r} cannot be resolved here (no model store)",
-                          [{"loc": loc, "msg": "cannot resolve model ids"}])
-    try:
-        return ctx.load_model(model_id)
-    except KeyError:
-        raise InvalidSpec(f"no model {model_id!r} in this team", [{"loc": loc, "msg": "model not found"}]) from None
 
 
 def _accuracy(out: np.ndarray, labels: np.ndarray | None) -> float | None:
@@ -96,8 +89,8 @@ def distill(model: onnx.ModelProto, spec: DistillSpec, ctx: StepContext) -> Step
         raise InvalidSpec("distillation needs a dataset (labels optional)", [{"loc": ["method"], "msg": "needs a dataset"}])
     student_model = model
     if spec.student_model_id:
-        student_model = _resolve(ctx, spec.student_model_id, ["student_model_id"])
-    teachers = [ctx.original if t == ORIGINAL else _resolve(ctx, t, ["teachers", i]) for i, t in enumerate(spec.teachers)]
+        student_model = resolve_model(ctx, spec.student_model_id, ["student_model_id"])
+    teachers = [ctx.original if t == ORIGINAL else resolve_model(ctx, t, ["teachers", i]) for i, t in enumerate(spec.teachers)]
     try:
         student = to_torch(student_model)
     except UnsupportedOp as e:
@@ -108,18 +101,7 @@ def distill(model: onnx.ModelProto, spec: DistillSpec, ctx: StepContext) -> Step
         raise InvalidSpec(f"the student's inputs {missing} are not in the dataset",
                           [{"loc": ["student_model_id"], "msg": "inputs do not match the dataset"}])
     ctx.progress("distilling", 0.0, f"running {len(teachers)} teacher(s)")
-    train_outs, hold_outs = [], []
-    for i, t in enumerate(teachers):
-        try:
-            train_outs.append(teacher_outputs(t, data.train, ctx.threads))
-            hold_outs.append(teacher_outputs(t, data.holdout, ctx.threads))
-        except Exception as e:  # noqa: BLE001 - ORT's errors name the bad input; say which teacher
-            raise InvalidSpec(f"teacher {spec.teachers[i]!r} does not run on the dataset: {str(e)[:300]}",
-                              [{"loc": ["teachers", i], "msg": "does not run on the dataset"}]) from None
-    shapes = {o.shape[1:] for o in train_outs}
-    if len(shapes) != 1:
-        raise InvalidSpec(f"teachers disagree on the output shape: {sorted(map(list, shapes))}",
-                          [{"loc": ["teachers"], "msg": "output shapes differ"}])
+    train_outs, hold_outs = run_teachers(teachers, spec.teachers, data, ctx.threads)
     class_scores = train_outs[0].ndim == 2 and train_outs[0].shape[1] > 1
     if spec.loss == "kl" and not class_scores:
         raise InvalidSpec(f"loss 'kl' needs class scores [N, C]; the output is {list(train_outs[0].shape[1:])}: "

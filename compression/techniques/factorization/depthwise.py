@@ -3,8 +3,9 @@
 Each standard k×k convolution (2-D, ``groups=1``, k > 1) becomes a depthwise k×k conv (``group = Cin``,
 same strides/pads/dilations) followed by a pointwise 1×1 conv to ``Cout`` that carries the bias. The new
 weights start from the best per-input-channel rank-1 approximation of the original kernel (see
-:func:`compression.factorize.rank1_depthwise`), which is usually far from exact, so the step then recovers
-by distillation from the original model (default on; ``finetune.epochs: 0`` keeps the initialisation).
+:func:`compression.techniques.factorization.svd.rank1_depthwise`), which is usually far from exact, so the
+step then recovers by distillation from the original model (default on; ``finetune.epochs: 0`` keeps the
+initialisation).
 Parameters go from ``Cout·Cin·k²`` to ``Cin·k² + Cout·Cin`` per layer, MACs by the same factor.
 """
 from __future__ import annotations
@@ -14,12 +15,14 @@ from typing import Any, Literal
 import onnx
 from pydantic import Field, model_validator
 
-from compression import factorize as fz
 from compression.context import StepContext, StepResult
 from compression.errors import InvalidSpec
 from compression.registry import register_technique
 from compression.spec import FinetuneSpec, StrictModel
-from compression.techniques.lowrank import probe_sample, holdout_accuracy, recover, safe_node_macs
+from compression.techniques.factorization.layers import find_layers, name_nodes
+from compression.techniques.factorization.measure import holdout_accuracy, probe_sample, safe_layer_macs
+from compression.techniques.factorization.recovery import recover
+from compression.techniques.factorization.surgery import depthwise_rewrite
 
 
 class RecoverySpec(FinetuneSpec):
@@ -55,7 +58,7 @@ class DepthwiseSpec(StrictModel):
 
 def _plan(model: onnx.ModelProto, spec: DepthwiseSpec) -> tuple[list[str], list[dict[str, Any]]]:
     """Which convs to replace, and every conv left alone with its reason."""
-    convs = [la for la in fz.find_layers(model) if la.op_type == "Conv"]
+    convs = [la for la in find_layers(model) if la.op_type == "Conv"]
     known = {la.name for la in convs}
     unknown = sorted((set(spec.layers or []) | set(spec.exclude)) - known)
     if unknown:
@@ -110,7 +113,7 @@ def depthwise_separable(model: onnx.ModelProto, spec: DepthwiseSpec, ctx: StepCo
         >>> depthwise_separable(cnn, DepthwiseSpec(), ctx).report["totals"]["macs_ratio"]  # doctest: +SKIP
         4.2
     """
-    model = fz.name_nodes(model)
+    model = name_nodes(model)
     chosen, skipped = _plan(model, spec)
     if not chosen:
         note = ("no eligible k×k convolutions (2-D, groups=1, k > 1, enough input channels): model unchanged"
@@ -118,16 +121,16 @@ def depthwise_separable(model: onnx.ModelProto, spec: DepthwiseSpec, ctx: StepCo
         return StepResult(model, {"layers": [], "skipped": skipped, "totals": _totals([], None),
                                   "notes": [note]})
     ctx.progress("factorizing", 0.05, f"replacing {len(chosen)} conv(s)")
-    replaced, rewrites = fz.depthwise_rewrite(model, chosen)
+    replaced, rewrites = depthwise_rewrite(model, chosen)
     sample = probe_sample(model, ctx)
-    macs_before, macs_after = safe_node_macs(model, sample), safe_node_macs(replaced, sample)
+    macs_before, macs_after = safe_layer_macs(model, sample), safe_layer_macs(replaced, sample)
     acc = {"before": holdout_accuracy(model, ctx), "init": holdout_accuracy(replaced, ctx)}
     out, notes, training = replaced, [], None
     if spec.finetune is not None and spec.finetune.epochs > 0:
         out, training = recover(replaced, spec.finetune, ctx, "distilling")
         notes.extend(training.pop("notes"))
         acc["recovered"] = holdout_accuracy(out, ctx)
-    shapes = {la.name: la.shape for la in fz.find_layers(model)}
+    shapes = {la.name: la.shape for la in find_layers(model)}
     rows = []
     for rw in rewrites:
         cout, cin, kh, kw = shapes[rw.name]

@@ -1,9 +1,10 @@
 """Dynamic depth: early exits (BranchyNet, Teerapittayanon et al. 2016).
 
-Small classifier heads are attached after chosen blocks of a classifier (``exits: auto`` spreads them by
-MACs; names must be cut points, see :mod:`compression.exits`) and trained with the sum of the per-exit losses
-— cross-entropy on labels and/or distillation from the original (or from the model's own final head) —
-with the backbone frozen (the final head's predictions stay exactly the original's) or trained along.
+Small classifier heads (:mod:`.heads`) are attached after chosen blocks of a classifier (``exits: auto``
+spreads them by MACs; names must be cut points, see :mod:`.cuts`) and trained (:mod:`.training`) with the sum
+of the per-exit losses — cross-entropy on labels and/or distillation from the original (or from the model's
+own final head) — with the backbone frozen (the final head's predictions stay exactly the original's) or
+trained along.
 
 Two models come out:
 
@@ -17,31 +18,30 @@ Two models come out:
 The report gives, per threshold: held-out accuracy, the fraction leaving at each head, mean MACs per sample
 (per-segment MACs from measured shapes) and mean measured latency of the gated model at batch 1 against the
 full model at batch 1; and the *recommended* threshold: the cheapest one within ``max_accuracy_drop`` of the
-full model.
+full model. The gated graph and its confidence rule: :mod:`.gating`; the timing: :mod:`.latency`.
 
 Put it last in a spec (or after compression steps only): a later step changes ``model.onnx`` but not the gated
 model built here.
 """
 from __future__ import annotations
 
-import time
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import onnx
-import torch
 from pydantic import Field, field_validator, model_validator
 
 from compression.context import StepContext, StepResult
-from compression.data import Arrays
 from compression.errors import InvalidSpec, NotTrainable
-from compression.exits import (
-    ExitLayout, GraphFacts, add_exit_heads, build_gated, choose_cuts, find_cuts, simulate,
-)
 from compression.metrics import run_batched, session
 from compression.registry import register_technique
 from compression.spec import StrictModel
-from compression.training import LossConfig, loss_fn, teacher_outputs
+from compression.techniques.early_exit.cuts import choose_cuts, find_cuts
+from compression.techniques.early_exit.gating import build_gated, simulate
+from compression.techniques.early_exit.heads import add_exit_heads, exit_costs
+from compression.techniques.early_exit.latency import batch1_latency_ms
+from compression.techniques.early_exit.training import train_exits
+from compression.training import teacher_outputs
 
 GATED_NAME = "early_exit_gated.onnx"
 DEFAULT_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999)
@@ -107,103 +107,6 @@ class EarlyExitSpec(StrictModel):
         return True  # the heads are trained, the thresholds measured on the held-out split
 
 
-def _tensors(batch: Arrays, names: list[str], device: str) -> list[torch.Tensor]:
-    return [torch.from_numpy(np.ascontiguousarray(batch.inputs[n])).to(device) for n in names]
-
-
-def _train_exits(module: torch.nn.Module, names: list[str], arrays: Arrays, spec: EarlyExitSpec,
-                 teacher: np.ndarray | None, head_keys: set[str], ctx: StepContext) -> tuple[list[float], list[str]]:
-    """Adam on the sum of per-exit losses (plus the final head's when the backbone trains)."""
-    notes: list[str] = []
-    has_labels = arrays.labels is not None
-    distill = spec.distill or not has_labels
-    if not has_labels:
-        notes.append("dataset has no labels: the exits learned by distillation only")
-    cfg = LossConfig(use_labels=has_labels, distill=distill, temperature=spec.temperature, alpha=spec.alpha)
-    # The final head learns from labels and the original only: distilling it from itself teaches nothing.
-    final_cfg = LossConfig(use_labels=has_labels, distill=distill and spec.teacher == "original",
-                           temperature=spec.temperature, alpha=spec.alpha)
-    train_final = not spec.freeze_backbone and (final_cfg.use_labels or final_cfg.distill)
-    for key, p in module.named_parameters():
-        p.requires_grad_(key in head_keys or not spec.freeze_backbone)
-    params = [p for p in module.parameters() if p.requires_grad]
-    torch.manual_seed(ctx.seed)
-    rng = np.random.default_rng(ctx.seed)
-    opt = torch.optim.Adam(params, lr=spec.lr)
-    module.to(ctx.device)
-    # Frozen: eval mode throughout, so BatchNorm statistics and dropout of the backbone do not move either.
-    module.train(not spec.freeze_backbone)
-    history = []
-    for epoch in range(spec.epochs):
-        order = rng.permutation(arrays.samples)
-        total, count = 0.0, 0
-        for s in range(0, len(order), spec.batch_size):
-            idx = order[s:s + spec.batch_size]
-            batch = arrays.take(idx)
-            final, *exits = module(*_tensors(batch, names, ctx.device))
-            labels = torch.from_numpy(batch.labels).to(ctx.device) if has_labels else None
-            target = (torch.from_numpy(teacher[idx]).to(ctx.device) if spec.teacher == "original"
-                      else final.detach()) if distill else None
-            loss = sum(loss_fn(e, labels, target, cfg) for e in exits)
-            if train_final:
-                loss = loss + loss_fn(final, labels, target if spec.teacher == "original" else None, final_cfg)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += float(loss.detach()) * len(idx)
-            count += len(idx)
-        history.append(total / max(count, 1))
-        ctx.progress("finetuning", 0.8 * (epoch + 1) / spec.epochs,
-                     f"exits epoch {epoch + 1}/{spec.epochs}: loss {history[-1]:.4f}")
-    module.eval()
-    for p in module.parameters():
-        p.requires_grad_(True)
-    return history, notes
-
-
-def _costs(facts: GraphFacts, layout: ExitLayout) -> list[int]:
-    """MACs per sample of leaving at each head (exits, then the final head): backbone up to the cut plus every
-    head computed on the way (a sample that goes on has paid for the heads it passed)."""
-    out = []
-    for k, cut in enumerate(layout.cuts):
-        out.append(cut.macs + sum(layout.head_macs[:k + 1]))
-    out.append(facts.total_macs + sum(layout.head_macs))
-    return out
-
-
-def batch1_latency_ms(configs: list[tuple[Any, dict[str, np.ndarray]]], inputs: dict[str, np.ndarray], n: int,
-                       rounds: int) -> list[float]:
-    """Mean wall time per sample at batch 1 over the first ``n`` samples, for each ``(session, extra feeds)``.
-
-    The configurations are timed in interleaved rounds and each keeps its best round: on a shared machine a
-    burst of load then hits one round of every configuration rather than one configuration's only run.
-    """
-    feeds = [{k: v[i:i + 1] for k, v in inputs.items()} for i in range(n)]
-    best = [float("inf")] * len(configs)
-    for sess, extra in configs:  # warm-up: first runs allocate and pick kernels
-        for f in feeds[:5]:
-            sess.run(None, {**f, **extra})
-    for _ in range(rounds):
-        for j, (sess, extra) in enumerate(configs):
-            t = time.perf_counter()
-            for f in feeds:
-                sess.run(None, {**f, **extra})
-            best[j] = min(best[j], (time.perf_counter() - t) * 1000 / n)
-    return best
-
-
-def quiet_session(model: onnx.ModelProto, threads: int) -> Any:
-    """An ONNX Runtime CPU session that does not log warnings (the gated model's overridable ``threshold``
-    initializer makes ORT warn on every load, by design)."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    opts.inter_op_num_threads = 1
-    if threads:
-        opts.intra_op_num_threads = threads
-    return ort.InferenceSession(model.SerializeToString(), sess_options=opts, providers=["CPUExecutionProvider"])
-
 
 @register_technique("early_exit", EarlyExitSpec, phase="finetuning")
 def early_exit(model: onnx.ModelProto, spec: EarlyExitSpec, ctx: StepContext) -> StepResult:
@@ -263,7 +166,7 @@ def early_exit(model: onnx.ModelProto, spec: EarlyExitSpec, ctx: StepContext) ->
         if teacher.shape[1:] != (facts.classes,):
             raise InvalidSpec(f"the original's output {list(teacher.shape[1:])} differs from this model's "
                               f"[{facts.classes}]: use teacher: final", [{"loc": ["teacher"], "msg": "shape differs"}])
-    history, train_notes = _train_exits(module, list(module.input_names), data.train, spec, teacher, head_keys, ctx)
+    history, train_notes = train_exits(module, list(module.input_names), data.train, spec, teacher, head_keys, ctx)
     notes += train_notes
     module.cpu()
     trained = module.write_back(multi)
@@ -282,7 +185,7 @@ def early_exit(model: onnx.ModelProto, spec: EarlyExitSpec, ctx: StepContext) ->
     full_acc = acc(final)
     before = None if spec.freeze_backbone else acc(run_batched(session(model, ctx.threads),
                                                                {k: hold.inputs[k] for k in names})[0])
-    costs = _costs(facts, layout)
+    costs = exit_costs(facts, layout)
     grid = sorted(set(spec.thresholds) | ({spec.threshold} if spec.threshold != "auto" else set()))
     heads = [*exit_logits, final]
     rows = []
@@ -310,8 +213,8 @@ def early_exit(model: onnx.ModelProto, spec: EarlyExitSpec, ctx: StepContext) ->
     ctx.progress("benchmarking", 0.9, "timing the gated model at batch 1")
     n = min(spec.latency_samples, hold.samples)
     inputs = {k: hold.inputs[k] for k in names}
-    gsess = quiet_session(gated, ctx.threads)
-    configs = [(quiet_session(model, ctx.threads), {})]
+    gsess = session(gated, ctx.threads, quiet=True)
+    configs = [(session(model, ctx.threads, quiet=True), {})]
     configs += [(gsess, {"threshold": np.array(r["threshold"], np.float32)}) for r in rows]
     full_ms, *gated_ms = batch1_latency_ms(configs, inputs, n, spec.latency_rounds)
     for r, ms in zip(rows, gated_ms):

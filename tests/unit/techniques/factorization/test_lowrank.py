@@ -1,42 +1,24 @@
-"""Low-rank (SVD / spatial SVD) and depthwise-separable factorisation: the exported graph holds the factored
-nodes with the stated ranks, full rank reproduces the original in ONNX Runtime, the reported errors and
-parameter counts are the real ones, recovery training raises accuracy, and bad specs are refused."""
+"""Low-rank factorisation (SVD of Linear/MatMul weights, spatial SVD of convs): the exported graph holds the
+factored nodes with the stated ranks, full rank reproduces the original in ONNX Runtime, the reported errors and
+parameter counts are the real ones, fine-tuning raises accuracy, and bad specs are refused."""
 from __future__ import annotations
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
-from compression import factorize as fz
-from compression.analysis import count_params, macs
-from compression.context import StepContext
+from compression.analysis import count_params
 from compression.data import Arrays, DataSplit
 from compression.errors import InvalidSpec
-from testkit.refdata import fit
-from compression.registry import get_technique
 from compression.spec import parse_spec
-from testkit.zoo import LeNet300100, export_onnx
-
-
-def _apply(spec: dict, model: onnx.ModelProto, data: DataSplit | None, tmp_path):
-    step = parse_spec({"steps": [spec]}).steps[0]
-    ctx = StepContext(workdir=tmp_path, data=data, original=model, threads=1)
-    return get_technique(step.method).apply(model, step, ctx)
-
-
-def _run(model: onnx.ModelProto, feeds: dict[str, np.ndarray] | np.ndarray) -> np.ndarray:
-    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    if isinstance(feeds, np.ndarray):
-        feeds = {sess.get_inputs()[0].name: feeds}
-    return sess.run(None, feeds)[0]
-
-
-def _acc(model: onnx.ModelProto, data: DataSplit) -> float:
-    return float((_run(model, data.holdout.inputs["input"]).argmax(1) == data.holdout.labels).mean())
+from compression.techniques.factorization.layers import find_layers, initializers, name_nodes
+from compression.techniques.factorization.surgery import Rewrite, depthwise_rewrite, lowrank_rewrite, reconstruct
+from compression.techniques.factorization.svd import relative_error, singular_values, spatial_matrix
+from testkit.helpers import accuracy, apply_step, run_ort
+from testkit.zoo import export_onnx
 
 
 def _inits(model: onnx.ModelProto) -> dict[str, list[int]]:
@@ -44,29 +26,8 @@ def _inits(model: onnx.ModelProto) -> dict[str, list[int]]:
 
 
 def _full_ranks(model: onnx.ModelProto) -> dict[str, int]:
-    inits = fz.initializers(model)
-    return {la.name: min(la.matrix(inits).shape) for la in fz.find_layers(model) if la.reason is None}
-
-
-@pytest.fixture(scope="module")
-def lenet(mnist_data, tmp_path_factory):
-    """LeNet-300-100 trained briefly, exported by both exporters; 2,000 images to fine-tune, 500 to measure."""
-    torch.set_num_threads(1)
-    X, y = mnist_data
-    Xf = X.reshape(len(X), -1)
-    torch.manual_seed(0)
-    net = fit(LeNet300100(), Xf[:2000], y[:2000], epochs=3)
-    d = tmp_path_factory.mktemp("lenet-lr")
-    models = {ex: onnx.load(str(export_onnx(net, torch.zeros(2, 784), d / f"{ex}.onnx", dynamo=ex == "dynamo")))
-              for ex in ("dynamo", "legacy")}
-    data = DataSplit(Arrays({"input": Xf[:1000]}, y[:1000]), Arrays({"input": Xf[4500:5000]}, y[4500:5000]))
-    return models, data
-
-
-@pytest.fixture(scope="module")
-def cnn_data(mnist_data):
-    X, y = mnist_data
-    return DataSplit(Arrays({"input": X[2000:3500]}, y[2000:3500]), Arrays({"input": X[4500:5000]}, y[4500:5000]))
+    inits = initializers(model)
+    return {la.name: min(la.matrix(inits).shape) for la in find_layers(model) if la.reason is None}
 
 
 def _conv_model(w: np.ndarray, *, bias: bool = True, **attrs) -> onnx.ModelProto:
@@ -83,12 +44,11 @@ def _conv_model(w: np.ndarray, *, bias: bool = True, **attrs) -> onnx.ModelProto
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
 
 
-# ------------------------------------------------------------------------------------------ lowrank
 @pytest.mark.parametrize("exporter", ["dynamo", "legacy"])
 def test_lowrank_lenet_graph_has_the_stated_ranks(exporter, lenet, tmp_path):
     models, data = lenet
     model = models[exporter]
-    res = _apply({"method": "lowrank", "rank_ratio": 0.2}, model, data, tmp_path)
+    res = apply_step({"method": "lowrank", "rank_ratio": 0.2}, model, data, tmp_path)
     out = res.model
     onnx.checker.check_model(out)
     assert [n.op_type for n in out.graph.node] == ["MatMul", "Gemm", "Relu"] * 2 + ["MatMul", "Gemm"]
@@ -106,8 +66,8 @@ def test_lowrank_lenet_graph_has_the_stated_ranks(exporter, lenet, tmp_path):
     assert count_params(model)[0] - count_params(out)[0] == t["params_before"] - t["params_after"]
     assert t["params_ratio"] == round(266200 / (60 * 1084 + 20 * 400 + 2 * 110), 4)
     X = data.holdout.inputs["input"]
-    assert _run(out, X[:7]).shape == (7, 10)  # batch stays dynamic
-    assert res.report["holdout_accuracy"]["factored"] == pytest.approx(_acc(out, data), abs=1e-6)
+    assert run_ort(out, X[:7]).shape == (7, 10)  # batch stays dynamic
+    assert res.report["holdout_accuracy"]["factored"] == pytest.approx(accuracy(out, data), abs=1e-6)
 
 
 @pytest.mark.parametrize("exporter", ["dynamo", "legacy"])
@@ -115,11 +75,11 @@ def test_full_rank_rewrite_matches_the_original_in_ort(exporter, lenet, cnn_onnx
     X, _ = mnist_data
     models, _ = lenet
     for model, x in ((models[exporter], X[:16].reshape(16, -1)), (onnx.load(str(cnn_onnx[exporter])), X[:16])):
-        model = fz.name_nodes(model)
+        model = name_nodes(model)
         full = _full_ranks(model)
-        out, rewrites = fz.lowrank_rewrite(model, full)
+        out, rewrites = lowrank_rewrite(model, full)
         assert len(rewrites) == len(full) >= 3
-        assert float(np.abs(_run(out, x) - _run(model, x)).max()) <= 1e-4
+        assert float(np.abs(run_ort(out, x) - run_ort(model, x)).max()) <= 1e-4
         assert all(rw.relative_error < 1e-5 for rw in rewrites)
 
 
@@ -133,15 +93,15 @@ def test_spatial_svd_keeps_strides_pads_dilations(attrs):
     w = rng.normal(size=(6, 4, 3, 5)).astype(np.float32)
     model = _conv_model(w, **attrs)
     x = rng.normal(size=(2, 4, 11, 9)).astype(np.float32)
-    out, (rw,) = fz.lowrank_rewrite(fz.name_nodes(model), {"conv": min(4 * 3, 6 * 5)})
+    out, (rw,) = lowrank_rewrite(name_nodes(model), {"conv": min(4 * 3, 6 * 5)})
     first, second = out.graph.node
     assert numpy_helper.to_array(out.graph.initializer[-2]).shape == (12, 4, 3, 1)  # vertical kh×1, Cin -> K
     assert list(second.input[2:]) == ["b"]  # bias on the second (horizontal) conv
-    assert float(np.abs(_run(out, x) - _run(model, x)).max()) <= 1e-4
+    assert float(np.abs(run_ort(out, x) - run_ort(model, x)).max()) <= 1e-4
     # A lower rank is an approximation whose reported error is the real one of the stored factors.
-    out, (rw,) = fz.lowrank_rewrite(fz.name_nodes(model), {"conv": 4})
-    assert abs(fz.relative_error(w, fz.reconstruct(out, rw)) - rw.relative_error) < 1e-6
-    s = fz.singular_values(fz.spatial_matrix(w))
+    out, (rw,) = lowrank_rewrite(name_nodes(model), {"conv": 4})
+    assert abs(relative_error(w, reconstruct(out, rw)) - rw.relative_error) < 1e-6
+    s = singular_values(spatial_matrix(w))
     assert abs(rw.relative_error - np.sqrt((s[4:] ** 2).sum() / (s ** 2).sum())) < 1e-5  # Eckart–Young
     assert rw.params_after == 4 * (4 * 3 + 6 * 5)
 
@@ -156,34 +116,34 @@ def test_gemm_attributes_survive_and_3d_convs_are_refused():
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 7])],
                               [numpy_helper.from_array(w, "w"), numpy_helper.from_array(c, "c")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
-    out, (rw,) = fz.lowrank_rewrite(model, {"gemm": 7})
+    out, (rw,) = lowrank_rewrite(model, {"gemm": 7})
     assert [n.op_type for n in out.graph.node] == ["Gemm", "Gemm"] and rw.kind == "linear"
-    assert float(np.abs(_run(out, a) - _run(model, a)).max()) <= 1e-4
+    assert float(np.abs(run_ort(out, a) - run_ort(model, a)).max()) <= 1e-4
     conv3d = helper.make_node("Conv", ["x", "w3"], ["y"], name="c3", kernel_shape=[3, 3, 3])
     graph = helper.make_graph([conv3d], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 5, 5, 5])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 3, 3, 3])],
                               [numpy_helper.from_array(rng.normal(size=(4, 2, 3, 3, 3)).astype(np.float32), "w3")])
-    (layer,) = fz.find_layers(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    (layer,) = find_layers(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
     assert layer.reason == "3-D convolution"
     with pytest.raises(ValueError, match="3-D convolution"):
-        fz.depthwise_rewrite(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), ["c3"])
+        depthwise_rewrite(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), ["c3"])
 
 
 def test_reported_errors_are_real_and_energy_picks_the_smallest_rank(lenet, tmp_path):
     models, data = lenet
-    model = fz.name_nodes(models["legacy"])
-    res = _apply({"method": "lowrank", "energy": 0.8}, model, data, tmp_path)
-    inits = fz.initializers(model)
-    weights = {la.name: la.matrix(inits) for la in fz.find_layers(model)}
+    model = name_nodes(models["legacy"])
+    res = apply_step({"method": "lowrank", "energy": 0.8}, model, data, tmp_path)
+    inits = initializers(model)
+    weights = {la.name: la.matrix(inits) for la in find_layers(model)}
     for la in res.report["layers"]:
         w = weights[la["layer"]]
-        s = fz.singular_values(w)
+        s = singular_values(w)
         kept = np.cumsum(s ** 2) / (s ** 2).sum()
         k = la["rank"]
         assert kept[k - 1] >= 0.8 - 1e-9 and (k == 1 or kept[k - 2] < 0.8)
-        rw = fz.Rewrite(la["layer"], la["kind"], f"{la['layer']}.lowrank.in", la["layer"],
+        rw = Rewrite(la["layer"], la["kind"], f"{la['layer']}.lowrank.in", la["layer"],
                         (f"{la['layer']}.lowrank.P", f"{la['layer']}.lowrank.Q"), k, 0, 0, 0.0)
-        real = fz.relative_error(w, fz.reconstruct(res.model, rw).T)  # Gemm transB: reconstruct is [out, in]
+        real = relative_error(w, reconstruct(res.model, rw).T)  # Gemm transB: reconstruct is [out, in]
         assert abs(real - la["relative_error"]) < 1e-5
         assert la["relative_error"] <= np.sqrt(1 - 0.8) + 1e-6
 
@@ -195,10 +155,10 @@ def test_minilm_style_matmul_graph_is_factored_exactly_and_trains(tmp_path):
     model = onnx.load(str(export_onnx(net, torch.zeros(2, 5, 32), tmp_path / "ffn.onnx", dynamo=True)))
     assert [n.op_type for n in model.graph.node].count("MatMul") == 2
     x = np.random.default_rng(0).normal(size=(3, 5, 32)).astype(np.float32)
-    named = fz.name_nodes(model)
-    out, _ = fz.lowrank_rewrite(named, _full_ranks(named))
-    assert float(np.abs(_run(out, x) - _run(model, x)).max()) <= 1e-4
-    res = _apply({"method": "lowrank", "rank_ratio": 0.25}, model, None, tmp_path)
+    named = name_nodes(model)
+    out, _ = lowrank_rewrite(named, _full_ranks(named))
+    assert float(np.abs(run_ort(out, x) - run_ort(model, x)).max()) <= 1e-4
+    res = apply_step({"method": "lowrank", "rank_ratio": 0.25}, model, None, tmp_path)
     assert [la["rank"] for la in res.report["layers"]] == [8, 8]
     assert [n.op_type for n in res.model.graph.node].count("MatMul") == 4
     first = res.report["layers"][0]  # per token: 32·64 MACs -> 32·8 + 8·64; 5 tokens per sample
@@ -206,10 +166,10 @@ def test_minilm_style_matmul_graph_is_factored_exactly_and_trains(tmp_path):
     # Recovery by distillation on an unlabelled dataset (the original's outputs are the target).
     data = DataSplit(Arrays({"input": np.random.default_rng(1).normal(size=(256, 5, 32)).astype(np.float32)}),
                      Arrays({"input": x}))
-    tuned = _apply({"method": "lowrank", "rank_ratio": 0.25, "finetune": {"epochs": 3, "lr": 3e-3}},
-                   model, data, tmp_path)
-    err0 = float(np.abs(_run(res.model, x) - _run(model, x)).mean())
-    err1 = float(np.abs(_run(tuned.model, x) - _run(model, x)).mean())
+    tuned = apply_step({"method": "lowrank", "rank_ratio": 0.25, "finetune": {"epochs": 3, "lr": 3e-3}},
+                        model, data, tmp_path)
+    err0 = float(np.abs(run_ort(res.model, x) - run_ort(model, x)).mean())
+    err1 = float(np.abs(run_ort(tuned.model, x) - run_ort(model, x)).mean())
     assert err1 < err0 and any("distillation" in n for n in tuned.report["notes"])
 
 
@@ -234,7 +194,7 @@ def test_layers_that_cannot_be_factored_are_skipped_with_reasons(tmp_path):
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
     onnx.checker.check_model(model)
-    res = _apply({"method": "lowrank", "rank_ratio": 0.5, "exclude": ["fc"]}, model, None, tmp_path)
+    res = apply_step({"method": "lowrank", "rank_ratio": 0.5, "exclude": ["fc"]}, model, None, tmp_path)
     reasons = {s["layer"]: s["reason"] for s in res.report["skipped"]}
     assert reasons["grouped"].startswith("grouped convolution")
     assert reasons["same"].startswith("auto_pad SAME_UPPER")
@@ -248,23 +208,23 @@ def test_layers_that_cannot_be_factored_are_skipped_with_reasons(tmp_path):
     w_same = numpy_helper.to_array(inits[1])
     w_rank1 = np.einsum("oc,cij->ocij", f(8, 8), f(8, 3, 3)).astype(np.float32)
     model.graph.initializer[1].CopyFrom(numpy_helper.from_array(w_rank1, "w_same"))
-    dw = _apply({"method": "depthwise_separable", "finetune": None}, model, None, tmp_path)
+    dw = apply_step({"method": "depthwise_separable", "finetune": None}, model, None, tmp_path)
     assert [r["layer"] for r in dw.report["layers"]] == ["same"] and w_same.shape == w_rank1.shape
     assert dw.report["layers"][0]["rank1_relative_error"] < 1e-6
     x = f(2, 8, 11, 9)
-    ref = _run(model, x)
-    assert float(np.abs(_run(dw.model, x) - ref).max()) <= 1e-4 * max(1.0, float(np.abs(ref).max()))
+    ref = run_ort(model, x)
+    assert float(np.abs(run_ort(dw.model, x) - ref).max()) <= 1e-4 * max(1.0, float(np.abs(ref).max()))
 
 
 def test_lowrank_finetune_raises_accuracy(lenet, tmp_path):
     models, data = lenet
     model = models["dynamo"]
     spec = {"method": "lowrank", "energy": 0.5}
-    cut = _apply(spec, model, data, tmp_path)
-    tuned = _apply({**spec, "finetune": {"epochs": 2, "lr": 1e-3, "distill": True}}, model, data, tmp_path)
+    cut = apply_step(spec, model, data, tmp_path)
+    tuned = apply_step({**spec, "finetune": {"epochs": 2, "lr": 1e-3, "distill": True}}, model, data, tmp_path)
     acc = tuned.report["holdout_accuracy"]
-    assert acc["factored"] == pytest.approx(_acc(cut.model, data), abs=1e-6)
-    assert acc["finetuned"] == pytest.approx(_acc(tuned.model, data), abs=1e-6)
+    assert acc["factored"] == pytest.approx(accuracy(cut.model, data), abs=1e-6)
+    assert acc["finetuned"] == pytest.approx(accuracy(tuned.model, data), abs=1e-6)
     assert acc["finetuned"] > acc["factored"] + 0.02
     # the graph is still the factored one; the trained factors moved away from the SVD
     assert _inits(tuned.model) == _inits(cut.model)
@@ -273,53 +233,6 @@ def test_lowrank_finetune_raises_accuracy(lenet, tmp_path):
     assert len(tuned.report["loss_per_epoch"]) == 2
 
 
-# ---------------------------------------------------------------------------------- depthwise
-@pytest.mark.parametrize("exporter", ["dynamo", "legacy"])
-def test_depthwise_replaces_convs_and_counts_params_and_macs(exporter, cnn_onnx, cnn_data, tmp_path):
-    model = onnx.load(str(cnn_onnx[exporter]))
-    res = _apply({"method": "depthwise_separable", "finetune": {"epochs": 0}}, model, cnn_data, tmp_path)
-    out = res.model
-    onnx.checker.check_model(out)
-    convs = [n for n in out.graph.node if n.op_type == "Conv"]
-    inits = _inits(out)
-    # the 1-channel stem is kept (min_channels 2); conv 16 -> 32 becomes depthwise (group 16) + pointwise
-    assert [inits[n.input[1]] for n in convs] == [[16, 1, 3, 3], [16, 1, 3, 3], [32, 16, 1, 1]]
-    group = {a.name: helper.get_attribute_value(a) for a in convs[1].attribute}
-    assert group["group"] == 16 and group["pads"] == [1, 1, 1, 1] and group["strides"] == [1, 1]
-    assert len(convs[2].input) == 3  # bias on the pointwise conv
-    (layer,) = res.report["layers"]
-    assert (layer["cin"], layer["cout"], layer["k"]) == (16, 32, [3, 3])
-    assert (layer["params_before"], layer["params_after"]) == (32 * 16 * 9, 16 * 9 + 32 * 16)
-    assert (layer["macs_before"], layer["macs_after"]) == (14 * 14 * 32 * 16 * 9, 14 * 14 * (16 * 9 + 32 * 16))
-    assert res.report["skipped"] == [{"layer": convs[0].name, "reason": "Cin 1 < min_channels 2"}]
-    sample = {"input": cnn_data.holdout.inputs["input"][:1]}
-    assert macs(model, sample) - macs(out, sample) == layer["macs_before"] - layer["macs_after"]
-    assert count_params(model)[0] - count_params(out)[0] == layer["params_before"] - layer["params_after"]
-    # the reported rank-1 error is the real one of the stored depthwise/pointwise weights
-    w = fz.initializers(fz.name_nodes(model))[fz.find_layers(fz.name_nodes(model))[1].weight]
-    real = fz.relative_error(w, fz.depthwise_product(*(fz.initializers(out)[n.input[1]] for n in convs[1:])))
-    assert abs(real - layer["rank1_relative_error"]) < 1e-5 and 0 < real < 1
-
-
-def test_depthwise_distillation_recovers_accuracy(cnn_onnx, cnn_data, tmp_path):
-    model = onnx.load(str(cnn_onnx["dynamo"]))
-    res = _apply({"method": "depthwise_separable", "min_channels": 1, "finetune": {"epochs": 2, "lr": 2e-3}},
-                 model, cnn_data, tmp_path)
-    acc = res.report["holdout_accuracy"]
-    assert len(res.report["layers"]) == 2 and res.report["totals"]["conv_macs_ratio"] > 6
-    assert acc["recovered"] == pytest.approx(_acc(res.model, cnn_data), abs=1e-6)
-    assert acc["recovered"] > acc["init"] + 0.2 and acc["recovered"] > 0.8
-    assert [n.op_type for n in res.model.graph.node].count("Conv") == 4
-
-
-def test_depthwise_on_an_mlp_returns_it_unchanged_with_a_note(lenet, tmp_path):
-    models, data = lenet
-    res = _apply({"method": "depthwise_separable"}, models["legacy"], data, tmp_path)
-    assert [n.op_type for n in res.model.graph.node] == [n.op_type for n in models["legacy"].graph.node]
-    assert "no convolutions" in res.report["notes"][0] and res.report["layers"] == []
-
-
-# ---------------------------------------------------------------------------------------- specs
 @pytest.mark.parametrize("step", [
     {"method": "lowrank", "rank_ratio": 0.5, "energy": 0.9},
     {"method": "lowrank", "rank_ratio": 0},
@@ -330,10 +243,6 @@ def test_depthwise_on_an_mlp_returns_it_unchanged_with_a_note(lenet, tmp_path):
     {"method": "lowrank", "layers": {"fc": {"rank": 4}}, "exclude": ["fc"]},
     {"method": "lowrank", "finetune": {"epochs": -1}},
     {"method": "lowrank", "rank": 4},
-    {"method": "depthwise_separable", "min_channels": 0},
-    {"method": "depthwise_separable", "layers": []},
-    {"method": "depthwise_separable", "layers": ["a"], "exclude": ["a"]},
-    {"method": "depthwise_separable", "distill": {"epochs": 1}},
 ])
 def test_bad_specs_are_refused(step):
     with pytest.raises(InvalidSpec) as e:
@@ -342,11 +251,9 @@ def test_bad_specs_are_refused(step):
 
 
 def test_defaults_and_unknown_layer_names(lenet, tmp_path):
-    spec = parse_spec({"steps": [{"method": "lowrank"}, {"method": "depthwise_separable"}]}).steps
+    spec = parse_spec({"steps": [{"method": "lowrank"}]}).steps
     assert spec[0].criterion() == {"energy": 0.9} and not spec[0].needs_data
-    assert spec[1].finetune.distill and spec[1].finetune.epochs > 0 and spec[1].needs_data
-    assert not parse_spec({"steps": [{"method": "depthwise_separable", "finetune": {"epochs": 0}}]}).steps[0].needs_data
     models, data = lenet
     with pytest.raises(InvalidSpec, match="unknown layers") as e:
-        _apply({"method": "lowrank", "layers": {"nope": {"rank": 3}}}, models["dynamo"], data, tmp_path)
+        apply_step({"method": "lowrank", "layers": {"nope": {"rank": 3}}}, models["dynamo"], data, tmp_path)
     assert e.value.errors[0]["loc"] == ["layers", "nope"]

@@ -3,7 +3,7 @@
 A weight ``W`` (``M × N``) becomes two smaller ones, ``P`` (``M × K``) and ``Q`` (``K × N``), as two nodes in
 the ONNX graph, so the saving is real in the file, the parameter count, the MACs and (for big enough
 layers) ONNX Runtime's latency. Convolutions use the spatial SVD of Jaderberg et al. (a ``kh×1`` conv to
-``K`` channels, then a ``1×kw`` conv): see :mod:`compression.factorize`. A layer whose factorisation would
+``K`` channels, then a ``1×kw`` conv): see :mod:`compression.techniques.factorization.svd`. A layer whose factorisation would
 not save parameters (``K·(M + N) ≥ M·N``) is left alone and the report says so. The factored graph can be
 fine-tuned (on labels and/or by distillation from the original) to win back what the truncation lost.
 """
@@ -11,16 +11,18 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-import numpy as np
 import onnx
 from pydantic import Field, model_validator
 
-from compression import factorize as fz
 from compression.context import StepContext, StepResult
-from compression.errors import InvalidSpec, NotTrainable
+from compression.errors import InvalidSpec
 from compression.registry import register_technique
 from compression.spec import FinetuneSpec, StrictModel
-from compression.training import loss_config, teacher_outputs, train
+from compression.techniques.factorization.layers import conv_auto_pad, find_layers, initializers, name_nodes
+from compression.techniques.factorization.measure import holdout_accuracy, probe_sample, safe_layer_macs
+from compression.techniques.factorization.recovery import recover
+from compression.techniques.factorization.surgery import lowrank_rewrite, reconstruct
+from compression.techniques.factorization.svd import choose_rank, relative_error, singular_values
 
 DEFAULT_ENERGY = 0.9
 
@@ -75,14 +77,14 @@ class LowRankSpec(StrictModel):
 
 def _plan(model: onnx.ModelProto, spec: LowRankSpec) -> tuple[dict[str, int], list[dict[str, Any]], dict[str, dict]]:
     """Choose a rank for every layer; returns (ranks, skipped layers with reasons, per-layer facts)."""
-    layers = fz.find_layers(model)
+    layers = find_layers(model)
     known = {la.name for la in layers}
     unknown = sorted((set(spec.layers or {}) | set(spec.exclude)) - known)
     if unknown:
         where = ["layers" if u in (spec.layers or {}) else "exclude" for u in unknown]
         raise InvalidSpec(f"unknown layers {unknown}; Conv/Gemm/MatMul nodes: {sorted(known)}",
                           [{"loc": [w, u], "msg": "unknown layer"} for w, u in zip(where, unknown)])
-    inits = fz.initializers(model)
+    inits = initializers(model)
     ranks: dict[str, int] = {}
     skipped: list[dict[str, Any]] = []
     facts: dict[str, dict] = {}
@@ -96,16 +98,16 @@ def _plan(model: onnx.ModelProto, spec: LowRankSpec) -> tuple[dict[str, int], li
                 reason = "convs: false"
             elif la.shape[2] < 2 or la.shape[3] < 2:
                 reason = f"{la.shape[2]}×{la.shape[3]} kernel: spatial SVD needs k×k with k > 1"
-            elif fz.conv_auto_pad(node) not in ("NOTSET", "VALID"):
-                reason = f"auto_pad {fz.conv_auto_pad(node)}: its padding depends on the input size"
+            elif conv_auto_pad(node) not in ("NOTSET", "VALID"):
+                reason = f"auto_pad {conv_auto_pad(node)}: its padding depends on the input size"
         if reason is not None:
             skipped.append({"layer": la.name, "op_type": la.op_type, "reason": reason})
             continue
         matrix = la.matrix(inits)
-        s = fz.singular_values(matrix)
+        s = singular_values(matrix)
         override = (spec.layers or {}).get(la.name)
         criterion = override.criterion() if override else spec.criterion()
-        k = fz.choose_rank(s, **criterion)
+        k = choose_rank(s, **criterion)
         m, n = matrix.shape
         if k * (m + n) >= m * n:
             skipped.append({"layer": la.name, "op_type": la.op_type, "rank": k,
@@ -115,68 +117,6 @@ def _plan(model: onnx.ModelProto, spec: LowRankSpec) -> tuple[dict[str, int], li
         facts[la.name] = {"weight": la.weight, "criterion": criterion, "shape": [int(m), int(n)],
                           "max_rank": int(min(m, n))}
     return ranks, skipped, facts
-
-
-def probe_sample(model: onnx.ModelProto, ctx: StepContext) -> dict[str, np.ndarray]:
-    """One sample (batch 1) to measure per-layer MACs on: the first training input, else synthetic inputs."""
-    from compression.data import synthetic_inputs
-    from compression.modelio import describe
-
-    if ctx.data is not None:
-        return {k: v[:1] for k, v in ctx.data.train.inputs.items()}
-    return synthetic_inputs(describe(model)["inputs"], 1, seed=ctx.seed)
-
-
-def safe_node_macs(model: onnx.ModelProto, sample: dict[str, np.ndarray]) -> dict[str, int] | None:
-    """Per-node MACs, or None when the model cannot run on the sample (the pipeline measures anyway)."""
-    try:
-        return fz.node_macs(model, sample)
-    except Exception:  # noqa: BLE001 - a report detail; never fail the step over it
-        return None
-
-
-def holdout_accuracy(model: onnx.ModelProto, ctx: StepContext) -> float | None:
-    """Top-1 accuracy on the held-out split in ONNX Runtime (None without labels or class scores)."""
-    from compression.metrics import run_batched, session
-
-    data = ctx.data
-    if data is None or data.holdout.labels is None:
-        return None
-    out = run_batched(session(model, ctx.threads), data.holdout.inputs)[0]
-    if out.ndim != 2 or out.shape[1] < 2:
-        return None
-    return round(float((out.argmax(1) == data.holdout.labels).mean()), 6)
-
-
-def recover(factored: onnx.ModelProto, ft: FinetuneSpec, ctx: StepContext, phase: str) -> tuple[onnx.ModelProto, dict]:
-    """Fine-tune the rewritten graph in torch (labels and/or distillation from the original) and write the
-    trained values back into it. Returns the model and ``{loss_per_epoch, notes, distill}``.
-
-    Raises:
-        InvalidSpec: no dataset.
-        NotTrainable: the graph cannot be converted to torch.
-    """
-    from compression.converter import UnsupportedOp, to_torch
-
-    data = ctx.data
-    if data is None:
-        raise InvalidSpec("fine-tuning needs a dataset", [{"loc": ["finetune"], "msg": "needs a dataset"}])
-    try:
-        module = to_torch(factored)
-    except UnsupportedOp as e:
-        raise NotTrainable(f"fine-tuning needs a trainable model; unsupported ops: {e.op_types}") from None
-    cfg, notes = loss_config(ft, data.train.labels is not None)
-    teacher = teacher_outputs(ctx.original, data.train, ctx.threads) if cfg.distill else None
-
-    def on_epoch(epoch: int, loss: float) -> None:
-        ctx.progress(phase, (epoch + 1) / ft.epochs, f"fine-tune epoch {epoch + 1}/{ft.epochs}: loss {loss:.4f}")
-
-    history = train(module, list(module.input_names), data.train, epochs=ft.epochs, lr=ft.lr,
-                    batch_size=ft.batch_size, loss=cfg, teacher=teacher, seed=ctx.seed, device=ctx.device,
-                    on_epoch=on_epoch)
-    module.cpu()
-    return module.write_back(factored), {"loss_per_epoch": [round(h, 6) for h in history], "notes": notes,
-                                         "distill": cfg.distill}
 
 
 @register_technique("lowrank", LowRankSpec, phase="factorizing")
@@ -203,7 +143,7 @@ def lowrank(model: onnx.ModelProto, spec: LowRankSpec, ctx: StepContext) -> Step
         >>> lowrank(model, LowRankSpec(rank_ratio=0.25), ctx).report["totals"]["params_ratio"]  # doctest: +SKIP
         3.1
     """
-    model = fz.name_nodes(model)
+    model = name_nodes(model)
     ranks, skipped, facts = _plan(model, spec)
     ctx.progress("factorizing", 0.1, f"factoring {len(ranks)} layer(s)")
     notes: list[str] = []
@@ -211,16 +151,16 @@ def lowrank(model: onnx.ModelProto, spec: LowRankSpec, ctx: StepContext) -> Step
         notes.append("no layer could be factored with a saving: model unchanged")
         return StepResult(model, {"criterion": spec.criterion(), "layers": [], "skipped": skipped,
                                   "totals": _totals([]), "notes": notes})
-    factored, rewrites = fz.lowrank_rewrite(model, ranks)
+    factored, rewrites = lowrank_rewrite(model, ranks)
     sample = probe_sample(model, ctx)
-    macs_before, macs_after = safe_node_macs(model, sample), safe_node_macs(factored, sample)
+    macs_before, macs_after = safe_layer_macs(model, sample), safe_layer_macs(factored, sample)
     acc = {"before": holdout_accuracy(model, ctx), "factored": holdout_accuracy(factored, ctx)}
     out, training = factored, None
     if spec.finetune is not None and spec.finetune.epochs > 0:
         out, training = recover(factored, spec.finetune, ctx, "finetuning")
         notes.extend(training.pop("notes"))
         acc["finetuned"] = holdout_accuracy(out, ctx)
-    originals = fz.initializers(model)
+    originals = initializers(model)
     rows = []
     for rw in rewrites:
         weight = originals[facts[rw.name]["weight"]]
@@ -228,7 +168,7 @@ def lowrank(model: onnx.ModelProto, spec: LowRankSpec, ctx: StepContext) -> Step
                "params_before": rw.params_before, "params_after": rw.params_after,
                "relative_error": round(rw.relative_error, 6)}
         if training is not None:
-            row["relative_error_after_finetune"] = round(fz.relative_error(weight, fz.reconstruct(out, rw)), 6)
+            row["relative_error_after_finetune"] = round(relative_error(weight, reconstruct(out, rw)), 6)
         if macs_before is not None and macs_after is not None:
             row["macs_before"] = macs_before.get(rw.name)
             row["macs_after"] = macs_after.get(rw.first, 0) + macs_after.get(rw.second, 0)
