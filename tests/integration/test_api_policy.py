@@ -75,8 +75,8 @@ def test_idempotency_key_reused_with_another_body(stack, ids):
 
 
 def _model_ort_refuses(folder) -> bytes:
-    """A zip whose external weights (16 MiB + 64 B) make the API validate it from its unpacked path, and
-    whose custom op ONNX Runtime refuses with a message naming that path."""
+    """A zip whose external weights (16 MiB + 64 B, random: zeros would be refused as a zip bomb) make the API
+    validate it from its unpacked path, and whose custom op ONNX Runtime refuses with a message naming that path."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -84,7 +84,7 @@ def _model_ort_refuses(folder) -> bytes:
     nodes = [helper.make_node("Add", ["x", "w"], ["y"]), helper.make_node("Frobnicate", ["y"], ["z"], domain="com.example")]
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [n])],
                               [helper.make_tensor_value_info("z", TensorProto.FLOAT, [n])],
-                              [numpy_helper.from_array(np.zeros(n, np.float32), "w")])
+                              [numpy_helper.from_array(np.random.default_rng(0).standard_normal(n, dtype=np.float32), "w")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.example", 1)],
                               ir_version=9)
     onnx.save(model, folder / "model.onnx", save_as_external_data=True, location="weights.bin", size_threshold=0)
@@ -94,7 +94,7 @@ def _model_ort_refuses(folder) -> bytes:
     return (folder / "m.zip").read_bytes()
 
 
-def test_load_errors_name_no_server_path(stack, unchanged, tmp_path):  # noqa: F811 - the imported fixture
+def test_load_errors_name_no_server_path(stack, unchanged, tmp_path):
     r = stack.client().post("/v1/models", files={"file": ("m.zip", _model_ort_refuses(tmp_path))})
     detail = _problem(r, 422, "invalid_model")["detail"]
     assert "Frobnicate" in detail and "model.onnx" in detail, detail  # ONNX Runtime's own message, kept useful
