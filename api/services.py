@@ -20,7 +20,7 @@ from compression.data import check_against_model, check_npz_data, inspect_npz
 from compression.errors import InvalidDataset, InvalidModel, InvalidSpec
 from compression.search_space import search_model_refs
 from compression.spec import ParsedSpec, parse_spec
-from store.artifacts import LocalArtifactStore
+from store.artifacts import ArtifactStore
 from store.models import DatasetRecord, Job, JobStatus, ModelRecord, Team, new_id
 from store.settings import Settings
 
@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 QUEUE_FULL_RETRY_AFTER_S = 30
 
 
-def ingest_model(*, upload: Upload, settings: Settings, store: LocalArtifactStore) -> dict[str, Any]:
+def ingest_model(*, upload: Upload, settings: Settings, store: ArtifactStore) -> dict[str, Any]:
     """Validate an uploaded model in the sandbox and put its ONNX into the store; returns the row's fields.
 
     Parsing, the ``.pt2`` conversion and the ONNX Runtime load all happen in a sandboxed child
@@ -60,7 +60,7 @@ def ingest_model(*, upload: Upload, settings: Settings, store: LocalArtifactStor
             "inputs": info["inputs"], "outputs": info["outputs"]}
 
 
-def ingest_dataset(*, upload: Upload, settings: Settings, store: LocalArtifactStore) -> dict[str, Any]:
+def ingest_dataset(*, upload: Upload, settings: Settings, store: ArtifactStore) -> dict[str, Any]:
     """Check an ``.npz`` (headers first, then every array loads without pickle) and store it."""
     check_zip_directory(upload.path, max_bytes=settings.max_zip_directory_bytes, error=InvalidDataset)
     arrays = inspect_npz(upload.path, max_uncompressed_bytes=settings.max_npz_uncompressed_bytes,
@@ -202,7 +202,7 @@ def _replayed(existing: Job, digest: str) -> Job:
     return existing
 
 
-def remove_files(store: LocalArtifactStore, keys: list[str]) -> None:
+def remove_files(store: ArtifactStore, keys: list[str]) -> None:
     for k in keys:
         store.delete(k)
         parent = str(Path(k).parent)

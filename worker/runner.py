@@ -19,7 +19,7 @@ from compression.errors import Cancelled, CompressionError, TimeLimitExceeded, s
 from compression.pipeline import OutputFile
 from compression.sandbox_tasks import checked_name, inside
 from compression.spec import parse_spec
-from store.artifacts import get_artifact_store, private_copy
+from store.artifacts import ArtifactStore, get_artifact_store, private_copy
 from store.db import session_scope
 from store.dispatch import running_quota
 from store.jobs import add_artifact, defer, report_progress, running_count
@@ -38,7 +38,7 @@ class StoreCheckpoint:
     The prefix is removed when the job ends for good.
     """
 
-    def __init__(self, store: Any, job_id: str) -> None:
+    def __init__(self, store: ArtifactStore, job_id: str) -> None:
         self.store, self.prefix = store, f"jobs/{job_id}/checkpoint"
 
     def get(self, name: str) -> bytes | None:
@@ -98,7 +98,7 @@ class _Relay:
     """Answers the sandboxed pipeline's asks: progress (a cancel or time limit goes back as an exception to
     raise there), models named in the spec (this job's team only), and the search's checkpoint."""
 
-    def __init__(self, *, store: Any, checkpoint: StoreCheckpoint, workdir: Path, team_id: str,
+    def __init__(self, *, store: ArtifactStore, checkpoint: StoreCheckpoint, workdir: Path, team_id: str,
                  progress: Any) -> None:
         self.store, self.checkpoint, self.workdir, self.team_id, self.progress = (
             store, checkpoint, workdir, team_id, progress)

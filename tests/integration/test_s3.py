@@ -125,7 +125,7 @@ def test_training_jobs_are_routed_to_the_gpu_queue(s3_stack, redis_url, tmp_path
 
 
 def test_store_streams_multipart_and_cleans_up(s3, tmp_path):
-    from store.artifacts import UploadTooLarge
+    from store.objects import UploadTooLarge
     from store.s3 import S3ArtifactStore
 
     store = S3ArtifactStore(BUCKET, "unit", s3, part_bytes=5 * 1024 * 1024)
