@@ -8,7 +8,7 @@ from typing import Any
 
 from celery import Celery
 
-from store.settings import Settings, get_settings
+from store.settings import Settings
 
 RUN_JOB = "netcompress.run_job"
 
@@ -51,9 +51,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
 _apps: dict[tuple[str, str, str], Celery] = {}
 
 
-def get_celery(settings: Settings | None = None) -> Celery:
+def get_celery(settings: Settings) -> Celery:
     """One Celery app per (broker, home, queue) in this process, configured from ``settings``."""
-    settings = settings or get_settings()
     key = (settings.celery_broker_url, str(settings.home), settings.queue)
     if key not in _apps:
         app = Celery("netcompress")
@@ -99,12 +98,11 @@ def _stored_spec(job_id: str, settings: Settings) -> dict[str, Any] | None:
         return s.execute(select(Job.spec).where(Job.id == job_id)).scalar_one_or_none()
 
 
-def send_job(job_id: str, settings: Settings | None = None, *, spec: dict[str, Any] | None = None) -> None:
+def send_job(job_id: str, settings: Settings, *, spec: dict[str, Any] | None = None) -> None:
     """Publish ``run_job(job_id)``; raises on broker trouble (the caller leaves the job for the sweeper).
 
     With ``route_by_device`` the job's spec picks the queue (read from the row when not given).
     """
-    settings = settings or get_settings()
     if settings.route_by_device and spec is None:
         spec = _stored_spec(job_id, settings)
     get_celery(settings).send_task(
