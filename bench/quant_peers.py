@@ -53,7 +53,7 @@ def _nncf(model: onnx.ModelProto, batches) -> onnx.ModelProto:  # noqa: ANN001
 
 def main() -> None:
     torch.set_num_threads(1)  # tiny models on a shared 2-core box: two threads spin-wait (measured 15× slower)
-    import importlib.metadata as md
+    from importlib.metadata import version
 
     work = Path(tempfile.mkdtemp(prefix="bench-peers-"))
     original, data = cnn_setup(work)
@@ -91,7 +91,7 @@ def main() -> None:
     ]
     body = (
         f"SmallCNN as in `int8_cnn` (1,000 held-out images); every quantizer gets the same {CALIBRATION} training "
-        f"images for calibration. onnxruntime {md.version('onnxruntime')}, nncf {md.version('nncf')} (ONNX "
+        f"images for calibration. onnxruntime {version('onnxruntime')}, nncf {version('nncf')} (ONNX "
         "backend, no torch). Latency: ORT CPU EP, 1 intra-op thread, p50 at batch 1 (300 runs) and 32 (40 runs), best of 5 "
         "interleaved rounds.\n\n"
         f"**Ours is {verdict[0]}, and {verdict[1]}.**\n\n"
