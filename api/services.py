@@ -22,6 +22,7 @@ from compression.search_space import search_model_refs
 from compression.spec import ParsedSpec, parse_spec
 from store.artifacts import ArtifactStore
 from store.models import DatasetRecord, Job, JobStatus, ModelRecord, Team, new_id
+from store.queue import queue_for
 from store.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -159,7 +160,9 @@ def check_queue_cap(*, session: Session, team: Team, settings: Settings) -> None
 
 def create_job(*, session: Session, team: Team, body: JobCreate, idempotency_key: str | None,
                settings: Settings) -> tuple[Job, bool]:
-    """Insert a queued job (or return the one made with the same Idempotency-Key and body). Returns (job, created)."""
+    """Insert a queued job (or return the one made with the same Idempotency-Key and body). Returns (job, created).
+
+    The job's queue is routed here, once (:func:`store.queue.queue_for`): every sender reads it from the row."""
     digest = request_sha256(body)
     if idempotency_key:
         existing = _job_with_key(session, team, idempotency_key)
@@ -169,7 +172,7 @@ def create_job(*, session: Session, team: Team, body: JobCreate, idempotency_key
     model, dataset, spec = validate_job(session=session, team=team, body=body)
     job = Job(team_id=team.id, model_id=model.id, dataset_id=dataset.id if dataset else None, name=body.name,
               spec=spec, status=JobStatus.queued.value, progress={"phase": "queued", "fraction": 0.0},
-              idempotency_key=idempotency_key, request_sha256=digest)
+              idempotency_key=idempotency_key, request_sha256=digest, queue=queue_for(spec, settings))
     session.add(job)
     try:
         session.flush()

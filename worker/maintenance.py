@@ -26,12 +26,12 @@ log = logging.getLogger(__name__)
 _stop = threading.Event()
 
 
-def resend(job_ids: list[str], settings: Settings) -> list[str]:
-    """Send again jobs whose message was probably lost; each keeps the in-flight slot it had."""
+def resend(lost: list[tuple[str, str]], settings: Settings) -> list[str]:
+    """Send again ``(job id, queue)`` whose message was probably lost; each keeps the in-flight slot it had."""
     sent = []
-    for job_id in dict.fromkeys(job_ids):
+    for job_id, queue in dict.fromkeys(lost):
         try:
-            send_job(job_id, settings)
+            send_job(job_id, queue, settings)
         except Exception as e:  # broker still down: the next pass tries again
             log.warning("could not send job %s: %s", job_id, e)
             break
