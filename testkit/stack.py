@@ -216,11 +216,22 @@ def start_embedded(home: Path, **extra_env: str) -> Stack:
     return stack
 
 
-def upload(client: httpx.Client, path: Path) -> dict:
-    """POST a model (``.onnx``/``.zip``/``.pt2``) or a dataset (``.npz``) file; asserts 201, returns the row."""
+def send_upload(client: httpx.Client, path: Path | str, content: bytes | None = None, *,
+                name: str | None = None) -> httpx.Response:
+    """POST a model (``.onnx``/``.zip``/``.pt2``) or a dataset (``.npz``): the file at ``path``, or
+    ``content`` under the file name ``path``, with a ``name`` form field when given. Returns the response as
+    it is (for uploads a test expects refused)."""
     route = "/v1/datasets" if str(path).endswith(".npz") else "/v1/models"
+    fields = {"name": name} if name is not None else None
+    if content is not None:
+        return client.post(route, files={"file": (Path(path).name, content)}, data=fields)
     with open(path, "rb") as f:
-        r = client.post(route, files={"file": (Path(path).name, f)})
+        return client.post(route, files={"file": (Path(path).name, f)}, data=fields)
+
+
+def upload(client: httpx.Client, path: Path | str, content: bytes | None = None, *, name: str | None = None) -> dict:
+    """:func:`send_upload`, asserting a 201; returns the row."""
+    r = send_upload(client, path, content, name=name)
     assert r.status_code == 201, r.text
     return r.json()
 
@@ -233,6 +244,11 @@ def expect_problem(r: httpx.Response, status: int, code: str) -> dict:
     assert body["status"] == status and body["code"] == code and body["type"] == f"/problems/{code}"
     assert body["title"]
     return body
+
+
+def jobs_count(stack: Stack) -> int:
+    """The jobs the stack's team lists (up to 100): what a refused submit must not change."""
+    return len(stack.client().get("/v1/jobs?limit=100").json()["items"])
 
 
 def upload_counts(stack: Stack) -> tuple[int, int, int, int]:

@@ -16,7 +16,7 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from testkit.faults import PrivatePostgres, PrivateRedis
-from testkit.stack import Pause, start_embedded, start_stack, wait_job, wait_log
+from testkit.stack import Pause, start_embedded, start_stack, upload, wait_job, wait_log
 
 LONG_SPEC = {"steps": [{"method": "prune", "sparsity": 0.5, "finetune": {"epochs": 15, "batch_size": 32}}],
              "eval": {"latency_runs": 5}}
@@ -32,10 +32,7 @@ def fault(tmp_path_factory, cnn_onnx, mnist_npz):
     stack = start_stack(home / "stack", database_url=pg.url, broker_url=redis.url, workers=2,
                         NETCOMPRESS_MAX_ATTEMPTS="2", NETCOMPRESS_MAX_QUEUED_PER_TEAM="50")
     c = stack.client()
-    with open(cnn_onnx["legacy"], "rb") as f:
-        model = c.post("/v1/models", files={"file": ("cnn.onnx", f)}).json()
-    with open(mnist_npz, "rb") as f:
-        ds = c.post("/v1/datasets", files={"file": ("mnist.npz", f)}).json()
+    model, ds = upload(c, cnn_onnx["legacy"]), upload(c, mnist_npz)
     engine = create_engine(pg.url.replace("postgresql://", "postgresql+psycopg://"), pool_pre_ping=True)
     yield {"stack": stack, "pg": pg, "redis": redis, "model": model, "ds": ds, "engine": engine}
     engine.dispose()
@@ -201,10 +198,7 @@ def test_time_limit_fails_the_job(tmp_path_factory, cnn_onnx, mnist_npz):
     stack = start_embedded(tmp_path_factory.mktemp("limit"), NETCOMPRESS_JOB_TIME_LIMIT_S="10")
     try:
         c = stack.client()
-        with open(cnn_onnx["legacy"], "rb") as f:
-            model = c.post("/v1/models", files={"file": ("cnn.onnx", f)}).json()
-        with open(mnist_npz, "rb") as f:
-            ds = c.post("/v1/datasets", files={"file": ("mnist.npz", f)}).json()
+        model, ds = upload(c, cnn_onnx["legacy"]), upload(c, mnist_npz)
         spec = {"steps": [{"method": "prune", "finetune": {"epochs": 500, "batch_size": 32}}]}
         job = c.post("/v1/jobs", json={"model_id": model["id"], "dataset_id": ds["id"], "spec": spec}).json()
         done = wait_job(c, job["id"], timeout=90)
@@ -233,7 +227,7 @@ def test_200_jobs_4_teams_with_quota(fault, tmp_path):
 
     def submit(team: str, key: str) -> None:
         c = stack.client(key)
-        model = c.post("/v1/models", files={"file": ("tiny.onnx", path.read_bytes())}).json()
+        model = upload(c, path)
         for _ in range(50):
             r = c.post("/v1/jobs", json={"model_id": model["id"], "spec": spec})
             assert r.status_code == 202
