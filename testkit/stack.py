@@ -56,6 +56,7 @@ class Pause:
     def __init__(self, file: Path) -> None:
         self.file = file
         self.reached = file.with_name(file.name + ".reached")
+        self.held: dict | None = None  # what the last wait saw: {"job_id", "pid", "progress"}
 
     def arm(self, match: str) -> None:
         """Hold the next job whose progress matches: a substring of the message, or ``phase:<name>``.
@@ -70,8 +71,9 @@ class Pause:
         os.replace(tmp, self.file)  # atomic: the worker never reads half a match (empty matches anything)
 
     def wait(self, client: httpx.Client | None = None, job_id: str | None = None, timeout: float = 300) -> dict:
-        """Wait until a job is held; returns the progress it is held at. With ``client`` and ``job_id``: it
-        must be that job, and the wait fails at once if the job ends without reaching the match."""
+        """Wait until a job is held; returns the progress it is held at (and keeps the whole record in
+        ``held``: the job id, and the pid of the worker process running it). With ``client`` and ``job_id``:
+        it must be that job, and the wait fails at once if the job ends without reaching the match."""
         deadline = time.time() + timeout
         while not self.reached.exists():
             if client is not None and job_id is not None:
@@ -81,7 +83,14 @@ class Pause:
             time.sleep(0.2)
         held = json.loads(self.reached.read_text())
         assert job_id is None or held["job_id"] == job_id, held
+        self.held = held
         return held["progress"]
+
+    def holder_pid(self, job_id: str) -> int:
+        """The pid of the worker process (the Celery pool child) that ran ``job_id`` when the last wait saw
+        it held: the hook writes its own pid, so no log or free-text reason is parsed for it."""
+        assert self.held is not None and self.held["job_id"] == job_id, (job_id, self.held)
+        return int(self.held["pid"])
 
     def release(self) -> None:
         """Let the held job go on (and hold no other)."""

@@ -64,21 +64,16 @@ def _history(f, job_id: str) -> list[tuple]:
             "SELECT from_status, to_status, reason FROM job_transitions WHERE job_id=:j ORDER BY id"), {"j": job_id})]
 
 
-def _claimer_pid(f, job_id: str) -> int:
-    reason = [h for h in _history(f, job_id) if h[1] == "running"][-1][2]
-    return int(reason.rsplit(":", 1)[1])
-
-
-def _worker_of(f, job_id: str) -> tuple[int, int]:
-    """(main process, pool child) of the worker that claimed the job last."""
-    child = _claimer_pid(f, job_id)
+def _worker_of(pause: Pause, job_id: str) -> tuple[int, int]:
+    """(main process, pool child) of the worker the pause last saw holding the job."""
+    child = pause.holder_pid(job_id)
     with open(f"/proc/{child}/stat") as fh:
         return int(fh.read().rsplit(")", 1)[1].split()[1]), child
 
 
-def _kill_worker_of(f, job_id: str) -> None:
+def _kill_worker_of(f, pause: Pause, job_id: str) -> None:
     """SIGKILL the worker that runs the job: its main process first (so nothing hands the job back), then the child."""
-    parent, child = _worker_of(f, job_id)
+    parent, child = _worker_of(pause, job_id)
     os.kill(parent, signal.SIGKILL)
     os.kill(child, signal.SIGKILL)
     f["stack"].add_worker()  # keep two workers
@@ -90,8 +85,8 @@ def _artifact_attempt_dirs(f, job_id: str) -> list[str]:
 
 
 def test_sigkill_mid_job_requeues_and_another_worker_finishes(fault):
-    with _held_mid_job(fault) as (job, _):
-        _kill_worker_of(fault, job["id"])
+    with _held_mid_job(fault) as (job, pause):
+        _kill_worker_of(fault, pause, job["id"])
     done = wait_job(fault["stack"].client(), job["id"], timeout=180)
     assert done["status"] == "succeeded", done
     assert done["attempts"] == 2
@@ -108,8 +103,8 @@ def test_search_resumes_after_the_last_finished_candidate(fault):
             "search": {"prune.sparsity": [0.3, 0.5, 0.7, 0.8, 0.9]},
             "target": {"max_accuracy_drop": 0.05, "optimize": "file_bytes"}, "eval": {"latency_runs": 5}}
     c = fault["stack"].client()
-    with _held_mid_job(fault, spec, at="candidate 3 ") as (job, _):  # two candidates done, the third begun
-        _kill_worker_of(fault, job["id"])
+    with _held_mid_job(fault, spec, at="candidate 3 ") as (job, pause):  # two candidates done, the third begun
+        _kill_worker_of(fault, pause, job["id"])
     done = wait_job(c, job["id"], timeout=300)
     assert done["status"] == "succeeded", done
     assert done["attempts"] == 2
@@ -125,10 +120,10 @@ def test_attempt_limit_ends_failed(fault):
     with _held_mid_job(fault) as (job, pause):
         assert c.get(f"/v1/jobs/{job['id']}").json()["attempts"] == 1
         pause.arm("phase:finetuning")  # before the kill: now only the next attempt can say it is held
-        _kill_worker_of(fault, job["id"])
+        _kill_worker_of(fault, pause, job["id"])  # the first attempt's worker: the wait above saw it
         pause.wait(c, job["id"])
         assert c.get(f"/v1/jobs/{job['id']}").json()["attempts"] == 2
-        _kill_worker_of(fault, job["id"])
+        _kill_worker_of(fault, pause, job["id"])
     done = wait_job(fault["stack"].client(), job["id"], timeout=120)
     assert done["status"] == "failed" and done["error"]["code"] == "worker_lost"
     assert done["attempts"] == 2 and done["artifacts"] == []
@@ -137,8 +132,8 @@ def test_attempt_limit_ends_failed(fault):
 
 def test_sigterm_warm_shutdown_finishes_the_job(fault):
     stack = fault["stack"]
-    with _held_mid_job(fault) as (job, _):
-        parent, _child = _worker_of(fault, job["id"])
+    with _held_mid_job(fault) as (job, pause):
+        parent, _child = _worker_of(pause, job["id"])
         os.kill(parent, signal.SIGTERM)
         wait_log([stack.worker_logs[parent]], "Warm shutdown")  # the shutdown began while the job runs
     done = wait_job(stack.client(), job["id"], timeout=180)
