@@ -34,7 +34,7 @@ class _Reader:
         return self.batches[self.i - 1] if self.i <= len(self.batches) else None
 
 
-def _ort_direct(model: onnx.ModelProto, batches, work: Path, **kwargs) -> onnx.ModelProto:  # noqa: ANN001, ANN003
+def _ort_direct(model: onnx.ModelProto, batches, work: Path, **kwargs) -> onnx.ModelProto:
     from onnxruntime.quantization import quantize_static
 
     src, dst = work / "peer_src.onnx", work / "peer_dst.onnx"
@@ -43,7 +43,7 @@ def _ort_direct(model: onnx.ModelProto, batches, work: Path, **kwargs) -> onnx.M
     return onnx.load(str(dst))
 
 
-def _nncf(model: onnx.ModelProto, batches) -> onnx.ModelProto:  # noqa: ANN001
+def _nncf(model: onnx.ModelProto, batches) -> onnx.ModelProto:
     os.environ.setdefault("OPENVINO_TELEMETRY", "0")
     import nncf
 

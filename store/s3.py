@@ -22,7 +22,7 @@ _clients: dict[tuple[str | None, str | None], Any] = {}
 _lock = threading.Lock()
 
 
-def _client(endpoint_url: str | None, region: str | None):  # noqa: ANN202 - botocore client
+def _client(endpoint_url: str | None, region: str | None):  # a botocore client
     """One boto3 client per endpoint per process (clients are thread-safe and costly to build)."""
     key = (endpoint_url, region)
     with _lock:

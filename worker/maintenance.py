@@ -69,7 +69,7 @@ def _loop(settings: Settings) -> None:
 
 
 @worker_ready.connect
-def _start(**_kwargs) -> None:  # noqa: ANN003
+def _start(**_kwargs) -> None:
     # The worker's settings, read once at boot; imported here, not at the top: worker.celery_app imports us.
     from worker.celery_app import settings
 
@@ -77,5 +77,5 @@ def _start(**_kwargs) -> None:  # noqa: ANN003
 
 
 @worker_shutdown.connect
-def _stop_loop(**_kwargs) -> None:  # noqa: ANN003
+def _stop_loop(**_kwargs) -> None:
     _stop.set()

@@ -57,7 +57,7 @@ class StoreCheckpoint:
 DB_ERRORS = (OperationalError, DBAPIError)
 
 
-def with_db_retry(fn, *, budget_s: float):  # noqa: ANN001, ANN201
+def with_db_retry(fn, *, budget_s: float):
     """Run ``fn`` (one transaction) until the database answers, for up to ``budget_s`` seconds.
 
     The final writes of a finished job must survive a database restart: the work is done, losing it
@@ -227,7 +227,7 @@ def run_job(job_id: str, settings: Settings) -> str:
             size, sha = store.put_file(f"{prefix}/{f.name}", f.path)
             stored.append((f, size, sha))
 
-        def publish():  # noqa: ANN202 - one transaction: the status and the artifact rows together
+        def publish():  # one transaction: the status and the artifact rows together
             with session_scope(settings) as s:
                 res = transition(s, job_id, JobStatus.succeeded, reason="pipeline finished",
                                  expect_attempt=attempt_id, metrics=out["metrics"])
@@ -295,7 +295,7 @@ def _release_slot(team_id: str, settings: Settings) -> None:
 def _finish(job_id: str, attempt_id: str, to: JobStatus, code: str, message: str, settings: Settings) -> None:
     message = scrub_paths(message, settings.relative_dirs)  # the job's owner reads it: no server paths
 
-    def write():  # noqa: ANN202
+    def write():
         with session_scope(settings) as s:
             transition(s, job_id, to, reason=message[:500], expect_attempt=attempt_id,
                        error={"code": code, "message": message[:4000]})

@@ -13,7 +13,7 @@ from testkit.stack import upload, wait_job
 EVAL = {"holdout": 0.3, "latency_runs": 10}
 
 
-def _job(c, model_id: str, dataset_id: str | None, steps: list[dict]) -> dict:  # noqa: ANN001
+def _job(c, model_id: str, dataset_id: str | None, steps: list[dict]) -> dict:
     r = c.post("/v1/jobs", json={"model_id": model_id, "dataset_id": dataset_id, "spec": {"steps": steps, "eval": EVAL}})
     assert r.status_code == 202, r.text
     return wait_job(c, r.json()["id"], timeout=300)
@@ -47,7 +47,7 @@ def test_channel_prune_then_distill_is_smaller_faster_and_accurate(stack, cnn_on
     assert pruned["params"] == result["params"]  # distillation trains the pruned graph, it does not regrow it
 
 
-def _tiny_cnn(path) -> object:  # noqa: ANN001
+def _tiny_cnn(path) -> object:
     torch.manual_seed(5)
     net = nn.Sequential(nn.Conv2d(1, 4, 3, stride=2), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 13 * 13, 10)).eval()
     return export_onnx(net, torch.zeros(2, 1, 28, 28), path, dynamo=False)

@@ -13,13 +13,13 @@ from testkit.stack import upload, wait_job
 EVAL = {"holdout": 0.3, "latency_runs": 10}
 
 
-def _job(c, model_id: str, dataset_id: str | None, steps: list[dict]) -> dict:  # noqa: ANN001
+def _job(c, model_id: str, dataset_id: str | None, steps: list[dict]) -> dict:
     r = c.post("/v1/jobs", json={"model_id": model_id, "dataset_id": dataset_id, "spec": {"steps": steps, "eval": EVAL}})
     assert r.status_code == 202, r.text
     return wait_job(c, r.json()["id"], timeout=300)
 
 
-def _artifact(c, job: dict, name: str) -> onnx.ModelProto:  # noqa: ANN001
+def _artifact(c, job: dict, name: str) -> onnx.ModelProto:
     r = c.get(f"/v1/jobs/{job['id']}/artifacts/{name}")
     assert r.status_code == 200, r.text
     model = onnx.load_from_string(r.content)

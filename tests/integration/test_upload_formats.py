@@ -45,7 +45,7 @@ def _check_job(stack, model, X, tmp_path):
     return job
 
 
-def _zip_with_external_data(net: torch.nn.Module, folder) -> io.BytesIO:  # noqa: ANN001
+def _zip_with_external_data(net: torch.nn.Module, folder) -> io.BytesIO:
     """The net exported with its weights in a sidecar ``.data`` file, both zipped."""
     folder.mkdir()
     torch.onnx.export(net, (torch.zeros(2, 784),), str(folder / "model.onnx"), dynamo=True, external_data=True,
