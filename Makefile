@@ -25,7 +25,9 @@ browser:
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null) || \
 	  echo "warning: chromium/chromium-driver missing: the dashboard test skips (and fails under CI=true)"
 
+# Lint first (ruff, configured in pyproject.toml): an unused import or undefined name fails in a second.
 test: setup browser
+	$(VENV)/bin/ruff check .
 	$(VENV)/bin/python -m pytest -q
 
 bench: setup

@@ -5,8 +5,8 @@ from fastapi import Depends, FastAPI
 
 from api import errors
 from api.limits import BodySizeLimit, json_shape_limits
-from api.metrics import Metrics, MetricsMiddleware
-from api.metrics import router as metrics_router
+from api.prometheus import Metrics, MetricsMiddleware
+from api.prometheus import router as metrics_router
 from api.routers import dashboard, datasets, events, health, jobs, models, preflight
 from api.security import SecurityHeaders, declare_bearer
 from store.settings import Settings, get_settings

@@ -8,11 +8,11 @@ from fastapi import Depends, Request
 from sqlalchemy.orm import Session, joinedload
 
 from api.errors import Problem, not_found
-from store.artifacts import LocalArtifactStore, get_artifact_store
+from store.artifacts import ArtifactStore, get_artifact_store
 from store.auth import authenticate
 from store.db import session_factory
 from store.models import DatasetRecord, Job, ModelRecord, Team
-from store.settings import Settings, get_settings
+from store.settings import Settings
 
 
 def settings_dep(request: Request) -> Settings:
@@ -33,11 +33,11 @@ def session_dep(settings: SettingsDep) -> Iterator[Session]:
 SessionDep = Annotated[Session, Depends(session_dep)]
 
 
-def store_dep(settings: SettingsDep) -> LocalArtifactStore:
+def store_dep(settings: SettingsDep) -> ArtifactStore:
     return get_artifact_store(settings)
 
 
-StoreDep = Annotated[LocalArtifactStore, Depends(store_dep)]
+StoreDep = Annotated[ArtifactStore, Depends(store_dep)]
 
 
 def team_dep(request: Request, session: SessionDep) -> Team:

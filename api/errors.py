@@ -18,7 +18,7 @@ from compression.errors import (
     CompressionError, InvalidDataset, InvalidModel, InvalidSpec, UnsupportedModelFormat, scrub_paths,
 )
 from compression.sandbox import LimitExceeded, SandboxCrashed
-from store.artifacts import UploadTooLarge
+from store.objects import UploadTooLarge
 
 log = logging.getLogger(__name__)
 PROBLEM = "application/problem+json"

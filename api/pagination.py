@@ -24,7 +24,7 @@ def decode(cursor: str) -> tuple[datetime, str]:
                       [{"path": "$.cursor", "loc": ["cursor"], "message": "invalid cursor"}]) from None
 
 
-def paginate(session, stmt: Select, model: Any, limit: int, cursor: str | None) -> tuple[list[Any], str | None]:  # noqa: ANN001
+def paginate(session, stmt: Select, model: Any, limit: int, cursor: str | None) -> tuple[list[Any], str | None]:
     if cursor:
         ts, id_ = decode(cursor)
         stmt = stmt.where(or_(model.created_at < ts, and_(model.created_at == ts, model.id < id_)))

@@ -20,8 +20,9 @@ from compression.data import check_against_model, check_npz_data, inspect_npz
 from compression.errors import InvalidDataset, InvalidModel, InvalidSpec
 from compression.search_space import search_model_refs
 from compression.spec import ParsedSpec, parse_spec
-from store.artifacts import LocalArtifactStore
+from store.artifacts import ArtifactStore
 from store.models import DatasetRecord, Job, JobStatus, ModelRecord, Team, new_id
+from store.queue import queue_for
 from store.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -30,7 +31,7 @@ log = logging.getLogger(__name__)
 QUEUE_FULL_RETRY_AFTER_S = 30
 
 
-def ingest_model(*, upload: Upload, settings: Settings, store: LocalArtifactStore) -> dict[str, Any]:
+def ingest_model(*, upload: Upload, settings: Settings, store: ArtifactStore) -> dict[str, Any]:
     """Validate an uploaded model in the sandbox and put its ONNX into the store; returns the row's fields.
 
     Parsing, the ``.pt2`` conversion and the ONNX Runtime load all happen in a sandboxed child
@@ -60,7 +61,7 @@ def ingest_model(*, upload: Upload, settings: Settings, store: LocalArtifactStor
             "inputs": info["inputs"], "outputs": info["outputs"]}
 
 
-def ingest_dataset(*, upload: Upload, settings: Settings, store: LocalArtifactStore) -> dict[str, Any]:
+def ingest_dataset(*, upload: Upload, settings: Settings, store: ArtifactStore) -> dict[str, Any]:
     """Check an ``.npz`` (headers first, then every array loads without pickle) and store it."""
     check_zip_directory(upload.path, max_bytes=settings.max_zip_directory_bytes, error=InvalidDataset)
     arrays = inspect_npz(upload.path, max_uncompressed_bytes=settings.max_npz_uncompressed_bytes,
@@ -159,7 +160,9 @@ def check_queue_cap(*, session: Session, team: Team, settings: Settings) -> None
 
 def create_job(*, session: Session, team: Team, body: JobCreate, idempotency_key: str | None,
                settings: Settings) -> tuple[Job, bool]:
-    """Insert a queued job (or return the one made with the same Idempotency-Key and body). Returns (job, created)."""
+    """Insert a queued job (or return the one made with the same Idempotency-Key and body). Returns (job, created).
+
+    The job's queue is routed here, once (:func:`store.queue.queue_for`): every sender reads it from the row."""
     digest = request_sha256(body)
     if idempotency_key:
         existing = _job_with_key(session, team, idempotency_key)
@@ -169,7 +172,7 @@ def create_job(*, session: Session, team: Team, body: JobCreate, idempotency_key
     model, dataset, spec = validate_job(session=session, team=team, body=body)
     job = Job(team_id=team.id, model_id=model.id, dataset_id=dataset.id if dataset else None, name=body.name,
               spec=spec, status=JobStatus.queued.value, progress={"phase": "queued", "fraction": 0.0},
-              idempotency_key=idempotency_key, request_sha256=digest)
+              idempotency_key=idempotency_key, request_sha256=digest, queue=queue_for(spec, settings))
     session.add(job)
     try:
         session.flush()
@@ -202,7 +205,7 @@ def _replayed(existing: Job, digest: str) -> Job:
     return existing
 
 
-def remove_files(store: LocalArtifactStore, keys: list[str]) -> None:
+def remove_files(store: ArtifactStore, keys: list[str]) -> None:
     for k in keys:
         store.delete(k)
         parent = str(Path(k).parent)

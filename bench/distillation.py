@@ -44,7 +44,7 @@ def main() -> None:
     student0 = export(mlp(30, 100), "student_init")
     models = {"student": student0, **teachers}
 
-    def errors(model) -> int:  # noqa: ANN001
+    def errors(model) -> int:
         return int((predict(model, Xte).argmax(1) != yte).sum())
 
     t_err = {k: errors(v) for k, v in teachers.items()}

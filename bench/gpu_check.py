@@ -91,7 +91,7 @@ def main() -> None:
                 row.update(ok=True, seconds=round(time.time() - t, 2), accuracy=m.get("accuracy"),
                            original_accuracy=o.get("accuracy"), params=m["params"], macs=m["macs"],
                            artifacts=sorted(f.name for f in res.files))
-            except Exception as e:  # noqa: BLE001 - report every failure, then go on
+            except Exception as e:  # report every failure, then go on
                 row.update(ok=False, seconds=round(time.time() - t, 2), error=f"{type(e).__name__}: {e}",
                            trace=traceback.format_exc()[-1500:])
             rows.append(row)

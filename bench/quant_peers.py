@@ -34,7 +34,7 @@ class _Reader:
         return self.batches[self.i - 1] if self.i <= len(self.batches) else None
 
 
-def _ort_direct(model: onnx.ModelProto, batches, work: Path, **kwargs) -> onnx.ModelProto:  # noqa: ANN001, ANN003
+def _ort_direct(model: onnx.ModelProto, batches, work: Path, **kwargs) -> onnx.ModelProto:
     from onnxruntime.quantization import quantize_static
 
     src, dst = work / "peer_src.onnx", work / "peer_dst.onnx"
@@ -43,7 +43,7 @@ def _ort_direct(model: onnx.ModelProto, batches, work: Path, **kwargs) -> onnx.M
     return onnx.load(str(dst))
 
 
-def _nncf(model: onnx.ModelProto, batches) -> onnx.ModelProto:  # noqa: ANN001
+def _nncf(model: onnx.ModelProto, batches) -> onnx.ModelProto:
     os.environ.setdefault("OPENVINO_TELEMETRY", "0")
     import nncf
 
@@ -53,7 +53,7 @@ def _nncf(model: onnx.ModelProto, batches) -> onnx.ModelProto:  # noqa: ANN001
 
 def main() -> None:
     torch.set_num_threads(1)  # tiny models on a shared 2-core box: two threads spin-wait (measured 15× slower)
-    import importlib.metadata as md
+    from importlib.metadata import version
 
     work = Path(tempfile.mkdtemp(prefix="bench-peers-"))
     original, data = cnn_setup(work)
@@ -91,7 +91,7 @@ def main() -> None:
     ]
     body = (
         f"SmallCNN as in `int8_cnn` (1,000 held-out images); every quantizer gets the same {CALIBRATION} training "
-        f"images for calibration. onnxruntime {md.version('onnxruntime')}, nncf {md.version('nncf')} (ONNX "
+        f"images for calibration. onnxruntime {version('onnxruntime')}, nncf {version('nncf')} (ONNX "
         "backend, no torch). Latency: ORT CPU EP, 1 intra-op thread, p50 at batch 1 (300 runs) and 32 (40 runs), best of 5 "
         "interleaved rounds.\n\n"
         f"**Ours is {verdict[0]}, and {verdict[1]}.**\n\n"

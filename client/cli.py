@@ -31,7 +31,7 @@ def _print_json(obj: Any) -> None:
     print(json.dumps(obj, indent=2, sort_keys=False, default=str))
 
 
-def _console():  # noqa: ANN202
+def _console():
     from rich.console import Console
 
     return Console(highlight=False, soft_wrap=True)
@@ -403,7 +403,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     d.set_defaults(fn=cmd_download)
 
 
-def run(fn, args: argparse.Namespace) -> int:  # noqa: ANN001
+def run(fn, args: argparse.Namespace) -> int:
     """Run a client command, turning API and usage errors into messages and exit codes."""
     try:
         return int(fn(args) or 0)

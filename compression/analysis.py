@@ -115,7 +115,7 @@ def measured_shapes(model: onnx.ModelProto, sample: dict[str, np.ndarray], *,
     try:
         inferred = onnx.shape_inference.infer_shapes(probe).graph
         types = {vi.name: vi.type.tensor_type.elem_type for vi in [*inferred.value_info, *inferred.input]}
-    except Exception:  # noqa: BLE001 - types are only a hint for the probe's outputs; ORT reports the real ones
+    except Exception:
         types = {}
     for name in wanted:
         g.output.append(helper.make_tensor_value_info(name, types.get(name, onnx.TensorProto.UNDEFINED), None))

@@ -150,7 +150,7 @@ def find_transformer_groups(module: OnnxModule, layers: dict[str, Layer],
     const = {n: src.shape for n, src in module._sources.items()}
     by_spec = {spec.name: layers[spec.name] for spec in module._nodes if spec.name in layers}
 
-    def data_input(spec) -> str | None:  # noqa: ANN001
+    def data_input(spec) -> str | None:
         ins = [i for i in spec.inputs if i and i not in const]
         return ins[0] if ins else None
 
@@ -174,7 +174,7 @@ def find_transformer_groups(module: OnnxModule, layers: dict[str, Layer],
             name = nxt
         return None
 
-    def back_to(name: str, allowed: set[str], op: str):  # noqa: ANN202
+    def back_to(name: str, allowed: set[str], op: str):
         for _ in range(16):
             spec = producers.get(name)
             if spec is None:
@@ -220,7 +220,7 @@ def find_transformer_groups(module: OnnxModule, layers: dict[str, Layer],
     return blocks, ffn
 
 
-def _forward_to(name: str, consumers, allowed: set[str], op: str, by_spec):  # noqa: ANN001, ANN202
+def _forward_to(name: str, consumers, allowed: set[str], op: str, by_spec):
     for _ in range(16):
         users = [u for u in consumers.get(name, []) if u.op_type != "Shape"]
         hit = [u for u in users if u.op_type == op and u.name not in by_spec and u.inputs[0] == name]
@@ -233,7 +233,7 @@ def _forward_to(name: str, consumers, allowed: set[str], op: str, by_spec):  # n
     return None
 
 
-def _forward_to_layer(name: str, consumers, by_spec) -> Layer | None:  # noqa: ANN001
+def _forward_to_layer(name: str, consumers, by_spec) -> Layer | None:
     for _ in range(16):
         users = [u for u in consumers.get(name, []) if u.op_type != "Shape"]  # reads sizes, not values
         if len(users) != 1:
@@ -247,7 +247,7 @@ def _forward_to_layer(name: str, consumers, by_spec) -> Layer | None:  # noqa: A
     return None
 
 
-def _sole_next_layer(up: Layer, consumers, by_spec, const: dict[str, tuple], outputs: list[str]) -> Layer | None:  # noqa: ANN001
+def _sole_next_layer(up: Layer, consumers, by_spec, const: dict[str, tuple], outputs: list[str]) -> Layer | None:
     """The one layer that up's channels flow into through elementwise ops only (an FFN pair)."""
     derived, frontier, visited, down = {up.output}, [up.output], [], None
     while frontier:
@@ -283,7 +283,7 @@ def torch_pruning() -> ModuleType:
     return tp
 
 
-def group_importance(name: str):  # noqa: ANN201 - a torch_pruning.importance.Importance
+def group_importance(name: str):
     """torch-pruning's importance for DepGraph groups: ``l1``, ``l2``, ``taylor``, ``bn_scale``, ``random``.
 
     Channel pruning ranks the channels to remove with it; slimmable networks order each group's channels
@@ -343,7 +343,7 @@ def probe(module: OnnxModule, model: onnx.ModelProto, example: tuple[torch.Tenso
         scale = float(np.abs(y.numpy()).max()) + 1e-6
         if not np.isfinite(err) or err > 1e-3 * scale + 1e-4:
             return f"exported graph disagrees with torch after pruning (max error {err:.3g})"
-    except Exception as e:  # noqa: BLE001 - any failure means: not safe to prune this way
+    except Exception as e:
         return f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
     return None
 

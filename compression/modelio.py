@@ -295,7 +295,7 @@ def pt2_to_onnx(path: Path, workdir: Path) -> onnx.ModelProto:
     return model
 
 
-def all_tensors(model: onnx.ModelProto):  # noqa: ANN201 - an iterator of TensorProto
+def all_tensors(model: onnx.ModelProto):  # an iterator of TensorProto
     """Every tensor of the model: initializers, Constant attributes, subgraphs'."""
     yield from external_data_helper._get_all_tensors(model)
 

@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 
 from compression import modelio
-from compression.context import ProgressFn, StepContext
+from compression.context import StepContext
 from compression.data import DataSplit, synthetic_inputs
 from compression.metrics import EvalData, measure, ratios, run_batched, session
 from compression.registry import get_technique

@@ -9,7 +9,7 @@ _LABELS = {"latency": "latency p50 (ms)", "file_bytes": "file size (bytes)", "co
            "macs": "MACs", "params": "parameters"}
 
 
-def _scale(lo: float, hi: float, a: float, b: float):  # noqa: ANN202
+def _scale(lo: float, hi: float, a: float, b: float):
     span = (hi - lo) or 1.0
     return lambda v: a + (v - lo) / span * (b - a)
 

@@ -28,7 +28,7 @@ class LossConfig:
     kd_loss: str = "auto"
 
 
-def teacher_outputs(teacher, arrays: Arrays, threads: int = 0) -> np.ndarray:  # noqa: ANN001 - onnx.ModelProto
+def teacher_outputs(teacher, arrays: Arrays, threads: int = 0) -> np.ndarray:  # teacher: onnx.ModelProto
     """The teacher's first output on every sample, computed once in ONNX Runtime (fast, no grads)."""
     return run_batched(session(teacher, threads), arrays.inputs)[0]
 

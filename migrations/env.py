@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from alembic import context
-from sqlalchemy import pool
 
 from store.db import make_engine
 from store.models import Base
@@ -28,10 +27,24 @@ def run_migrations_online() -> None:
         return
     engine = make_engine(get_settings())
     with engine.connect() as connection:
+        sqlite = connection.dialect.name == "sqlite"
+        if sqlite:
+            # Batch mode copies a table, drops the old one and renames the copy. With foreign keys on,
+            # SQLite's DROP TABLE first deletes the old table's rows, and ON DELETE CASCADE every row that
+            # references them: a migration of `jobs` would empty `job_transitions` and `artifacts`. The
+            # pragma is a no-op inside a transaction, so it is set (and committed) before the migrations'.
+            connection.exec_driver_sql("PRAGMA foreign_keys=OFF")
+            connection.commit()
         # render_as_batch: SQLite cannot ALTER most things; batch mode copies tables instead.
         context.configure(connection=connection, target_metadata=target_metadata, render_as_batch=True)
         with context.begin_transaction():
             context.run_migrations()
+        if sqlite:
+            broken = connection.exec_driver_sql("PRAGMA foreign_key_check").all()
+            connection.exec_driver_sql("PRAGMA foreign_keys=ON")
+            connection.commit()
+            if broken:
+                raise RuntimeError(f"the migration left rows whose foreign keys point nowhere: {broken[:10]}")
     engine.dispose()
 
 

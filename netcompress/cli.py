@@ -18,8 +18,9 @@ def _migrate() -> None:
 def _create_key(team_name: str) -> str:
     from store.auth import create_key, get_or_create_team
     from store.db import session_scope
+    from store.settings import get_settings
 
-    with session_scope() as s:
+    with session_scope(get_settings()) as s:
         return create_key(s, get_or_create_team(s, team_name))
 
 
@@ -39,8 +40,9 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
 def cmd_keys_revoke(args: argparse.Namespace) -> int:
     from store.auth import revoke_key
     from store.db import session_scope
+    from store.settings import get_settings
 
-    with session_scope() as s:
+    with session_scope(get_settings()) as s:
         ok = revoke_key(s, args.key)
     print("revoked" if ok else "no such key")
     return 0 if ok else 1

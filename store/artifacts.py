@@ -1,4 +1,5 @@
-"""The artifact store: uploads and job outputs on a local folder, written atomically with sha256."""
+"""The artifact store: its protocol, the local folder store (written atomically, with sha256), and the
+factory that picks the local or the S3 store from the settings."""
 from __future__ import annotations
 
 import hashlib
@@ -6,30 +7,19 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import BinaryIO, Protocol
 
-
-class UploadTooLarge(Exception):
-    """The stream passed the size cap; nothing was kept."""
-
-
-class InvalidKey(ValueError):
-    pass
-
-
-CHUNK = 1024 * 1024
-
-
-def _check_key(key: str) -> PurePosixPath:
-    p = PurePosixPath(key)
-    if p.is_absolute() or any(part in ("", ".", "..") for part in p.parts) or not p.parts:
-        raise InvalidKey(f"invalid storage key {key!r}")
-    return p
+from store.objects import CHUNK, UploadTooLarge, check_key
+from store.settings import Settings
 
 
 class ArtifactStore(Protocol):
-    """What the API and the worker need of a store; keys are relative POSIX paths (``jobs/<id>/model.onnx``)."""
+    """What the API and the worker need of a store; keys are relative POSIX paths (``jobs/<id>/model.onnx``).
+
+    :class:`LocalArtifactStore` and :class:`store.s3.S3ArtifactStore` implement it; callers type their store
+    as this, never as one of them (``path()`` exists only on the local store).
+    """
 
     def put_file(self, key: str, src: Path) -> tuple[int, str]: ...
     def put_stream(self, key: str, chunks: Iterator[bytes], max_bytes: int | None = None) -> tuple[int, str]: ...
@@ -67,7 +57,7 @@ class LocalArtifactStore:
         os.chmod(self.root, 0o700)  # every team's models: no other uid (a sandbox's above all) may read them
 
     def path(self, key: str) -> Path:
-        return self.root.joinpath(*_check_key(key).parts)
+        return self.root.joinpath(*check_key(key).parts)
 
     def exists(self, key: str) -> bool:
         return self.path(key).is_file()
@@ -137,7 +127,7 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def get_artifact_store(settings) -> ArtifactStore:  # noqa: ANN001 - Settings, kept loose to avoid a cycle
+def get_artifact_store(settings: Settings) -> ArtifactStore:
     """The store ``NETCOMPRESS_ARTIFACT_URL`` names: a local folder, or S3 for ``s3://bucket/prefix``."""
     if settings.artifact_is_s3:
         from store.s3 import s3_store

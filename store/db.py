@@ -9,7 +9,7 @@ from pathlib import Path
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
-from store.settings import Settings, get_settings
+from store.settings import Settings
 
 
 def make_engine(settings: Settings) -> Engine:
@@ -22,7 +22,7 @@ def make_engine(settings: Settings) -> Engine:
         engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
 
         @event.listens_for(engine, "connect")
-        def _sqlite_pragmas(dbapi_conn, _record) -> None:  # noqa: ANN001
+        def _sqlite_pragmas(dbapi_conn, _record) -> None:
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA foreign_keys=ON")
@@ -55,9 +55,8 @@ def _forget_inherited_connections() -> None:
 os.register_at_fork(after_in_child=_forget_inherited_connections)
 
 
-def session_factory(settings: Settings | None = None) -> sessionmaker[Session]:
+def session_factory(settings: Settings) -> sessionmaker[Session]:
     """One engine per database URL per process (the pool is what makes sessions cheap)."""
-    settings = settings or get_settings()
     url = settings.sqlalchemy_url
     if url not in _factories:
         _factories[url] = sessionmaker(bind=make_engine(settings), expire_on_commit=False)
@@ -67,10 +66,9 @@ def session_factory(settings: Settings | None = None) -> sessionmaker[Session]:
 _readers: dict[str, sessionmaker[Session]] = {}
 
 
-def read_session_factory(settings: Settings | None = None) -> sessionmaker[Session]:
+def read_session_factory(settings: Settings) -> sessionmaker[Session]:
     """Sessions for read-only request paths: autocommit, so no BEGIN/ROLLBACK round trips around the
     reads (a job poll is two SELECTs; the transaction bracketing cost as much as one of them). Same pool."""
-    settings = settings or get_settings()
     url = settings.sqlalchemy_url
     if url not in _readers:
         engine = session_factory(settings).kw["bind"]
@@ -81,8 +79,8 @@ def read_session_factory(settings: Settings | None = None) -> sessionmaker[Sessi
 
 
 @contextmanager
-def session_scope(settings: Settings | None = None) -> Iterator[Session]:
-    """A session that commits on success and rolls back on error."""
+def session_scope(settings: Settings) -> Iterator[Session]:
+    """A session on ``settings``' database that commits on success and rolls back on error."""
     session = session_factory(settings)()
     try:
         yield session

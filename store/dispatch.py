@@ -5,7 +5,8 @@ team's job and the only worker. So a team has at most its running quota of jobs 
 sent and not yet running); its other queued jobs wait in the database with ``enqueued_at`` NULL
 ("deferred") and are sent when a slot frees: at submit, when a job ends, and by the sweeper —
 round-robin across teams, oldest first within a team. A duplicate message stays harmless (the claim
-guard drops it), so a lost one can always be sent again.
+guard drops it), so a lost one can always be sent again. A message goes to the queue stored on the job
+row at submit (``Job.queue``).
 """
 from __future__ import annotations
 
@@ -49,8 +50,10 @@ def _reserve(session: Session, job_id: str) -> bool:
     return res.rowcount == 1
 
 
-def reserve_deferred(session: Session, settings: Settings, team_ids: list[str] | None = None) -> list[str]:
-    """Mark as sent the deferred jobs that fit their team's free slots, in the order to send them.
+def reserve_deferred(session: Session, settings: Settings,
+                     team_ids: list[str] | None = None) -> list[tuple[str, str]]:
+    """Mark as sent the deferred jobs that fit their team's free slots; ``(job id, queue)`` in the order to
+    send them.
 
     Round-robin across teams (the team whose oldest deferred job waited longest first), oldest first
     within a team. ``team_ids`` limits it to those teams (a submit); None: every team. The caller commits,
@@ -68,31 +71,33 @@ def reserve_deferred(session: Session, settings: Settings, team_ids: list[str] |
     # holds the running quota.)
     teams = session.execute(select(Team).where(Team.id.in_(waiting)).order_by(Team.id).with_for_update()).scalars().all()
     busy = in_flight(session, waiting)
-    queues: list[list[tuple]] = []
+    per_team: list[list[tuple]] = []
     for team in teams:
         free = running_quota(team, settings) - busy.get(team.id, 0)
         if free > 0:
-            rows = session.execute(select(Job.id, Job.created_at).where(Job.team_id == team.id, _DEFERRED)
+            rows = session.execute(select(Job.id, Job.queue, Job.created_at)
+                                   .where(Job.team_id == team.id, _DEFERRED)
                                    .order_by(Job.created_at, Job.id).limit(free)).all()
             if rows:
-                queues.append(rows)
-    queues.sort(key=lambda rows: rows[0].created_at)
-    order = [row.id for row in chain.from_iterable(zip_longest(*queues)) if row is not None]
-    return [job_id for job_id in order if _reserve(session, job_id)]
+                per_team.append(rows)
+    per_team.sort(key=lambda rows: rows[0].created_at)
+    order = [(row.id, row.queue) for row in chain.from_iterable(zip_longest(*per_team)) if row is not None]
+    return [(job_id, queue) for job_id, queue in order if _reserve(session, job_id)]
 
 
-def send_reserved(session: Session, job_ids: list[str], settings: Settings) -> list[str]:
-    """Send reserved jobs in order; on broker trouble the rest go back to deferred for the sweeper."""
-    for i, job_id in enumerate(job_ids):
+def send_reserved(session: Session, reserved: list[tuple[str, str]], settings: Settings) -> list[str]:
+    """Send reserved ``(job id, queue)`` in order; on broker trouble the rest go back to deferred for the
+    sweeper. Returns the ids sent."""
+    for i, (job_id, queue) in enumerate(reserved):
         try:
-            send_job(job_id, settings)
+            send_job(job_id, queue, settings)
         except Exception as e:  # broker down: a later dispatch (the sweeper's) tries again
             log.warning("could not send job %s: %s", job_id, e)
-            for unsent in job_ids[i:]:
+            for unsent, _ in reserved[i:]:
                 defer(session, unsent)
             session.commit()
-            return job_ids[:i]
-    return job_ids
+            return [job_id for job_id, _ in reserved[:i]]
+    return [job_id for job_id, _ in reserved]
 
 
 def dispatch(session: Session, settings: Settings, team_ids: list[str] | None = None) -> list[str]:

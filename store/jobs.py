@@ -79,17 +79,19 @@ def reap_lost_jobs(session: Session, *, stale_after_s: float, max_attempts: int)
     return requeued
 
 
-def lost_messages(session: Session, *, resend_after_s: float) -> list[str]:
-    """Queued jobs sent so long ago that the message was probably lost (a broker restart): send them again.
+def lost_messages(session: Session, *, resend_after_s: float) -> list[tuple[str, str]]:
+    """Queued jobs sent so long ago that the message was probably lost (a broker restart), as
+    ``(job id, queue)``: send them again.
 
     They still hold their in-flight slot, so re-sending does not go past the team's quota; a duplicate
     message is harmless (the claim guard drops it). Deferred jobs (never sent) are ``store.dispatch``'s.
     """
     cutoff = utcnow() - timedelta(seconds=resend_after_s)
     rows = session.execute(
-        select(Job.id).where(Job.status == JobStatus.queued.value, Job.enqueued_at < cutoff).order_by(Job.created_at)
-    ).scalars().all()
-    return list(rows)
+        select(Job.id, Job.queue).where(Job.status == JobStatus.queued.value, Job.enqueued_at < cutoff)
+        .order_by(Job.created_at)
+    ).all()
+    return [(job_id, queue) for job_id, queue in rows]
 
 
 def defer(session: Session, job_id: str) -> None:

@@ -122,6 +122,9 @@ class Job(Base):
     # sha256 of the canonical request body: a key replayed with a different body is refused, not answered
     # with the first job (NULL on rows made before it was recorded: those replay as before)
     request_sha256: Mapped[str | None] = mapped_column(String(64), default=None)
+    # The broker queue its messages go to: routed once, at submit (store.queue.queue_for), so every sender
+    # (submit, a finishing job, the sweeper) sends it where the API put it.
+    queue: Mapped[str] = mapped_column(String(200))
     enqueued_at: Mapped[datetime | None] = mapped_column(default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(default=None)

@@ -8,7 +8,7 @@ from typing import Any
 
 from celery import Celery
 
-from store.settings import Settings, get_settings
+from store.settings import Settings
 
 RUN_JOB = "netcompress.run_job"
 
@@ -51,9 +51,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
 _apps: dict[tuple[str, str, str], Celery] = {}
 
 
-def get_celery(settings: Settings | None = None) -> Celery:
+def get_celery(settings: Settings) -> Celery:
     """One Celery app per (broker, home, queue) in this process, configured from ``settings``."""
-    settings = settings or get_settings()
     key = (settings.celery_broker_url, str(settings.home), settings.queue)
     if key not in _apps:
         app = Celery("netcompress")
@@ -65,9 +64,12 @@ def get_celery(settings: Settings | None = None) -> Celery:
 def step_trains(step: dict[str, Any]) -> bool:
     """Whether a (validated, defaults-filled) spec step trains a network — the work a GPU speeds up.
 
-    Read from the stored JSON so that the API and the sweeper route alike without importing the engine:
+    Read from the stored JSON so that the API routes (and preflight reports) without importing the engine:
     a fine-tune with epochs, distillation, QAT and low-bit schemes (their fine-tune is filled in),
     gradient-based importance, lottery-ticket rewinding, and any step with its own ``epochs``.
+
+    Note: this knows every technique's fields from outside. It stays here for now; a later step moves the
+    answer into the technique specs (each spec says whether it trains), and this reads it from there.
     """
     ft = step.get("finetune")
     if isinstance(ft, dict) and (ft.get("epochs") or 0) > 0:
@@ -81,7 +83,10 @@ def step_trains(step: dict[str, Any]) -> bool:
 
 
 def queue_for(spec: dict[str, Any] | None, settings: Settings) -> str:
-    """The queue a job goes to: ``queue``, or with ``route_by_device`` the GPU queue when it trains."""
+    """The queue a job goes to: ``queue``, or with ``route_by_device`` the GPU queue when it trains.
+
+    Computed once, at submit, and stored on the job row (``Job.queue``); every sender reads the row.
+    """
     if not settings.route_by_device:
         return settings.queue
     steps = (spec or {}).get("steps") or []
@@ -89,24 +94,10 @@ def queue_for(spec: dict[str, Any] | None, settings: Settings) -> str:
     return settings.gpu_queue if trains else settings.cpu_queue
 
 
-def _stored_spec(job_id: str, settings: Settings) -> dict[str, Any] | None:
-    from sqlalchemy import select
+def send_job(job_id: str, queue: str, settings: Settings) -> None:
+    """Publish ``run_job(job_id)`` to ``queue``: the one place a job message is made.
 
-    from store.db import session_scope
-    from store.models import Job
-
-    with session_scope(settings) as s:
-        return s.execute(select(Job.spec).where(Job.id == job_id)).scalar_one_or_none()
-
-
-def send_job(job_id: str, settings: Settings | None = None, *, spec: dict[str, Any] | None = None) -> None:
-    """Publish ``run_job(job_id)``; raises on broker trouble (the caller leaves the job for the sweeper).
-
-    With ``route_by_device`` the job's spec picks the queue (read from the row when not given).
+    ``queue`` is the job row's (routed at submit by :func:`queue_for`); senders never route again.
+    Raises on broker trouble (the caller leaves the job for the sweeper).
     """
-    settings = settings or get_settings()
-    if settings.route_by_device and spec is None:
-        spec = _stored_spec(job_id, settings)
-    get_celery(settings).send_task(
-        RUN_JOB, args=[job_id], queue=queue_for(spec, settings), retry=False,
-    )
+    get_celery(settings).send_task(RUN_JOB, args=[job_id], queue=queue, retry=False)

@@ -1,6 +1,6 @@
 """The artifact store on S3 (or any S3-compatible server): ``NETCOMPRESS_ARTIFACT_URL=s3://bucket/prefix``.
 
-Same interface as :class:`store.artifacts.LocalArtifactStore`. Nothing is buffered whole: uploads go up as
+Implements :class:`store.artifacts.ArtifactStore`, as the local store does. Nothing is buffered whole: uploads go up as
 multipart parts of ``s3_part_bytes`` (one part in memory at a time), downloads stream ``CHUNK`` by ``CHUNK``.
 An object appears only when its upload completes (S3 semantics), so a failed write leaves nothing behind —
 the multipart upload is aborted.
@@ -15,13 +15,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from store.artifacts import CHUNK, UploadTooLarge, _check_key
+from store.objects import CHUNK, UploadTooLarge, check_key
+from store.settings import Settings
 
 _clients: dict[tuple[str | None, str | None], Any] = {}
 _lock = threading.Lock()
 
 
-def _client(endpoint_url: str | None, region: str | None):  # noqa: ANN202 - botocore client
+def _client(endpoint_url: str | None, region: str | None):  # a botocore client
     """One boto3 client per endpoint per process (clients are thread-safe and costly to build)."""
     key = (endpoint_url, region)
     with _lock:
@@ -44,7 +45,7 @@ class S3ArtifactStore:
         self.bucket, self.prefix, self.client, self.part_bytes = bucket, prefix.strip("/"), client, part_bytes
 
     def object_key(self, key: str) -> str:
-        rel = "/".join(_check_key(key).parts)
+        rel = "/".join(check_key(key).parts)
         return f"{self.prefix}/{rel}" if self.prefix else rel
 
     def exists(self, key: str) -> bool:
@@ -145,7 +146,7 @@ class S3ArtifactStore:
             self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": keys[i:i + 1000], "Quiet": True})
 
 
-def s3_store(settings) -> S3ArtifactStore:  # noqa: ANN001 - Settings
+def s3_store(settings: Settings) -> S3ArtifactStore:
     """The store for ``settings.artifact_url`` (``s3://bucket/prefix``)."""
     bucket, prefix = settings.s3_bucket_prefix
     return S3ArtifactStore(bucket, prefix, _client(settings.s3_endpoint_url, settings.s3_region),

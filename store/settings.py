@@ -45,7 +45,9 @@ class Settings(BaseSettings):
     max_attempts: int = Field(3, ge=1, le=20, description="Attempts before a repeatedly lost job fails.")
     heartbeat_s: float = Field(10.0, gt=0, le=600, description="How often a worker touches its job row.")
     worker_threads: int = Field(0, ge=0, le=256, description="torch/ORT threads in the worker (0 = all cores).")
-    queue: str = Field("netcompress", description="Celery queue jobs are sent to.")
+    queue: str = Field(
+        "netcompress", min_length=1, max_length=200, description="Celery queue jobs are sent to (routing off)."
+    )
     route_by_device: bool = Field(
         False, description="Send jobs that train to gpu_queue and the others to cpu_queue (instead of queue)."
     )

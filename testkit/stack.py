@@ -56,6 +56,7 @@ class Pause:
     def __init__(self, file: Path) -> None:
         self.file = file
         self.reached = file.with_name(file.name + ".reached")
+        self.held: dict | None = None  # what the last wait saw: {"job_id", "pid", "progress"}
 
     def arm(self, match: str) -> None:
         """Hold the next job whose progress matches: a substring of the message, or ``phase:<name>``.
@@ -70,8 +71,9 @@ class Pause:
         os.replace(tmp, self.file)  # atomic: the worker never reads half a match (empty matches anything)
 
     def wait(self, client: httpx.Client | None = None, job_id: str | None = None, timeout: float = 300) -> dict:
-        """Wait until a job is held; returns the progress it is held at. With ``client`` and ``job_id``: it
-        must be that job, and the wait fails at once if the job ends without reaching the match."""
+        """Wait until a job is held; returns the progress it is held at (and keeps the whole record in
+        ``held``: the job id, and the pid of the worker process running it). With ``client`` and ``job_id``:
+        it must be that job, and the wait fails at once if the job ends without reaching the match."""
         deadline = time.time() + timeout
         while not self.reached.exists():
             if client is not None and job_id is not None:
@@ -81,7 +83,14 @@ class Pause:
             time.sleep(0.2)
         held = json.loads(self.reached.read_text())
         assert job_id is None or held["job_id"] == job_id, held
+        self.held = held
         return held["progress"]
+
+    def holder_pid(self, job_id: str) -> int:
+        """The pid of the worker process (the Celery pool child) that ran ``job_id`` when the last wait saw
+        it held: the hook writes its own pid, so no log or free-text reason is parsed for it."""
+        assert self.held is not None and self.held["job_id"] == job_id, (job_id, self.held)
+        return int(self.held["pid"])
 
     def release(self) -> None:
         """Let the held job go on (and hold no other)."""
@@ -216,11 +225,22 @@ def start_embedded(home: Path, **extra_env: str) -> Stack:
     return stack
 
 
-def upload(client: httpx.Client, path: Path) -> dict:
-    """POST a model (``.onnx``/``.zip``/``.pt2``) or a dataset (``.npz``) file; asserts 201, returns the row."""
+def send_upload(client: httpx.Client, path: Path | str, content: bytes | None = None, *,
+                name: str | None = None) -> httpx.Response:
+    """POST a model (``.onnx``/``.zip``/``.pt2``) or a dataset (``.npz``): the file at ``path``, or
+    ``content`` under the file name ``path``, with a ``name`` form field when given. Returns the response as
+    it is (for uploads a test expects refused)."""
     route = "/v1/datasets" if str(path).endswith(".npz") else "/v1/models"
+    fields = {"name": name} if name is not None else None
+    if content is not None:
+        return client.post(route, files={"file": (Path(path).name, content)}, data=fields)
     with open(path, "rb") as f:
-        r = client.post(route, files={"file": (Path(path).name, f)})
+        return client.post(route, files={"file": (Path(path).name, f)}, data=fields)
+
+
+def upload(client: httpx.Client, path: Path | str, content: bytes | None = None, *, name: str | None = None) -> dict:
+    """:func:`send_upload`, asserting a 201; returns the row."""
+    r = send_upload(client, path, content, name=name)
     assert r.status_code == 201, r.text
     return r.json()
 
@@ -236,7 +256,7 @@ def expect_problem(r: httpx.Response, status: int, code: str) -> dict:
 
 
 def jobs_count(stack: Stack) -> int:
-    """The caller's jobs (first page of 100): a bad request must not add one."""
+    """The jobs the stack's team lists (up to 100): what a refused submit must not change."""
     return len(stack.client().get("/v1/jobs?limit=100").json()["items"])
 
 

@@ -1,4 +1,7 @@
-"""The worker's Celery app: the shared app from ``store.queue`` with our tasks and maintenance loop."""
+"""The worker's Celery app: the shared app from ``store.queue`` with our tasks and maintenance loop.
+
+The worker's boot point: its settings are read here, once, and handed down (``worker.tasks``, the maintenance loop).
+"""
 from __future__ import annotations
 
 from store.queue import get_celery
@@ -13,5 +16,5 @@ app.conf.update(
     worker_max_tasks_per_child=50,
 )
 
-import worker.tasks  # noqa: E402,F401  register tasks
-import worker.maintenance  # noqa: E402,F401  start the reaper/sweeper with the worker
+import worker.tasks  # register the tasks
+import worker.maintenance  # noqa: F401 - start the reaper/sweeper with the worker

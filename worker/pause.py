@@ -5,9 +5,9 @@ race against a job that may finish first on a fast — or a slow, loaded — mac
 ``NETCOMPRESS_TEST_PAUSE_FILE`` set (None, the default, turns this off), the worker's progress callback
 calls :func:`pause_if_asked` first. While that file exists and its text matches the progress message —
 a substring of ``message``, or ``phase:<name>`` for the phase; empty text matches any — the job writes
-``<file>.reached`` (the progress as JSON, with the job id) and waits. Removing the file, or replacing it
-with another match, lets it go on; the progress is then reported as usual, so a cancel asked for
-meanwhile is seen at once. ``tests/stack.py`` has the helpers that drive it.
+``<file>.reached`` (the progress as JSON, with the job id and the pid of the process running it) and
+waits. Removing the file, or replacing it with another match, lets it go on; the progress is then
+reported as usual, so a cancel asked for meanwhile is seen at once. ``testkit/stack.py`` (``Pause``) has the helpers that drive it.
 """
 from __future__ import annotations
 

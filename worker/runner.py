@@ -19,12 +19,12 @@ from compression.errors import Cancelled, CompressionError, TimeLimitExceeded, s
 from compression.pipeline import OutputFile
 from compression.sandbox_tasks import checked_name, inside
 from compression.spec import parse_spec
-from store.artifacts import get_artifact_store, private_copy
+from store.artifacts import ArtifactStore, get_artifact_store, private_copy
 from store.db import session_scope
-from store.dispatch import running_quota
+from store.dispatch import dispatch, running_quota
 from store.jobs import add_artifact, defer, report_progress, running_count
 from store.models import DatasetRecord, Job, JobStatus, ModelRecord, Team, utcnow
-from store.settings import Settings, get_settings
+from store.settings import Settings
 from store.transitions import TERMINAL, transition
 from worker.pause import pause_if_asked
 
@@ -38,7 +38,7 @@ class StoreCheckpoint:
     The prefix is removed when the job ends for good.
     """
 
-    def __init__(self, store: Any, job_id: str) -> None:
+    def __init__(self, store: ArtifactStore, job_id: str) -> None:
         self.store, self.prefix = store, f"jobs/{job_id}/checkpoint"
 
     def get(self, name: str) -> bytes | None:
@@ -57,7 +57,7 @@ class StoreCheckpoint:
 DB_ERRORS = (OperationalError, DBAPIError)
 
 
-def with_db_retry(fn, *, budget_s: float):  # noqa: ANN001, ANN201
+def with_db_retry(fn, *, budget_s: float):
     """Run ``fn`` (one transaction) until the database answers, for up to ``budget_s`` seconds.
 
     The final writes of a finished job must survive a database restart: the work is done, losing it
@@ -79,15 +79,15 @@ def with_db_retry(fn, *, budget_s: float):  # noqa: ANN001, ANN201
 class _Heartbeat(threading.Thread):
     """Touches ``heartbeat_at`` while a long call (calibration, an epoch) gives no progress."""
 
-    def __init__(self, job_id: str, attempt_id: str, every_s: float) -> None:
+    def __init__(self, job_id: str, attempt_id: str, settings: Settings) -> None:
         super().__init__(daemon=True, name=f"heartbeat-{job_id}")
-        self.job_id, self.attempt_id, self.every_s = job_id, attempt_id, every_s
+        self.job_id, self.attempt_id, self.settings = job_id, attempt_id, settings
         self.stop = threading.Event()
 
     def run(self) -> None:
-        while not self.stop.wait(self.every_s):
+        while not self.stop.wait(self.settings.heartbeat_s):
             try:
-                with session_scope() as s:
+                with session_scope(self.settings) as s:
                     s.execute(update(Job).where(Job.id == self.job_id, Job.attempt_id == self.attempt_id)
                               .values(heartbeat_at=utcnow()).execution_options(synchronize_session=False))
             except Exception as e:  # database restarting: the next beat will do
@@ -98,10 +98,10 @@ class _Relay:
     """Answers the sandboxed pipeline's asks: progress (a cancel or time limit goes back as an exception to
     raise there), models named in the spec (this job's team only), and the search's checkpoint."""
 
-    def __init__(self, *, store: Any, checkpoint: StoreCheckpoint, workdir: Path, team_id: str,
-                 progress: Any) -> None:
-        self.store, self.checkpoint, self.workdir, self.team_id, self.progress = (
-            store, checkpoint, workdir, team_id, progress)
+    def __init__(self, *, store: ArtifactStore, checkpoint: StoreCheckpoint, workdir: Path, team_id: str,
+                 progress: Any, settings: Settings) -> None:
+        self.store, self.checkpoint, self.workdir, self.team_id, self.progress, self.settings = (
+            store, checkpoint, workdir, team_id, progress, settings)
 
     def answer(self, msg: dict[str, Any]) -> dict[str, Any]:
         kind = msg.get("type")
@@ -128,7 +128,7 @@ class _Relay:
 
     def _model(self, model_id: str) -> dict[str, Any]:
         """A model named inside the spec (teacher, student, rewind init): this job's team only."""
-        with session_scope() as s:
+        with session_scope(self.settings) as s:
             rec = s.get(ModelRecord, model_id)
             key = rec.storage_key if rec is not None and rec.team_id == self.team_id else None
         if key is None:
@@ -143,10 +143,12 @@ def _device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def run_job(job_id: str, settings: Settings | None = None) -> str:
-    """Run ``job_id`` to a terminal state (or hand it back). Returns the final status, for logs."""
-    settings = settings or get_settings()
-    with session_scope() as s:
+def run_job(job_id: str, settings: Settings) -> str:
+    """Run ``job_id`` to a terminal state (or hand it back). Returns the final status, for logs.
+
+    Every session, the heartbeat, the finish and the hand-on of the quota slot use ``settings``.
+    """
+    with session_scope(settings) as s:
         job = s.get(Job, job_id)
         if job is None:
             return "missing"
@@ -178,7 +180,7 @@ def run_job(job_id: str, settings: Settings | None = None) -> str:
     checkpoint = StoreCheckpoint(store, job_id)
     workdir = settings.home / "work" / job_id / attempt_id
     workdir.mkdir(parents=True, exist_ok=True)
-    heartbeat = _Heartbeat(job_id, attempt_id, settings.heartbeat_s)
+    heartbeat = _Heartbeat(job_id, attempt_id, settings)
     heartbeat.start()
     started = time.monotonic()
     last_write = [0.0, ""]
@@ -194,7 +196,7 @@ def run_job(job_id: str, settings: Settings | None = None) -> str:
             return
         last_write[0], last_write[1] = now, p["phase"]
         try:
-            with session_scope() as s:
+            with session_scope(settings) as s:
                 still_ours = report_progress(s, job_id, attempt_id, p)
         except DB_ERRORS as e:  # database restarting: keep computing, report next time
             log.warning("progress not saved: %s", type(e).__name__)
@@ -209,7 +211,8 @@ def run_job(job_id: str, settings: Settings | None = None) -> str:
         model_path = private_copy(store, model_key, inputs / Path(model_key).name)
         ds_path = private_copy(store, ds_key, inputs / "data.npz") if ds_key else None
         device = _device()
-        relay = _Relay(store=store, checkpoint=checkpoint, workdir=workdir, team_id=team_id, progress=progress)
+        relay = _Relay(store=store, checkpoint=checkpoint, workdir=workdir, team_id=team_id, progress=progress,
+                       settings=settings)
         out = sandbox.run("pipeline", {
             "workdir": str(workdir), "model_path": str(model_path), "dataset_path": str(ds_path) if ds_path else None,
             "spec": spec_raw, "device": device, "threads": settings.worker_threads,
@@ -224,8 +227,8 @@ def run_job(job_id: str, settings: Settings | None = None) -> str:
             size, sha = store.put_file(f"{prefix}/{f.name}", f.path)
             stored.append((f, size, sha))
 
-        def publish():  # noqa: ANN202 - one transaction: the status and the artifact rows together
-            with session_scope() as s:
+        def publish():  # one transaction: the status and the artifact rows together
+            with session_scope(settings) as s:
                 res = transition(s, job_id, JobStatus.succeeded, reason="pipeline finished",
                                  expect_attempt=attempt_id, metrics=out["metrics"])
                 if res.accepted:
@@ -241,25 +244,25 @@ def run_job(job_id: str, settings: Settings | None = None) -> str:
         return "succeeded"
     except Cancelled as e:
         _finish(job_id, attempt_id, JobStatus.cancelled if not isinstance(e, TimeLimitExceeded) else JobStatus.failed,
-                e.code, str(e))
+                e.code, str(e), settings)
         return e.code
     except CompressionError as e:
-        _finish(job_id, attempt_id, JobStatus.failed, e.code, str(e))
+        _finish(job_id, attempt_id, JobStatus.failed, e.code, str(e), settings)
         return "failed"
     except MemoryError:
-        _finish(job_id, attempt_id, JobStatus.failed, "out_of_memory", "the job ran out of memory")
+        _finish(job_id, attempt_id, JobStatus.failed, "out_of_memory", "the job ran out of memory", settings)
         return "failed"
     except Exception as e:
         log.error("job %s crashed:\n%s", job_id, traceback.format_exc())
-        _finish(job_id, attempt_id, JobStatus.failed, "internal_error", f"{type(e).__name__}: {e}")
+        _finish(job_id, attempt_id, JobStatus.failed, "internal_error", f"{type(e).__name__}: {e}", settings)
         return "failed"
     finally:
         heartbeat.stop.set()
-        _clean_up(job_id, workdir, checkpoint)
+        _clean_up(job_id, workdir, checkpoint, settings)
         _release_slot(team_id, settings)
 
 
-def _clean_up(job_id: str, workdir: Path, checkpoint: StoreCheckpoint) -> None:
+def _clean_up(job_id: str, workdir: Path, checkpoint: StoreCheckpoint, settings: Settings) -> None:
     """After an attempt: its scratch folder goes (and the job's folder once empty); once the job is terminal —
     by whichever road: succeeded, failed on any exception, cancelled — its search checkpoint goes too. A job
     handed back to the queue (reaped meanwhile) keeps its checkpoint for the next attempt to resume."""
@@ -269,7 +272,7 @@ def _clean_up(job_id: str, workdir: Path, checkpoint: StoreCheckpoint) -> None:
     except OSError:  # another attempt's folder is still there
         pass
     try:
-        with session_scope() as s:
+        with session_scope(settings) as s:
             status = s.execute(select(Job.status).where(Job.id == job_id)).scalar_one_or_none()
         if status is None or JobStatus(status) in TERMINAL:
             checkpoint.clear()
@@ -282,21 +285,18 @@ def _release_slot(team_id: str, settings: Settings) -> None:
 
     Every team's, round-robin: a job cancelled while queued also freed a slot that nobody handed on.
     """
-    from store.dispatch import dispatch
-
     try:
-        with session_scope() as s:
+        with session_scope(settings) as s:
             dispatch(s, settings)
     except Exception as e:  # the sweeper will do it
         log.warning("could not hand on the quota slot of team %s: %s", team_id, e)
 
 
-def _finish(job_id: str, attempt_id: str, to: JobStatus, code: str, message: str) -> None:
-    settings = get_settings()
+def _finish(job_id: str, attempt_id: str, to: JobStatus, code: str, message: str, settings: Settings) -> None:
     message = scrub_paths(message, settings.relative_dirs)  # the job's owner reads it: no server paths
 
-    def write():  # noqa: ANN202
-        with session_scope() as s:
+    def write():
+        with session_scope(settings) as s:
             transition(s, job_id, to, reason=message[:500], expect_attempt=attempt_id,
                        error={"code": code, "message": message[:4000]})
 

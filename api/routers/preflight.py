@@ -23,8 +23,10 @@ from api.services import validate_job
 from compression.errors import InvalidSpec
 from compression.registry import get_technique
 from compression.spec import parse_spec
+from store.artifacts import ArtifactStore
 from store.models import DatasetRecord, ModelRecord
 from store.queue import queue_for, step_trains
+from store.settings import Settings
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=COMMON_PROBLEMS)
 
@@ -113,7 +115,7 @@ def preflight(body: JobCreate, team: TeamDep, session: SessionDep, settings: Set
                    rejection=rejection)
 
 
-def analyse(*, settings: Any, store: Any, model: dict[str, Any], dataset: dict[str, Any] | None, spec: Any,
+def analyse(*, settings: Settings, store: ArtifactStore, model: dict[str, Any], dataset: dict[str, Any] | None, spec: Any,
             rejection: dict[str, Any] | None) -> dict[str, Any]:
     """The preflight report (runs in a worker thread: it parses the model and may run one forward)."""
 
@@ -186,7 +188,7 @@ def analyse(*, settings: Any, store: Any, model: dict[str, Any], dataset: dict[s
     }
 
 
-def _probe(settings: Any, store: Any, model: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
+def _probe(settings: Settings, store: ArtifactStore, model: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
     """The model's structure and MACs, from a sandboxed child (:mod:`compression.sandbox`).
 
     The structure arrives first; a MAC probe that then hits a limit (a ``Loop`` of 10^7 turns, say) leaves
@@ -241,7 +243,7 @@ def _step_passes(step: dict[str, Any], train_n: int) -> dict[str, int]:
     return {"train": train, "infer": infer}
 
 
-def _tmp_root(settings: Any) -> Path:
+def _tmp_root(settings: Settings) -> Path:
     root = Path(settings.home) / "tmp"
     root.mkdir(parents=True, exist_ok=True)
     return root

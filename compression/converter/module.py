@@ -446,7 +446,7 @@ class GraphBuilder:
             model = self.model
             try:
                 model = onnx.shape_inference.infer_shapes(model)
-            except Exception:  # noqa: BLE001 - inference is best-effort; fall back to declared info
+            except Exception:  # inference is best-effort; fall back to declared info
                 pass
             g = model.graph
             for vi in [*g.value_info, *g.input, *g.output]:

@@ -10,7 +10,7 @@ import httpx
 import numpy as np
 import pytest
 
-from testkit.stack import METRICS_TOKEN, expect_problem as _problem, jobs_count, tiny_classifier, upload
+from testkit.stack import METRICS_TOKEN, expect_problem, jobs_count, send_upload, tiny_classifier, upload
 
 FAST_EVAL = {"latency_runs": 5}
 
@@ -45,7 +45,7 @@ def test_model_ids_in_search_values_are_checked(stack, ids, case, route):
     spec, path = _searches(ids)[case]
     before = jobs_count(stack)
     r = stack.client().post(route, json={"model_id": ids["model"], "dataset_id": ids["data"], "spec": spec})
-    body = _problem(r, 404, "not_found")
+    body = expect_problem(r, 404, "not_found")
     assert [e["path"] for e in body["errors"]] == [path], body  # the foreign id only, not the team's own
     assert ids["theirs"] in body["errors"][0]["message"]
     assert jobs_count(stack) == before
@@ -65,7 +65,7 @@ def test_idempotency_key_reused_with_another_body(stack, ids):
     before = jobs_count(stack)
     other = {**body, "spec": {"steps": [{"method": "quantize", "scheme": "int8", "mode": "dynamic"}]}}
     r = c.post("/v1/jobs", json=other, headers={"Idempotency-Key": "policy-key"})
-    assert "different request body" in _problem(r, 422, "idempotency_key_reused")["detail"]
+    assert "different request body" in expect_problem(r, 422, "idempotency_key_reused")["detail"]
     assert jobs_count(stack) == before
     assert c.get(f"/v1/jobs/{first.json()['id']}").json()["spec"]["steps"][0]["scheme"] == "fp16"
     # keys are the team's own: another team's first use of the same key makes its own job
@@ -75,8 +75,9 @@ def test_idempotency_key_reused_with_another_body(stack, ids):
 
 
 def _model_ort_refuses(folder) -> bytes:
-    """A zip whose external weights (16 MiB + 64 B, random: zeros would be refused as a zip bomb) make the API
-    validate it from its unpacked path, and whose custom op ONNX Runtime refuses with a message naming that path."""
+    """A zip whose external weights (16 MiB + 64 B) make the API validate it from its unpacked path, and
+    whose custom op ONNX Runtime refuses with a message naming that path. The weights are random: zeros
+    would inflate past the zip-ratio cap and be refused before ONNX Runtime sees them."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -84,7 +85,7 @@ def _model_ort_refuses(folder) -> bytes:
     nodes = [helper.make_node("Add", ["x", "w"], ["y"]), helper.make_node("Frobnicate", ["y"], ["z"], domain="com.example")]
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [n])],
                               [helper.make_tensor_value_info("z", TensorProto.FLOAT, [n])],
-                              [numpy_helper.from_array(np.random.default_rng(0).standard_normal(n, dtype=np.float32), "w")])
+                              [numpy_helper.from_array(np.random.default_rng(0).standard_normal(n, np.float32), "w")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.example", 1)],
                               ir_version=9)
     onnx.save(model, folder / "model.onnx", save_as_external_data=True, location="weights.bin", size_threshold=0)
@@ -95,8 +96,8 @@ def _model_ort_refuses(folder) -> bytes:
 
 
 def test_load_errors_name_no_server_path(stack, unchanged, tmp_path):
-    r = stack.client().post("/v1/models", files={"file": ("m.zip", _model_ort_refuses(tmp_path))})
-    detail = _problem(r, 422, "invalid_model")["detail"]
+    r = send_upload(stack.client(), "m.zip", _model_ort_refuses(tmp_path))
+    detail = expect_problem(r, 422, "invalid_model")["detail"]
     assert "Frobnicate" in detail and "model.onnx" in detail, detail  # ONNX Runtime's own message, kept useful
     assert str(stack.home) not in detail and "/tmp/" not in detail and "unzipped" not in detail, detail
     assert not re.search(r"(^|[\s'\"(])/\w", detail), detail
@@ -104,9 +105,9 @@ def test_load_errors_name_no_server_path(stack, unchanged, tmp_path):
 
 def test_metrics_need_their_token(stack):
     url = stack.url + "/metrics"
-    _problem(httpx.get(url), 401, "unauthorized")
-    _problem(httpx.get(url, headers={"Authorization": "Bearer wrong"}), 401, "unauthorized")
-    _problem(stack.client().get("/metrics"), 401, "unauthorized")  # a team's API key is not the metrics token
+    expect_problem(httpx.get(url), 401, "unauthorized")
+    expect_problem(httpx.get(url, headers={"Authorization": "Bearer wrong"}), 401, "unauthorized")
+    expect_problem(stack.client().get("/metrics"), 401, "unauthorized")  # a team's API key is not the metrics token
     r = httpx.get(url, headers={"Authorization": f"Bearer {METRICS_TOKEN}"})
     assert r.status_code == 200 and "netcompress_jobs" in r.text
 
@@ -124,7 +125,7 @@ def test_metrics_without_a_token_are_off_unless_public(pg_url, redis_url, tmp_pa
         r = client.get("/metrics")
     assert r.status_code == status, r.text
     if not public:
-        _problem(r, 404, "not_found")
+        expect_problem(r, 404, "not_found")
 
 
 @pytest.mark.parametrize("path, location", [("/v1/jobs/", "/v1/jobs"), ("/v1/jobs/?limit=2", "/v1/jobs?limit=2")])

@@ -10,20 +10,16 @@ import httpx
 import numpy as np
 import pytest
 
-from testkit.stack import expect_problem as _problem, jobs_count
-
-
-def _post_file(stack, path: str, name: str, content: bytes) -> httpx.Response:
-    return stack.client().post(path, files={"file": (name, content)})
+from testkit.stack import expect_problem, jobs_count, send_upload, upload
 
 
 def test_random_bytes_model_refused(stack, unchanged):
-    _problem(_post_file(stack, "/v1/models", "m.onnx", os.urandom(5000)), 422, "invalid_model")
+    expect_problem(send_upload(stack.client(), "m.onnx", os.urandom(5000)), 422, "invalid_model")
 
 
 def test_truncated_onnx_refused(stack, cnn_onnx, unchanged):
     data = cnn_onnx["dynamo"].read_bytes()
-    _problem(_post_file(stack, "/v1/models", "m.onnx", data[: len(data) // 2]), 422, "invalid_model")
+    expect_problem(send_upload(stack.client(), "m.onnx", data[: len(data) // 2]), 422, "invalid_model")
 
 
 def test_pickled_checkpoint_refused_unread(stack, unchanged):
@@ -31,7 +27,7 @@ def test_pickled_checkpoint_refused_unread(stack, unchanged):
         def __reduce__(self):  # would run on unpickling
             return (os.system, ("touch /tmp/netcompress-pwned",))
 
-    body = _problem(_post_file(stack, "/v1/models", "m.pt", pickle.dumps(Boom())), 415, "unsupported_format")
+    body = expect_problem(send_upload(stack.client(), "m.pt", pickle.dumps(Boom())), 415, "unsupported_format")
     assert "pickle" in body["detail"]
     assert not os.path.exists("/tmp/netcompress-pwned")
 
@@ -41,13 +37,13 @@ def test_zip_slip_refused(stack, cnn_onnx, unchanged):
     with zipfile.ZipFile(buf, "w") as zf:
         zf.writestr("model.onnx", cnn_onnx["legacy"].read_bytes())
         zf.writestr("../../evil.txt", b"x")
-    _problem(_post_file(stack, "/v1/models", "m.zip", buf.getvalue()), 422, "invalid_model")
+    expect_problem(send_upload(stack.client(), "m.zip", buf.getvalue()), 422, "invalid_model")
 
 
 def test_npz_with_objects_refused(stack, unchanged):
     buf = io.BytesIO()
     np.savez(buf, input=np.array([{"a": 1}, None], dtype=object))
-    body = _problem(_post_file(stack, "/v1/datasets", "d.npz", buf.getvalue()), 422, "invalid_dataset")
+    body = expect_problem(send_upload(stack.client(), "d.npz", buf.getvalue()), 422, "invalid_dataset")
     assert "object" in body["detail"]
 
 
@@ -65,27 +61,24 @@ def test_upload_over_cap_is_413_and_deleted(stack, unchanged):
 
     r = stack.client().post("/v1/models", content=body(),
                             headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
-    _problem(r, 413, "too_large")
+    expect_problem(r, 413, "too_large")
 
 
 def test_missing_and_wrong_key(stack):
     r = httpx.get(stack.url + "/v1/jobs")
-    _problem(r, 401, "unauthorized")
+    expect_problem(r, 401, "unauthorized")
     assert r.headers["www-authenticate"] == "Bearer"
-    _problem(stack.client("nc_000000000000_nope").get("/v1/jobs"), 401, "unauthorized")
-    _problem(stack.client("garbage").get("/v1/models"), 401, "unauthorized")
+    expect_problem(stack.client("nc_000000000000_nope").get("/v1/jobs"), 401, "unauthorized")
+    expect_problem(stack.client("garbage").get("/v1/models"), 401, "unauthorized")
 
 
 @pytest.fixture(scope="module")
 def model_and_data(stack, cnn_onnx, mnist_npz):
     c = stack.client()
-    with open(cnn_onnx["legacy"], "rb") as f:
-        model = c.post("/v1/models", files={"file": ("cnn.onnx", f)}).json()
-    with open(mnist_npz, "rb") as f:
-        ds = c.post("/v1/datasets", files={"file": ("mnist.npz", f)}).json()
+    model, ds = upload(c, cnn_onnx["legacy"]), upload(c, mnist_npz)
     buf = io.BytesIO()
     np.savez(buf, wrong_name=np.zeros((10, 1, 28, 28), np.float32))
-    bad_ds = c.post("/v1/datasets", files={"file": ("bad.npz", buf.getvalue())}).json()
+    bad_ds = upload(c, "bad.npz", buf.getvalue())
     return model, ds, bad_ds
 
 
@@ -101,7 +94,7 @@ def test_bad_specs(stack, model_and_data, spec, path):
     model, ds, _ = model_and_data
     before = jobs_count(stack)
     r = stack.client().post("/v1/jobs", json={"model_id": model["id"], "dataset_id": ds["id"], "spec": spec})
-    body = _problem(r, 422, "invalid_spec")
+    body = expect_problem(r, 422, "invalid_spec")
     assert path in [e["path"] for e in body["errors"]], body
     assert jobs_count(stack) == before
 
@@ -110,7 +103,7 @@ def test_static_quant_without_dataset(stack, model_and_data):
     model, _, _ = model_and_data
     r = stack.client().post("/v1/jobs", json={"model_id": model["id"],
                                               "spec": {"steps": [{"method": "quantize", "mode": "static"}]}})
-    body = _problem(r, 422, "invalid_spec")
+    body = expect_problem(r, 422, "invalid_spec")
     assert body["errors"][0]["path"] == "$.spec.steps[0]"
 
 
@@ -119,7 +112,7 @@ def test_dataset_not_matching_model(stack, model_and_data):
     before = jobs_count(stack)
     r = stack.client().post("/v1/jobs", json={"model_id": model["id"], "dataset_id": bad_ds["id"],
                                               "spec": {"steps": [{"method": "prune"}]}})
-    body = _problem(r, 422, "dataset_mismatch")
+    body = expect_problem(r, 422, "dataset_mismatch")
     assert "input" in body["detail"] and body["errors"][0]["path"] == "$.dataset_id"
     assert jobs_count(stack) == before
 
@@ -134,9 +127,9 @@ def test_other_team_gets_404_everywhere(stack, model_and_data):
                         ("GET", f"/v1/jobs/{job['id']}/artifacts/model.onnx"), ("GET", f"/v1/models/{model['id']}"),
                         ("GET", f"/v1/models/{model['id']}/file"), ("DELETE", f"/v1/models/{model['id']}"),
                         ("GET", f"/v1/datasets/{ds['id']}"), ("DELETE", f"/v1/datasets/{ds['id']}")]:
-        _problem(other.request(method, url), 404, "not_found")
+        expect_problem(other.request(method, url), 404, "not_found")
     r = other.post("/v1/jobs", json={"model_id": model["id"], "spec": {"steps": [{"method": "prune"}]}})
-    _problem(r, 404, "not_found")
+    expect_problem(r, 404, "not_found")
     assert other.get("/v1/jobs").json()["items"] == []
     assert c.get(f"/v1/models/{model['id']}").status_code == 200
 
@@ -166,7 +159,7 @@ def test_pagination_walks_all_jobs(stack, model_and_data):
         if not cursor:
             break
     assert len(seen) == len(set(seen)) == len(c.get("/v1/jobs?limit=100").json()["items"])
-    _problem(c.get("/v1/jobs", params={"cursor": "!!"}), 422, "validation_error")
+    expect_problem(c.get("/v1/jobs", params={"cursor": "!!"}), 422, "validation_error")
 
 
 def test_npz_bomb_refused_from_headers(stack, unchanged):
@@ -178,7 +171,7 @@ def test_npz_bomb_refused_from_headers(stack, unchanged):
                                                       "shape": (1 << 20, 1 << 14)})
         zf.writestr("input.npy", np.lib.format.MAGIC_PREFIX + b"\x01\x00" + header.getvalue()[8:] + b"\0" * 1024)
     assert len(buf.getvalue()) < 10_000
-    body = _problem(_post_file(stack, "/v1/datasets", "bomb.npz", buf.getvalue()), 422, "invalid_dataset")
+    body = expect_problem(send_upload(stack.client(), "bomb.npz", buf.getvalue()), 422, "invalid_dataset")
     assert "uncompressed size" in body["detail"]
 
 
@@ -205,7 +198,7 @@ def test_deeply_nested_subgraphs_refused(stack, unchanged):
         node = _pb_field(1, b"c") + _pb_field(2, b"y") + _pb_field(4, b"If") + _pb_field(5, attr)
         graph = _pb_field(1, node) + _pb_field(2, f"g{i}".encode())
     model = bytes([1 << 3, 8]) + _pb_field(7, graph) + _pb_field(8, _pb_field(1, b"") + bytes([2 << 3, 17]))
-    body = _problem(_post_file(stack, "/v1/models", "deep.onnx", model), 422, "invalid_model")
+    body = expect_problem(send_upload(stack.client(), "deep.onnx", model), 422, "invalid_model")
     assert body["detail"]
     assert stack.client().get("/healthz").status_code == 200
 
@@ -214,14 +207,14 @@ def test_fifty_megabyte_json_body_is_413(stack):
     before = jobs_count(stack)
     blob = b'{"model_id": "x", "spec": {"steps": [], "pad": "' + b"a" * (50 * 1024 * 1024) + b'"}}'
     r = stack.client().post("/v1/jobs", content=blob, headers={"Content-Type": "application/json"})
-    _problem(r, 413, "too_large")
+    expect_problem(r, 413, "too_large")
 
     def chunks():  # no Content-Length: counted as it streams
         for i in range(0, len(blob), 1 << 20):
             yield blob[i:i + (1 << 20)]
 
     r = stack.client().post("/v1/jobs", content=chunks(), headers={"Content-Type": "application/json"})
-    _problem(r, 413, "too_large")
+    expect_problem(r, 413, "too_large")
     assert jobs_count(stack) == before and stack.client().get("/healthz").status_code == 200
 
 
@@ -233,7 +226,7 @@ def test_revoked_key_is_401(stack):
     key = stack.new_key("team-revoke")
     assert stack.client(key).get("/v1/jobs").status_code == 200
     subprocess.run(NC + ["keys", "revoke", key], env=stack.env, check=True, capture_output=True)
-    _problem(stack.client(key).get("/v1/jobs"), 401, "unauthorized")
+    expect_problem(stack.client(key).get("/v1/jobs"), 401, "unauthorized")
 
 
 def test_keys_are_stored_hashed_only(stack, pg_url):
@@ -254,5 +247,5 @@ def test_zip_with_symlink_refused(stack, cnn_onnx, unchanged):
         link = zipfile.ZipInfo("weights.data")
         link.external_attr = (0o120777 << 16)  # a symlink entry
         zf.writestr(link, "/etc/passwd")
-    body = _problem(_post_file(stack, "/v1/models", "m.zip", buf.getvalue()), 422, "invalid_model")
+    body = expect_problem(send_upload(stack.client(), "m.zip", buf.getvalue()), 422, "invalid_model")
     assert "link" in body["detail"]

@@ -1,20 +1,12 @@
 """Cancel: a running job stops at its next epoch and leaves no artifact; a queued one is cancelled at once."""
 from __future__ import annotations
 
-from testkit.stack import wait_job
-
-
-def _upload(c, cnn_onnx, mnist_npz):
-    with open(cnn_onnx["legacy"], "rb") as f:
-        model = c.post("/v1/models", files={"file": ("cnn.onnx", f)}).json()
-    with open(mnist_npz, "rb") as f:
-        ds = c.post("/v1/datasets", files={"file": ("mnist.npz", f)}).json()
-    return model, ds
+from testkit.stack import upload, wait_job
 
 
 def test_cancel_running_job_stops_within_an_epoch(stack, cnn_onnx, mnist_npz):
     c = stack.client()
-    model, ds = _upload(c, cnn_onnx, mnist_npz)
+    model, ds = upload(c, cnn_onnx["legacy"]), upload(c, mnist_npz)
     # the worker holds the job at the end of its first fine-tune epoch while the cancel is asked for
     with stack.paused("phase:finetuning") as pause:
         job = c.post("/v1/jobs", json={"model_id": model["id"], "dataset_id": ds["id"], "spec": {"steps": [
@@ -36,7 +28,7 @@ def test_cancel_running_job_stops_within_an_epoch(stack, cnn_onnx, mnist_npz):
 
 def test_cancel_queued_job_is_immediate(stack, cnn_onnx, mnist_npz):
     c = stack.client()
-    model, ds = _upload(c, cnn_onnx, mnist_npz)
+    model, ds = upload(c, cnn_onnx["legacy"]), upload(c, mnist_npz)
     spec = {"steps": [{"method": "prune", "sparsity": 0.5, "finetune": {"epochs": 3}}]}
     # the blocker holds the only worker, so the second job is certainly still queued when it is cancelled
     with stack.paused("phase:loading") as pause:

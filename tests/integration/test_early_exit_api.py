@@ -5,20 +5,15 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnxruntime as ort
-import torch
+import pytest
 
-from testkit.stack import wait_job
+from testkit.stack import upload, wait_job
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 EVAL = {"holdout": 0.3, "latency_runs": 10}
 STEP = {"method": "early_exit", "epochs": 3, "threshold": "auto", "thresholds": [0.5, 0.8, 0.9, 0.95, 0.99],
         "latency_samples": 40, "latency_rounds": 1}
-
-
-def _upload(c, path) -> dict:  # noqa: ANN001
-    with open(path, "rb") as f:
-        r = c.post("/v1/models" if str(path).endswith(".onnx") else "/v1/datasets", files={"file": (path.name, f)})
-    assert r.status_code == 201, r.text
-    return r.json()
 
 
 def _sess(blob: bytes) -> ort.InferenceSession:
@@ -28,9 +23,8 @@ def _sess(blob: bytes) -> ort.InferenceSession:
 
 
 def test_early_exit_job_publishes_a_multi_exit_and_a_gated_model(stack, cnn_onnx, mnist_npz, mnist_data):
-    torch.set_num_threads(1)
     c = stack.client()
-    model, ds = _upload(c, cnn_onnx["dynamo"]), _upload(c, mnist_npz)
+    model, ds = upload(c, cnn_onnx["dynamo"]), upload(c, mnist_npz)
     r = c.post("/v1/jobs", json={"model_id": model["id"], "dataset_id": ds["id"],
                                  "spec": {"steps": [STEP], "eval": EVAL}})
     assert r.status_code == 202, r.text
@@ -83,7 +77,7 @@ def test_early_exit_job_publishes_a_multi_exit_and_a_gated_model(stack, cnn_onnx
 
 def test_early_exit_bad_specs(stack, cnn_onnx, mnist_npz):
     c = stack.client()
-    model, ds = _upload(c, cnn_onnx["legacy"]), _upload(c, mnist_npz)
+    model, ds = upload(c, cnn_onnx["legacy"]), upload(c, mnist_npz)
     r = c.post("/v1/jobs", json={"model_id": model["id"], "dataset_id": ds["id"],
                                  "spec": {"steps": [{"method": "early_exit", "threshold": 1.5}]}})
     assert r.status_code == 422 and r.json()["code"] == "invalid_spec"

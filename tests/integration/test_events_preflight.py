@@ -50,7 +50,7 @@ def finished(stack, uploaded):
     return {}
 
 
-def _until_streamed(events: list, c, job_id: str, timeout: float = 120) -> None:  # noqa: ANN001
+def _until_streamed(events: list, c, job_id: str, timeout: float = 120) -> None:
     """Wait until the stream has sent the job's state as the row shows it now (held: the row stands still)."""
     now = c.get(f"/v1/jobs/{job_id}").json()
     deadline = time.time() + timeout

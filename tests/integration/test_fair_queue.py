@@ -28,7 +28,7 @@ def fair(pg_url, redis_url, tmp_path_factory):  # pg_url: skip (or fail under CI
             stack.stop()
 
 
-def _submit(client, model_id: str) -> str:  # noqa: ANN001
+def _submit(client, model_id: str) -> str:
     r = client.post("/v1/jobs", json={"model_id": model_id, "spec": SPEC})
     assert r.status_code == 202, r.text
     return r.json()["id"]

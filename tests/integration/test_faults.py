@@ -16,7 +16,7 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from testkit.faults import PrivatePostgres, PrivateRedis
-from testkit.stack import Pause, start_embedded, start_stack, wait_job, wait_log
+from testkit.stack import Pause, start_embedded, start_stack, upload, wait_job, wait_log
 
 LONG_SPEC = {"steps": [{"method": "prune", "sparsity": 0.5, "finetune": {"epochs": 15, "batch_size": 32}}],
              "eval": {"latency_runs": 5}}
@@ -32,10 +32,7 @@ def fault(tmp_path_factory, cnn_onnx, mnist_npz):
     stack = start_stack(home / "stack", database_url=pg.url, broker_url=redis.url, workers=2,
                         NETCOMPRESS_MAX_ATTEMPTS="2", NETCOMPRESS_MAX_QUEUED_PER_TEAM="50")
     c = stack.client()
-    with open(cnn_onnx["legacy"], "rb") as f:
-        model = c.post("/v1/models", files={"file": ("cnn.onnx", f)}).json()
-    with open(mnist_npz, "rb") as f:
-        ds = c.post("/v1/datasets", files={"file": ("mnist.npz", f)}).json()
+    model, ds = upload(c, cnn_onnx["legacy"]), upload(c, mnist_npz)
     engine = create_engine(pg.url.replace("postgresql://", "postgresql+psycopg://"), pool_pre_ping=True)
     yield {"stack": stack, "pg": pg, "redis": redis, "model": model, "ds": ds, "engine": engine}
     engine.dispose()
@@ -67,21 +64,16 @@ def _history(f, job_id: str) -> list[tuple]:
             "SELECT from_status, to_status, reason FROM job_transitions WHERE job_id=:j ORDER BY id"), {"j": job_id})]
 
 
-def _claimer_pid(f, job_id: str) -> int:
-    reason = [h for h in _history(f, job_id) if h[1] == "running"][-1][2]
-    return int(reason.rsplit(":", 1)[1])
-
-
-def _worker_of(f, job_id: str) -> tuple[int, int]:
-    """(main process, pool child) of the worker that claimed the job last."""
-    child = _claimer_pid(f, job_id)
+def _worker_of(pause: Pause, job_id: str) -> tuple[int, int]:
+    """(main process, pool child) of the worker the pause last saw holding the job."""
+    child = pause.holder_pid(job_id)
     with open(f"/proc/{child}/stat") as fh:
         return int(fh.read().rsplit(")", 1)[1].split()[1]), child
 
 
-def _kill_worker_of(f, job_id: str) -> None:
+def _kill_worker_of(f, pause: Pause, job_id: str) -> None:
     """SIGKILL the worker that runs the job: its main process first (so nothing hands the job back), then the child."""
-    parent, child = _worker_of(f, job_id)
+    parent, child = _worker_of(pause, job_id)
     os.kill(parent, signal.SIGKILL)
     os.kill(child, signal.SIGKILL)
     f["stack"].add_worker()  # keep two workers
@@ -93,8 +85,8 @@ def _artifact_attempt_dirs(f, job_id: str) -> list[str]:
 
 
 def test_sigkill_mid_job_requeues_and_another_worker_finishes(fault):
-    with _held_mid_job(fault) as (job, _):
-        _kill_worker_of(fault, job["id"])
+    with _held_mid_job(fault) as (job, pause):
+        _kill_worker_of(fault, pause, job["id"])
     done = wait_job(fault["stack"].client(), job["id"], timeout=180)
     assert done["status"] == "succeeded", done
     assert done["attempts"] == 2
@@ -111,8 +103,8 @@ def test_search_resumes_after_the_last_finished_candidate(fault):
             "search": {"prune.sparsity": [0.3, 0.5, 0.7, 0.8, 0.9]},
             "target": {"max_accuracy_drop": 0.05, "optimize": "file_bytes"}, "eval": {"latency_runs": 5}}
     c = fault["stack"].client()
-    with _held_mid_job(fault, spec, at="candidate 3 ") as (job, _):  # two candidates done, the third begun
-        _kill_worker_of(fault, job["id"])
+    with _held_mid_job(fault, spec, at="candidate 3 ") as (job, pause):  # two candidates done, the third begun
+        _kill_worker_of(fault, pause, job["id"])
     done = wait_job(c, job["id"], timeout=300)
     assert done["status"] == "succeeded", done
     assert done["attempts"] == 2
@@ -128,10 +120,10 @@ def test_attempt_limit_ends_failed(fault):
     with _held_mid_job(fault) as (job, pause):
         assert c.get(f"/v1/jobs/{job['id']}").json()["attempts"] == 1
         pause.arm("phase:finetuning")  # before the kill: now only the next attempt can say it is held
-        _kill_worker_of(fault, job["id"])
+        _kill_worker_of(fault, pause, job["id"])  # the first attempt's worker: the wait above saw it
         pause.wait(c, job["id"])
         assert c.get(f"/v1/jobs/{job['id']}").json()["attempts"] == 2
-        _kill_worker_of(fault, job["id"])
+        _kill_worker_of(fault, pause, job["id"])
     done = wait_job(fault["stack"].client(), job["id"], timeout=120)
     assert done["status"] == "failed" and done["error"]["code"] == "worker_lost"
     assert done["attempts"] == 2 and done["artifacts"] == []
@@ -140,8 +132,8 @@ def test_attempt_limit_ends_failed(fault):
 
 def test_sigterm_warm_shutdown_finishes_the_job(fault):
     stack = fault["stack"]
-    with _held_mid_job(fault) as (job, _):
-        parent, _child = _worker_of(fault, job["id"])
+    with _held_mid_job(fault) as (job, pause):
+        parent, _child = _worker_of(pause, job["id"])
         os.kill(parent, signal.SIGTERM)
         wait_log([stack.worker_logs[parent]], "Warm shutdown")  # the shutdown began while the job runs
     done = wait_job(stack.client(), job["id"], timeout=180)
@@ -201,10 +193,7 @@ def test_time_limit_fails_the_job(tmp_path_factory, cnn_onnx, mnist_npz):
     stack = start_embedded(tmp_path_factory.mktemp("limit"), NETCOMPRESS_JOB_TIME_LIMIT_S="10")
     try:
         c = stack.client()
-        with open(cnn_onnx["legacy"], "rb") as f:
-            model = c.post("/v1/models", files={"file": ("cnn.onnx", f)}).json()
-        with open(mnist_npz, "rb") as f:
-            ds = c.post("/v1/datasets", files={"file": ("mnist.npz", f)}).json()
+        model, ds = upload(c, cnn_onnx["legacy"]), upload(c, mnist_npz)
         spec = {"steps": [{"method": "prune", "finetune": {"epochs": 500, "batch_size": 32}}]}
         job = c.post("/v1/jobs", json={"model_id": model["id"], "dataset_id": ds["id"], "spec": spec}).json()
         done = wait_job(c, job["id"], timeout=90)
@@ -233,7 +222,7 @@ def test_200_jobs_4_teams_with_quota(fault, tmp_path):
 
     def submit(team: str, key: str) -> None:
         c = stack.client(key)
-        model = c.post("/v1/models", files={"file": ("tiny.onnx", path.read_bytes())}).json()
+        model = upload(c, path)
         for _ in range(50):
             r = c.post("/v1/jobs", json={"model_id": model["id"], "spec": spec})
             assert r.status_code == 202

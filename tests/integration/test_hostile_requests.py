@@ -19,7 +19,7 @@ import httpx
 import numpy as np
 import pytest
 
-from testkit.stack import expect_problem, tiny_classifier, upload
+from testkit.stack import expect_problem, send_upload, tiny_classifier, upload
 
 MAX_SECONDS = 2.0
 MAX_GROWTH_KIB = 128 * 1024
@@ -192,7 +192,7 @@ def test_model_zip_past_the_ratio_refused_before_inflating(stack, tiny_files, un
                 zipfile.ZIP_DEFLATED)
     assert len(blob) < 100_000
     with cheap(stack):
-        r = stack.client().post("/v1/models", files={"file": ("m.zip", blob)})
+        r = send_upload(stack.client(), "m.zip", blob)
     problem = expect_problem(r, 422, "invalid_model")
     assert "weights.bin" in problem["detail"] and "zip bomb" in problem["detail"]
 
@@ -236,7 +236,7 @@ def test_npz_member_past_the_ratio_refused_before_streaming(stack, unchanged):
     blob = _npz({"input.npy": _npy((rows, 16), data=b"\0" * (rows * 64))}, zipfile.ZIP_DEFLATED)
     assert len(blob) < 100_000
     with cheap(stack):
-        r = stack.client().post("/v1/datasets", files={"file": ("d.npz", blob)})
+        r = send_upload(stack.client(), "d.npz", blob)
     problem = expect_problem(r, 422, "invalid_dataset")
     assert "zip bomb" in problem["detail"]
 
@@ -250,7 +250,7 @@ def test_npz_member_past_the_ratio_refused_before_streaming(stack, unchanged):
 ])
 def test_npz_header_arithmetic(stack, unchanged, shape, words):
     blob = _npz({"input.npy": _npy(shape)})  # no data: the header alone is refused
-    problem = expect_problem(stack.client().post("/v1/datasets", files={"file": ("d.npz", blob)}),
+    problem = expect_problem(send_upload(stack.client(), "d.npz", blob),
                              422, "invalid_dataset")
     assert words in problem["detail"]
 
@@ -274,7 +274,7 @@ def _valid_npy() -> bytes:
 ])
 def test_malformed_npy_member_is_422(stack, unchanged, member):
     blob = _npz({"input.npy": member})
-    expect_problem(stack.client().post("/v1/datasets", files={"file": ("d.npz", blob)}), 422, "invalid_dataset")
+    expect_problem(send_upload(stack.client(), "d.npz", blob), 422, "invalid_dataset")
 
 
 def _patch_sizes(blob: bytes, size: int) -> bytes:
@@ -304,4 +304,4 @@ def test_corrupt_npz_zip_is_422(stack, unchanged, mangle):
     good = _npz({"input.npy": _valid_npy()})
     blob = mangle(good)
     assert blob != good
-    expect_problem(stack.client().post("/v1/datasets", files={"file": ("d.npz", blob)}), 422, "invalid_dataset")
+    expect_problem(send_upload(stack.client(), "d.npz", blob), 422, "invalid_dataset")

@@ -8,12 +8,12 @@ import torch
 from torch import nn
 
 from testkit.zoo import LeNet300100, export_onnx
-from testkit.stack import upload as _upload, wait_job
+from testkit.stack import upload, wait_job
 
 EVAL = {"holdout": 0.3, "latency_runs": 10}
 
 
-def _job(c, model_id: str, dataset_id: str | None, steps: list[dict]) -> dict:  # noqa: ANN001
+def _job(c, model_id: str, dataset_id: str | None, steps: list[dict]) -> dict:
     r = c.post("/v1/jobs", json={"model_id": model_id, "dataset_id": dataset_id, "spec": {"steps": steps, "eval": EVAL}})
     assert r.status_code == 202, r.text
     return wait_job(c, r.json()["id"], timeout=300)
@@ -27,7 +27,7 @@ def _conv_filters(blob: bytes) -> list[int]:
 
 def test_channel_prune_then_distill_is_smaller_faster_and_accurate(stack, cnn_onnx, mnist_npz):
     c = stack.client()
-    model, ds = _upload(c, cnn_onnx["dynamo"]), _upload(c, mnist_npz)
+    model, ds = upload(c, cnn_onnx["dynamo"]), upload(c, mnist_npz)
     job = _job(c, model["id"], ds["id"], [
         {"method": "prune", "granularity": "channel", "sparsity": 0.5, "scope": "layer",
          "finetune": {"epochs": 2, "lr": 2e-3, "distill": True}},
@@ -47,7 +47,7 @@ def test_channel_prune_then_distill_is_smaller_faster_and_accurate(stack, cnn_on
     assert pruned["params"] == result["params"]  # distillation trains the pruned graph, it does not regrow it
 
 
-def _tiny_cnn(path) -> object:  # noqa: ANN001
+def _tiny_cnn(path) -> object:
     torch.manual_seed(5)
     net = nn.Sequential(nn.Conv2d(1, 4, 3, stride=2), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 13 * 13, 10)).eval()
     return export_onnx(net, torch.zeros(2, 1, 28, 28), path, dynamo=False)
@@ -55,10 +55,10 @@ def _tiny_cnn(path) -> object:  # noqa: ANN001
 
 def test_distill_teacher_ensemble_into_an_uploaded_student(stack, cnn_onnx, mnist_npz, tmp_path):
     c = stack.client()
-    teacher = _upload(c, cnn_onnx["dynamo"])
-    second = _upload(c, cnn_onnx["legacy"])
-    student = _upload(c, _tiny_cnn(tmp_path / "student.onnx"))
-    ds = _upload(c, mnist_npz)
+    teacher = upload(c, cnn_onnx["dynamo"])
+    second = upload(c, cnn_onnx["legacy"])
+    student = upload(c, _tiny_cnn(tmp_path / "student.onnx"))
+    ds = upload(c, mnist_npz)
     job = _job(c, teacher["id"], ds["id"], [{"method": "distill", "teachers": ["original", second["id"]],
                                              "student_model_id": student["id"], "epochs": 3, "lr": 3e-3}])
     assert job["status"] == "succeeded", job["error"]
@@ -71,8 +71,8 @@ def test_distill_teacher_ensemble_into_an_uploaded_student(stack, cnn_onnx, mnis
 
 def test_model_ids_in_a_spec_are_checked_at_submit(stack, cnn_onnx, mnist_npz):
     a, b = stack.client(), stack.client(stack.new_key("team-pd-other"))
-    mine, ds = _upload(a, cnn_onnx["legacy"]), _upload(a, mnist_npz)
-    theirs = _upload(b, cnn_onnx["legacy"])
+    mine, ds = upload(a, cnn_onnx["legacy"]), upload(a, mnist_npz)
+    theirs = upload(b, cnn_onnx["legacy"])
     for steps, path in (
         ([{"method": "distill", "teachers": ["original", theirs["id"]]}], "$.spec.steps[0].teachers[1]"),
         ([{"method": "distill", "student_model_id": "no-such-model"}], "$.spec.steps[0].student_model_id"),
@@ -102,7 +102,7 @@ def test_lottery_ticket_rewinds_to_an_uploaded_init(stack, mnist_data, tmp_path)
     npz = tmp_path / "flat.npz"
     np.savez(npz, input=Xf[:2000], labels=y[:2000])
     c = stack.client()
-    init, trained, ds = _upload(c, init_path), _upload(c, trained_path), _upload(c, npz)
+    init, trained, ds = upload(c, init_path), upload(c, trained_path), upload(c, npz)
     job = _job(c, trained["id"], ds["id"], [{"method": "prune", "sparsity": 0.8, "iterations": 2, "rewind": "init",
                                              "rewind_model_id": init["id"], "finetune": {"epochs": 2, "lr": 2e-3}}])
     assert job["status"] == "succeeded", job["error"]

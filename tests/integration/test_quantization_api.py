@@ -14,7 +14,7 @@ from onnx import TensorProto
 from compression.techniques.quantization.layers import channel_view, weight_layers
 from compression.techniques.quantization.packing import computed_weights
 from compression.xz_artifact import load_compressed
-from testkit.stack import wait_job
+from testkit.stack import upload, wait_job
 
 DEEP_COMPRESSION = {"steps": [
     {"method": "prune", "granularity": "weight", "sparsity": 0.8, "iterations": 2, "finetune": {"epochs": 1}},
@@ -54,10 +54,7 @@ def jobs(stack, lenet_upload):
     """Upload once, submit one job per scheme family, wait for all (the worker runs them in turn)."""
     onnx_path, npz, _, _ = lenet_upload
     c = stack.client()
-    with open(onnx_path, "rb") as f:
-        model = c.post("/v1/models", files={"file": (onnx_path.name, f)}).json()
-    with open(npz, "rb") as f:
-        ds = c.post("/v1/datasets", files={"file": (npz.name, f)}).json()
+    model, ds = upload(c, onnx_path), upload(c, npz)
     ids = {}
     for name, spec in SPECS.items():
         r = c.post("/v1/jobs", json={"model_id": model["id"], "dataset_id": ds["id"], "spec": spec, "name": name})
@@ -167,8 +164,7 @@ def test_fp16_job(stack, jobs, lenet_upload):
 def test_bad_quantize_specs_are_422_at_their_path(stack, lenet_upload, step, path):
     onnx_path = lenet_upload[0]
     c = stack.client()
-    with open(onnx_path, "rb") as f:
-        model = c.post("/v1/models", files={"file": (onnx_path.name, f)}).json()
+    model = upload(c, onnx_path)
     r = c.post("/v1/jobs", json={"model_id": model["id"], "spec": {"steps": [step]}})
     assert r.status_code == 422, r.text
     body = r.json()

@@ -8,18 +8,18 @@ import onnx
 import onnxruntime as ort
 from onnx import helper
 
-from testkit.stack import upload as _upload, wait_job
+from testkit.stack import upload, wait_job
 
 EVAL = {"holdout": 0.3, "latency_runs": 10}
 
 
-def _job(c, model_id: str, dataset_id: str | None, steps: list[dict]) -> dict:  # noqa: ANN001
+def _job(c, model_id: str, dataset_id: str | None, steps: list[dict]) -> dict:
     r = c.post("/v1/jobs", json={"model_id": model_id, "dataset_id": dataset_id, "spec": {"steps": steps, "eval": EVAL}})
     assert r.status_code == 202, r.text
     return wait_job(c, r.json()["id"], timeout=300)
 
 
-def _artifact(c, job: dict, name: str) -> onnx.ModelProto:  # noqa: ANN001
+def _artifact(c, job: dict, name: str) -> onnx.ModelProto:
     r = c.get(f"/v1/jobs/{job['id']}/artifacts/{name}")
     assert r.status_code == 200, r.text
     model = onnx.load_from_string(r.content)
@@ -34,7 +34,7 @@ def _run(model: onnx.ModelProto, X: np.ndarray) -> np.ndarray:
 
 def test_lowrank_then_int8_is_factored_smaller_and_accurate(stack, cnn_onnx, mnist_npz, mnist_data):
     c = stack.client()
-    model, ds = _upload(c, cnn_onnx["legacy"]), _upload(c, mnist_npz)
+    model, ds = upload(c, cnn_onnx["legacy"]), upload(c, mnist_npz)
     job = _job(c, model["id"], ds["id"], [
         {"method": "lowrank", "rank_ratio": 0.25, "exclude": ["/classifier/classifier.3/Gemm"],
          "finetune": {"epochs": 3, "lr": 2e-3, "distill": True}},
@@ -65,7 +65,7 @@ def test_lowrank_then_int8_is_factored_smaller_and_accurate(stack, cnn_onnx, mni
 
 def test_depthwise_separable_replaces_the_conv_and_recovers(stack, cnn_onnx, mnist_npz, mnist_data):
     c = stack.client()
-    model, ds = _upload(c, cnn_onnx["dynamo"]), _upload(c, mnist_npz)
+    model, ds = upload(c, cnn_onnx["dynamo"]), upload(c, mnist_npz)
     job = _job(c, model["id"], ds["id"], [{"method": "depthwise_separable", "finetune": {"epochs": 3, "lr": 2e-3}}])
     assert job["status"] == "succeeded", job["error"]
     out = _artifact(c, job, "model.onnx")
@@ -84,7 +84,7 @@ def test_depthwise_separable_replaces_the_conv_and_recovers(stack, cnn_onnx, mni
 
 def test_bad_rewrite_specs_are_refused_at_submit(stack, cnn_onnx):
     c = stack.client()
-    model = _upload(c, cnn_onnx["legacy"])
+    model = upload(c, cnn_onnx["legacy"])
     for step, path in (({"method": "lowrank", "rank_ratio": 0.5, "energy": 0.9}, "$.spec.steps[0]"),
                        ({"method": "lowrank", "layers": {"x": {"rank": 0}}}, "$.spec.steps[0].layers.x.rank"),
                        ({"method": "depthwise_separable", "min_channels": 0}, "$.spec.steps[0].min_channels")):

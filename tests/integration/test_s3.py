@@ -8,7 +8,7 @@ import uuid
 import psycopg
 import pytest
 
-from testkit.stack import PG_HOST, PG_PORT, free_port, start_stack, tiny_classifier, wait_job
+from testkit.stack import PG_HOST, PG_PORT, free_port, start_stack, tiny_classifier, upload, wait_job
 
 BUCKET = "nc-artifacts"
 PREFIX = "team-data/v1"
@@ -78,10 +78,7 @@ def keys(s3, prefix: str) -> dict[str, int]:
 def test_job_artifacts_land_in_the_bucket_and_download_through_the_api(s3_stack, s3, tmp_path):
     onnx_path, npz_path = tiny_classifier(tmp_path)
     c = s3_stack.client()
-    with open(onnx_path, "rb") as f:
-        model = c.post("/v1/models", files={"file": ("tiny.onnx", f)}).json()
-    with open(npz_path, "rb") as f:
-        ds = c.post("/v1/datasets", files={"file": ("tiny.npz", f)}).json()
+    model, ds = upload(c, onnx_path), upload(c, npz_path)
     assert keys(s3, f"{PREFIX}/models/{model['id']}/") == {f"{PREFIX}/models/{model['id']}/model.onnx": onnx_path.stat().st_size}
     assert list(keys(s3, f"{PREFIX}/datasets/{ds['id']}/")) == [f"{PREFIX}/datasets/{ds['id']}/data.npz"]
     # the model file streams back from the bucket
@@ -110,10 +107,7 @@ def test_training_jobs_are_routed_to_the_gpu_queue(s3_stack, redis_url, tmp_path
 
     onnx_path, npz_path = tiny_classifier(tmp_path)
     c = s3_stack.client()
-    with open(onnx_path, "rb") as f:
-        model = c.post("/v1/models", files={"file": ("tiny.onnx", f)}).json()
-    with open(npz_path, "rb") as f:
-        ds = c.post("/v1/datasets", files={"file": ("tiny.npz", f)}).json()
+    model, ds = upload(c, onnx_path), upload(c, npz_path)
     spec = {"steps": [{"method": "prune", "sparsity": 0.5, "finetune": {"epochs": 1}}], "eval": FAST_EVAL}
     job = c.post("/v1/jobs", json={"model_id": model["id"], "dataset_id": ds["id"], "spec": spec}).json()
     gpu_q, cpu_q = s3_stack.env["NETCOMPRESS_GPU_QUEUE"], s3_stack.env["NETCOMPRESS_CPU_QUEUE"]
@@ -125,7 +119,7 @@ def test_training_jobs_are_routed_to_the_gpu_queue(s3_stack, redis_url, tmp_path
 
 
 def test_store_streams_multipart_and_cleans_up(s3, tmp_path):
-    from store.artifacts import UploadTooLarge
+    from store.objects import UploadTooLarge
     from store.s3 import S3ArtifactStore
 
     store = S3ArtifactStore(BUCKET, "unit", s3, part_bytes=5 * 1024 * 1024)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from testkit.hostile import constant_bomb, poison_program, run_time_bomb, save_program, spinning_loop
-from testkit.stack import expect_problem as _problem, start_stack, tiny_classifier, wait_job
+from testkit.stack import expect_problem, send_upload, start_stack, tiny_classifier, upload, wait_job
 
 MiB = 1024 * 1024
 UPLOAD_S = 2.0
@@ -43,20 +43,16 @@ def tight(pg_url, redis_url, tmp_path_factory):
     s.key = s.new_key("sandbox-team")
     # Warm up: the API imports the technique registry (and torch) on its first spec; measure models, not that.
     onnx_path, _ = tiny_classifier(tmp_path_factory.mktemp("warm"))
-    _preflight(s, _upload(s, "tiny.onnx", onnx_path.read_bytes()).json()["id"]).raise_for_status()
+    _preflight(s, upload(s.client(), onnx_path)["id"]).raise_for_status()
     yield s
     s.stop()
-
-
-def _upload(stack, name: str, data: bytes):
-    return stack.client().post("/v1/models", files={"file": (name, data)})
 
 
 def test_pt2_with_a_pickled_weight_is_refused_and_its_payload_never_runs(stack, tmp_path):
     real = save_program(tmp_path / "real.pt2")
     marker = tmp_path / "pwned-weight"
     bad = poison_program(real, tmp_path / "bad.pt2", marker, where="weight")
-    body = _problem(_upload(stack, "bad.pt2", bad.read_bytes()), 415, "unsupported_format")
+    body = expect_problem(send_upload(stack.client(), "bad.pt2", bad.read_bytes()), 415, "unsupported_format")
     assert "pickle" in body["detail"] and "fc.bias" in body["detail"]
     assert not marker.exists()
 
@@ -66,7 +62,7 @@ def test_pt2_with_pickled_example_inputs_loads_without_running_them(stack, tmp_p
     real = save_program(tmp_path / "real.pt2")
     marker = tmp_path / "pwned-inputs"
     bad = poison_program(real, tmp_path / "bad.pt2", marker, where="sample_inputs")
-    r = _upload(stack, "bad.pt2", bad.read_bytes())
+    r = send_upload(stack.client(), "bad.pt2", bad.read_bytes())
     assert r.status_code == 201, r.text
     model = r.json()
     assert model["format"] == "pt2" and model["params"] == 4 * 3 + 3
@@ -85,7 +81,7 @@ def test_constant_bomb_costs_the_api_nothing_on_upload_or_preflight(tight):
     api = tight.procs[0].pid
     peak = _peak_rss(api)
     t0 = time.monotonic()
-    r = _upload(tight, "bomb.onnx", constant_bomb(2**28))
+    r = send_upload(tight.client(), "bomb.onnx", constant_bomb(2**28))
     assert r.status_code == 201, r.text
     assert time.monotonic() - t0 < UPLOAD_S
     for _ in range(3):
@@ -99,7 +95,7 @@ def test_constant_bomb_costs_the_api_nothing_on_upload_or_preflight(tight):
 def test_preflight_of_a_model_that_needs_gigabytes_to_run_names_the_memory_limit(tight):
     """Expand to [1, 2^31] needs 8 GiB for one forward: the MAC probe stops at the sandbox's 1 GiB."""
     api = tight.procs[0].pid
-    r = _upload(tight, "runbomb.onnx", run_time_bomb(2**31))
+    r = send_upload(tight.client(), "runbomb.onnx", run_time_bomb(2**31))
     assert r.status_code == 201, r.text
     peak = _peak_rss(api)
     t0 = time.monotonic()
@@ -115,7 +111,7 @@ def test_preflight_of_a_model_that_needs_gigabytes_to_run_names_the_memory_limit
 def test_spinning_loop_costs_the_api_no_cpu_in_preflight(tight):
     """A Loop of 10^8 turns loads in no time; preflight's MAC probe stops at its 1 CPU-second limit and the
     report says MACs were estimated, naming the limit. The API process spends none of that CPU."""
-    r = _upload(tight, "loop.onnx", spinning_loop(10**8))
+    r = send_upload(tight.client(), "loop.onnx", spinning_loop(10**8))
     assert r.status_code == 201, r.text
     api = tight.procs[0].pid
     cpu = _cpu_s(api)
@@ -135,7 +131,7 @@ def test_hostile_model_fails_its_own_job_and_the_next_job_succeeds(tight, tmp_pa
     """Expand(x[N,1], [N, 2^27]): cheap to check, 32 GiB to run on 64 samples. Its job fails with the memory
     limit named; the same worker then runs an ordinary job to success."""
     c = tight.client()
-    bomb = _upload(tight, "runbomb.onnx", run_time_bomb(2**27))
+    bomb = send_upload(tight.client(), "runbomb.onnx", run_time_bomb(2**27))
     assert bomb.status_code == 201, bomb.text
     job = c.post("/v1/jobs", json={"model_id": bomb.json()["id"],
                                    "spec": {"steps": [{"method": "quantize", "scheme": "fp16"}]}}).json()
@@ -146,7 +142,7 @@ def test_hostile_model_fails_its_own_job_and_the_next_job_succeeds(tight, tmp_pa
     assert "/" not in done["error"]["message"]  # no server path
 
     onnx_path, _ = tiny_classifier(tmp_path)
-    model = c.post("/v1/models", files={"file": ("tiny.onnx", onnx_path.read_bytes())}).json()
+    model = upload(c, onnx_path)
     ok = c.post("/v1/jobs", json={"model_id": model["id"],
                                   "spec": {"steps": [{"method": "quantize", "scheme": "fp16"}]}}).json()
     good = wait_job(c, ok["id"], timeout=300)

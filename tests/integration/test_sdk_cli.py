@@ -35,7 +35,7 @@ def cli(stack, *args: str, check: bool = True, timeout: float = 600) -> subproce
     return out
 
 
-def _cli_following(stack, args: list[str], until, pause: Pause, timeout: float = 600) -> subprocess.CompletedProcess:  # noqa: ANN001
+def _cli_following(stack, args: list[str], until, pause: Pause, timeout: float = 600) -> subprocess.CompletedProcess:
     """Run the CLI; once a line of its stderr satisfies ``until`` (or it exits), release the held job."""
     env = {**stack.env, "NETCOMPRESS_URL": stack.url, "NETCOMPRESS_API_KEY": stack.key}
     proc = subprocess.Popen(NC + args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -97,7 +97,7 @@ def test_cli_yaml_spec_jobs_models_download_cancel(stack, tiny, tmp_path):
     spec = tmp_path / "spec.yaml"
     spec.write_text("steps:\n  - method: quantize\n    scheme: int8\n    mode: dynamic\n"
                     "eval:\n  holdout: 0.3\n  latency_runs: 5\n")
-    with stack.paused("") as pause:  # held at its first progress message: it cannot have finished
+    with stack.paused(""):  # held at its first progress message: it cannot have finished
         r = cli(stack, "submit", str(onnx_path), "--spec", str(spec), "--json")
         job = json.loads(r.stdout)
         assert job["status"] in ("queued", "running") and job["spec"]["steps"][0]["mode"] == "dynamic"
@@ -154,7 +154,7 @@ def test_sdk_flow_with_arrays_progress_and_metrics(stack, tmp_path):
     onnx_path, npz_path = tiny_classifier(tmp_path / "sdk", samples=1000)
     seen: list[tuple[str, float]] = []
 
-    def on_update(j) -> None:  # noqa: ANN001
+    def on_update(j) -> None:
         seen.append((j.status, j.progress.get("fraction") or 0.0))
         if j.status == "running":
             pause.release()  # "running" was seen mid-way: the held job may go on

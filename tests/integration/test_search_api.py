@@ -26,7 +26,7 @@ def tiny(stack, tmp_path_factory):
     return ids
 
 
-def _post(c, tiny, spec, dataset="data"):  # noqa: ANN001, ANN202
+def _post(c, tiny, spec, dataset="data"):
     return c.post("/v1/jobs", json={"model_id": tiny["model"], "dataset_id": tiny[dataset] if dataset else None,
                                     "spec": {**spec, "eval": EVAL}})
 

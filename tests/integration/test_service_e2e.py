@@ -11,7 +11,7 @@ import pytest
 from onnx import numpy_helper
 from sqlalchemy import create_engine, text
 
-from testkit.stack import wait_job
+from testkit.stack import upload, wait_job
 
 SPEC = {
     "steps": [
@@ -47,22 +47,12 @@ def own_nonzero(model: onnx.ModelProto) -> int:
     return total
 
 
-def upload(client, path, name=None, field="file"):
-    with open(path, "rb") as f:
-        return client.post("/v1/models" if str(path).endswith(".onnx") else "/v1/datasets",
-                           files={field: (path.name, f)}, data={"name": name or path.name})
-
-
 def run_flow(stack, onnx_path, npz_path, X, y):
     c = stack.client()
-    r = upload(c, onnx_path)
-    assert r.status_code == 201, r.text
-    model = r.json()
+    model = upload(c, onnx_path, name=onnx_path.name)
     assert model["format"] == "onnx" and model["sha256"] == hashlib.sha256(onnx_path.read_bytes()).hexdigest()
     assert model["inputs"][0]["name"] == "input" and model["params"] > 200_000
-    r = upload(c, npz_path)
-    assert r.status_code == 201, r.text
-    ds = r.json()
+    ds = upload(c, npz_path, name=npz_path.name)
     assert ds["samples"] == len(X) and ds["arrays"]["input"]["shape"] == list(X.shape)
 
     r = c.post("/v1/jobs", json={"model_id": model["id"], "dataset_id": ds["id"], "spec": SPEC, "name": "e2e"})

@@ -12,17 +12,10 @@ import torch
 
 from compression.analysis import count_params, macs
 from testkit.zoo import export_onnx
-from testkit.stack import wait_job
+from testkit.stack import upload, wait_job
 
 EVAL = {"holdout": 0.3, "latency_runs": 10}
 WIDTHS = [0.25, 0.5, 1.0]
-
-
-def _upload(c, path) -> dict:  # noqa: ANN001
-    with open(path, "rb") as f:
-        r = c.post("/v1/models" if str(path).endswith(".onnx") else "/v1/datasets", files={"file": (path.name, f)})
-    assert r.status_code == 201, r.text
-    return r.json()
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +27,7 @@ def bn_cnn_path(trained_cnn, tmp_path_factory):
 
 def test_slimmable_job_publishes_one_smaller_model_per_width(stack, bn_cnn_path, mnist_npz):
     c = stack.client()
-    model, ds = _upload(c, bn_cnn_path), _upload(c, mnist_npz)
+    model, ds = upload(c, bn_cnn_path), upload(c, mnist_npz)
     r = c.post("/v1/jobs", json={"model_id": model["id"], "dataset_id": ds["id"], "spec": {"eval": EVAL, "steps": [
         {"method": "slimmable", "widths": WIDTHS, "epochs": 2, "lr": 1e-3, "batch_size": 64}]}})
     assert r.status_code == 202, r.text
@@ -74,7 +67,7 @@ def test_slimmable_job_publishes_one_smaller_model_per_width(stack, bn_cnn_path,
 
 def test_bad_widths_are_a_422(stack, cnn_onnx, mnist_npz):
     c = stack.client()
-    model, ds = _upload(c, cnn_onnx["legacy"]), _upload(c, mnist_npz)
+    model, ds = upload(c, cnn_onnx["legacy"]), upload(c, mnist_npz)
     for widths, msg in (([0.5, 0.25, 1.0], "sorted"), ([0.5, 0.75], "include 1.0"), ([0.5, 0.5, 1.0], "unique"),
                         ([0.0, 1.0], "(0, 1]")):
         r = c.post("/v1/jobs", json={"model_id": model["id"], "dataset_id": ds["id"],

@@ -10,7 +10,7 @@ import torch
 
 from testkit.refdata import fit
 from testkit.zoo import LeNet300100
-from testkit.stack import wait_job
+from testkit.stack import upload, wait_job
 
 
 def _lenet_data(mnist_data):
@@ -29,7 +29,7 @@ def _check_job(stack, model, X, tmp_path):
     c = stack.client()
     buf = io.BytesIO()
     np.savez(buf, **{model["inputs"][0]["name"]: X})
-    ds = c.post("/v1/datasets", files={"file": ("d.npz", buf.getvalue())}).json()
+    ds = upload(c, "d.npz", buf.getvalue())
     r = c.post("/v1/jobs", json={"model_id": model["id"], "dataset_id": ds["id"], "spec": {"steps": [
         {"method": "prune", "sparsity": 0.5, "finetune": {"epochs": 1}},
         {"method": "quantize", "mode": "dynamic"}]}})
@@ -45,7 +45,7 @@ def _check_job(stack, model, X, tmp_path):
     return job
 
 
-def _zip_with_external_data(net: torch.nn.Module, folder) -> io.BytesIO:  # noqa: ANN001
+def _zip_with_external_data(net: torch.nn.Module, folder) -> io.BytesIO:
     """The net exported with its weights in a sidecar ``.data`` file, both zipped."""
     folder.mkdir()
     torch.onnx.export(net, (torch.zeros(2, 784),), str(folder / "model.onnx"), dynamo=True, external_data=True,
@@ -61,9 +61,7 @@ def test_zip_with_external_data(stack, mnist_data, tmp_path):
     X, _ = _lenet_data(mnist_data)
     net = _trained_lenet(mnist_data)
     buf = _zip_with_external_data(net, tmp_path / "export")
-    r = stack.client().post("/v1/models", files={"file": ("lenet.zip", buf.getvalue())})
-    assert r.status_code == 201, r.text
-    model = r.json()
+    model = upload(stack.client(), "lenet.zip", buf.getvalue())
     assert model["format"] == "onnx_zip" and model["params"] == sum(p.numel() for p in net.parameters())
     # downloaded as one self-contained ONNX
     blob = stack.client().get(f"/v1/models/{model['id']}/file").content
@@ -78,10 +76,7 @@ def test_pt2_program(stack, mnist_data, tmp_path):
     ep = torch.export.export(net, (torch.zeros(2, 784),), dynamic_shapes=({0: torch.export.Dim("batch")},))
     path = tmp_path / "lenet.pt2"
     torch.export.save(ep, str(path))
-    with open(path, "rb") as f:
-        r = stack.client().post("/v1/models", files={"file": ("lenet.pt2", f)})
-    assert r.status_code == 201, r.text
-    model = r.json()
+    model = upload(stack.client(), path)
     assert model["format"] == "pt2" and model["outputs"][0]["shape"][-1] == 10
     _check_job(stack, model, X, tmp_path)
 
@@ -96,9 +91,7 @@ def test_large_zip_is_stored_as_uploaded_and_runs(mnist_data, tmp_path):
     buf = _zip_with_external_data(net, tmp_path / "export")
     stack = start_embedded(tmp_path / "lazy", NETCOMPRESS_MODEL_INLINE_MAX_BYTES="0")
     try:
-        r = stack.client().post("/v1/models", files={"file": ("lenet.zip", buf.getvalue())})
-        assert r.status_code == 201, r.text
-        model = r.json()
+        model = upload(stack.client(), "lenet.zip", buf.getvalue())
         assert model["format"] == "onnx_zip" and model["params"] == sum(p.numel() for p in net.parameters())
         got = stack.client().get(f"/v1/models/{model['id']}/file")
         assert got.content == buf.getvalue() and got.headers["content-disposition"].endswith('.zip"')

@@ -5,7 +5,8 @@ import hashlib
 
 import pytest
 
-from store.artifacts import InvalidKey, LocalArtifactStore, UploadTooLarge
+from store.artifacts import LocalArtifactStore
+from store.objects import InvalidKey, UploadTooLarge
 
 
 def test_put_stream_is_atomic_and_hashed(tmp_path):

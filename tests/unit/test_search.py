@@ -24,10 +24,10 @@ EVAL = {"latency_runs": 5, "holdout": 0.4}
 class DictCheckpoint(dict):
     """The Checkpoint protocol over a dict (the service uses the artifact store)."""
 
-    def get(self, name):  # noqa: ANN001, ANN201
+    def get(self, name):
         return dict.get(self, name)
 
-    def put(self, name, data):  # noqa: ANN001, ANN201
+    def put(self, name, data):
         self[name] = data
 
 
@@ -43,7 +43,7 @@ def lenet(mnist_data, tmp_path_factory):
     return onnx.load(str(path)), data
 
 
-def _steps(spec):  # noqa: ANN001, ANN202
+def _steps(spec):
     p = parse_spec(spec)
     return p.raw_steps(), p.search
 
@@ -153,7 +153,7 @@ def test_cancel_keeps_what_finished_and_trials_budget(lenet, tmp_path):
                        "eval": EVAL})
     seen = set()
 
-    def progress(p):  # noqa: ANN001, ANN202 - a user's cancel once the third candidate starts
+    def progress(p):
         msg = p.get("message", "")
         seen.add(msg.split(" (")[0])
         if msg.startswith("candidate 3 "):
@@ -165,7 +165,7 @@ def test_cancel_keeps_what_finished_and_trials_budget(lenet, tmp_path):
     assert res.metrics["result"]["file_bytes"] == s["best"]["objective"]
 
     # cancelled before anything finished: the cancel stands
-    def early(p):  # noqa: ANN001, ANN202
+    def early(p):
         if p.get("message", "").startswith("candidate 1 "):
             raise Cancelled("cancelled by user")
 

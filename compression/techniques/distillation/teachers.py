@@ -50,7 +50,7 @@ def run_teachers(teachers: list[onnx.ModelProto], names: list[str], data: DataSp
         try:
             train_outs.append(teacher_outputs(t, data.train, threads))
             hold_outs.append(teacher_outputs(t, data.holdout, threads))
-        except Exception as e:  # noqa: BLE001 - ORT's errors name the bad input; say which teacher
+        except Exception as e:
             raise InvalidSpec(f"teacher {names[i]!r} does not run on the dataset: {str(e)[:300]}",
                               [{"loc": ["teachers", i], "msg": "does not run on the dataset"}]) from None
     shapes = {o.shape[1:] for o in train_outs}

@@ -116,7 +116,7 @@ def find_cuts(model: onnx.ModelProto, sample: dict[str, np.ndarray]) -> GraphFac
     try:
         inferred = onnx.shape_inference.infer_shapes(model).graph
         elem.update({vi.name: vi.type.tensor_type.elem_type for vi in inferred.value_info})
-    except Exception:  # noqa: BLE001 - unknown types are treated as float below
+    except Exception:
         pass
     per_node = [_macs_or_zero(n, shapes) for n in nodes]
     # The last node that reads each non-constant value; graph outputs stay live to the end.

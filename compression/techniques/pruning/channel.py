@@ -184,7 +184,7 @@ def _export_error(module: OnnxModule, exported: onnx.ModelProto, holdout: Arrays
 # ------------------------------------------------------------------------------------ DepGraph
 def depgraph_pruner(module: OnnxModule, example: tuple[torch.Tensor, ...], plan: ChannelPlan, *,
                     importance_name: str, sparsity: float, scope: str, layer_sparsity: dict[str, float] | None,
-                    iterations: int, max_layer_sparsity: float, round_to: int | None = None):  # noqa: ANN201
+                    iterations: int, max_layer_sparsity: float, round_to: int | None = None):
     """A torch-pruning ``MetaPruner`` over the plan's prunable layers (``step()`` once per iteration)."""
     tp = torch_pruning()
     by_name = {spec.name: module.weights[spec.extra["module"][1]] for spec in module._nodes

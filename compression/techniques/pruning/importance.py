@@ -93,7 +93,7 @@ def _score(tensors: list[torch.Tensor], name: str, rng: np.random.Generator) -> 
     raise ValueError(f"importance {name!r} does not apply to attention heads / FFN neurons")
 
 
-def _slice_of(t: torch.Tensor, idx, dim: int) -> torch.Tensor:  # noqa: ANN001
+def _slice_of(t: torch.Tensor, idx, dim: int) -> torch.Tensor:
     """A slice of ``t`` along ``dim`` that carries the matching slice of ``t.grad`` (for Taylor scores)."""
     out = t.narrow(dim, idx.start, idx.stop - idx.start) if isinstance(idx, slice) else t.index_select(dim, torch.tensor(idx))
     if t.grad is not None:

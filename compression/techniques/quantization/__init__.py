@@ -91,7 +91,7 @@ class QuantizeSpec(StrictModel):
 
     @field_validator(*OPTION_SCHEMES)
     @classmethod
-    def _applies(cls, value, info: ValidationInfo):  # noqa: ANN001, ANN206
+    def _applies(cls, value, info: ValidationInfo):
         """Refuse an option the chosen scheme (or int8 mode) does not use, at that option's JSON path."""
         scheme, mode = info.data.get("scheme"), info.data.get("mode")
         if value in (None, []) or scheme is None:

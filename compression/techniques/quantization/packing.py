@@ -132,7 +132,7 @@ class _Builder:
             self.shared.append(name)
         return name
 
-    def node(self, op: str, inputs: list[str], suffix: str, out: str | None = None, **attrs) -> str:  # noqa: ANN003
+    def node(self, op: str, inputs: list[str], suffix: str, out: str | None = None, **attrs) -> str:
         out = out or self.names(f"{self.base}.{suffix}")
         self.nodes.append(helper.make_node(op, inputs, [out], name=self.names(f"{self.base}.{suffix}.node"), **attrs))
         return out

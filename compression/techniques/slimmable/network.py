@@ -255,7 +255,7 @@ class SlimmableNet(nn.Module):
     def width(self) -> float:
         return self.widths[self._index]
 
-    def forward(self, *inputs: torch.Tensor):  # noqa: ANN201 - tensor or tuple, like OnnxModule
+    def forward(self, *inputs: torch.Tensor):
         return self.module(*inputs)
 
     def norms_of(self, width: float) -> list[nn.modules.batchnorm._BatchNorm]:

@@ -21,7 +21,7 @@ def _mlp(hidden: int, seed: int, out: int = 10) -> nn.Module:
     return nn.Sequential(nn.Linear(784, hidden), nn.ReLU(), nn.Linear(hidden, out))
 
 
-def _export(net: nn.Module, path) -> onnx.ModelProto:  # noqa: ANN001
+def _export(net: nn.Module, path) -> onnx.ModelProto:
     return onnx.load(str(export_onnx(net.eval(), torch.zeros(2, 784), path, dynamo=False)))
 
 
@@ -43,7 +43,7 @@ def test_ensemble_target_is_the_average_softened_distribution():
     outs = [rng.standard_normal((5, 4)).astype(np.float32) * 3 for _ in range(3)]
     t = 4.0
     target = ensemble_targets(outs, t, class_scores=True)
-    soft = lambda z: np.exp(z / t) / np.exp(z / t).sum(1, keepdims=True)  # noqa: E731
+    soft = lambda z: np.exp(z / t) / np.exp(z / t).sum(1, keepdims=True)
     np.testing.assert_allclose(soft(target), np.mean([soft(o) for o in outs], 0), atol=1e-5)
     np.testing.assert_allclose(ensemble_targets(outs, t, class_scores=False), np.mean(outs, 0), atol=1e-6)
     assert ensemble_targets(outs[:1], t, True) is outs[0]

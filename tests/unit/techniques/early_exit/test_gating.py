@@ -42,7 +42,7 @@ def test_gated_graph_picks_the_simulated_exit_on_every_sample(trained, cnn, x1):
         assert seen == {1, 2, 3}
 
 
-def _conv_events(gated: onnx.ModelProto, x: np.ndarray, threshold: float, tmp_path) -> list[str]:  # noqa: ANN001
+def _conv_events(gated: onnx.ModelProto, x: np.ndarray, threshold: float, tmp_path) -> list[str]:
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     opts.intra_op_num_threads = 1

@@ -175,7 +175,7 @@ def test_minilm_style_matmul_graph_is_factored_exactly_and_trains(tmp_path):
 
 def test_layers_that_cannot_be_factored_are_skipped_with_reasons(tmp_path):
     rng = np.random.default_rng(0)
-    f = lambda *s: rng.normal(size=s).astype(np.float32)  # noqa: E731
+    f = lambda *s: rng.normal(size=s).astype(np.float32)
     inits = [numpy_helper.from_array(a, n) for a, n in (
         (f(8, 1, 3, 3), "w_group"), (f(8, 8, 3, 3), "w_same"), (f(8, 8, 1, 1), "w_1x1"), (f(8 * 11 * 9, 4), "w_fc"),
         (f(4, 4), "w_small"))]

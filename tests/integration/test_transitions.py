@@ -37,7 +37,7 @@ def _job(factory) -> str:
                         inputs=[], outputs=[], storage_key="models/x/model.onnx")
         s.add(m)
         s.flush()
-        j = Job(team_id=team.id, model_id=m.id, spec={"steps": []})
+        j = Job(team_id=team.id, model_id=m.id, spec={"steps": []}, queue="netcompress")
         s.add(j)
         s.commit()
         return j.id

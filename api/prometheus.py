@@ -41,7 +41,7 @@ class JobCollector:
     def describe(self) -> list:
         return []  # collected lazily: no database query at registration
 
-    def collect(self):  # noqa: ANN201 - prometheus_client's collector protocol
+    def collect(self):  # prometheus_client's collector protocol
         try:
             counts, durations = self._query()
         except Exception as e:  # the database is down: say so rather than fail the scrape
