@@ -28,7 +28,7 @@ from typing import Any, Literal, get_args
 from pydantic import Field, ValidationError
 
 from compression.errors import InvalidSpec
-from compression.spec_base import StrictModel
+from compression.step_spec import StrictModel
 
 ALLOCATION = "allocation"
 MAX_CANDIDATES = 512
