@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import BaseModel
+from compression.step_spec import StepSpec
 
 _REGISTRY: dict[str, "Technique"] = {}
 
@@ -19,16 +19,20 @@ _REGISTRY: dict[str, "Technique"] = {}
 @dataclass(frozen=True)
 class Technique:
     name: str
-    spec_model: type[BaseModel]
+    spec_model: type[StepSpec]
     apply: Callable[..., Any]  # (model: onnx.ModelProto, spec, ctx: StepContext) -> StepResult
     phase: str  # progress phase while it runs: pruning, quantizing, ...
     summary: str
 
 
-def register_technique(name: str, spec_model: type[BaseModel], *, phase: str) -> Callable:
-    """Decorator registering ``apply`` under ``name``; duplicates and missing spec types fail at import."""
-    if not (isinstance(spec_model, type) and issubclass(spec_model, BaseModel)):
-        raise TypeError(f"technique {name!r}: spec_model must be a pydantic model")
+def register_technique(name: str, spec_model: type[StepSpec], *, phase: str) -> Callable:
+    """Decorator registering ``apply`` under ``name``; duplicates and missing spec types fail at import.
+
+    The spec model is a :class:`~compression.step_spec.StepSpec`: it says whether the step trains, needs
+    data or torch, what preflight checks and what ``search: auto`` tries.
+    """
+    if not (isinstance(spec_model, type) and issubclass(spec_model, StepSpec)):
+        raise TypeError(f"technique {name!r}: spec_model must be a StepSpec (compression.step_spec)")
     if "method" not in spec_model.model_fields:
         raise TypeError(f"technique {name!r}: spec model needs a 'method' field")
 

@@ -11,6 +11,7 @@ own sparsity from a quick per-layer scan (the search fills ``scope: layer`` and 
 that barely affect the output are pruned harder and the fragile ones are spared. What it means, where it
 applies and which values it takes is pruning's knowledge (:mod:`compression.techniques.pruning.sensitivity`),
 imported where it is used: that package imports :mod:`compression.spec`, which imports this module.
+What ``search: auto`` tries for a step is its spec model's to say (``StepSpec.auto_grid``).
 
 Example:
     >>> space = SearchSpace.model_validate({"prune.sparsity": [0.5, 0.9]})       # doctest: +SKIP
@@ -28,22 +29,12 @@ from typing import Any, Literal, get_args
 from pydantic import Field, ValidationError
 
 from compression.errors import InvalidSpec
-from compression.spec_base import StrictModel
+from compression.step_spec import StrictModel
 
 ALLOCATION = "allocation"
 MAX_CANDIDATES = 512
 MAX_VALUES = 32
 _KEY = re.compile(r"^(?:(?P<method>[a-z_][a-z0-9_]*)|steps\[(?P<index>\d+)\])\.(?P<field>[a-z_][a-z0-9_.]*)$")
-
-# What ``search: auto`` tries for each kind of step (the rest of a step is kept as written).
-AUTO_GRID: dict[str, dict[str, list[Any]]] = {
-    "prune:weight": {"sparsity": [0.5, 0.7, 0.8, 0.9, 0.95], ALLOCATION: ["uniform", "sensitivity"]},
-    "prune:channel": {"sparsity": [0.25, 0.4, 0.5, 0.6]},
-    "quantize": {"scheme": ["int8", "cluster"]},
-    "quantize:cluster": {"bits": [4, 5, 6]},
-    "lowrank": {"energy": [0.8, 0.9, 0.95]},
-}
-
 
 class TargetSpec(StrictModel):
     """What "good enough" and "better" mean for a search."""
@@ -205,23 +196,15 @@ def _drop_foreign_options(step: dict[str, Any]) -> None:
 
 
 def auto_space(steps: list[dict[str, Any]]) -> dict[str, list[Any]]:
-    """The grid ``search: auto`` explores for these steps (by step index, so two prune steps vary alone)."""
-    from compression.techniques.pruning.sensitivity import allocation_searchable
+    """The grid ``search: auto`` explores for these steps (by step index, so two prune steps vary alone):
+    each step's spec model says what it tries (:meth:`~compression.step_spec.StepSpec.auto_grid`)."""
+    from compression.registry import get_technique, list_techniques
 
     space: dict[str, list[Any]] = {}
     for i, s in enumerate(steps):
-        method = s.get("method")
-        if method == "prune":
-            grid = AUTO_GRID[f"prune:{s.get('granularity', 'weight')}"]
-        elif method == "quantize":
-            if "scheme" in s and s["scheme"] not in ("int8", "cluster"):
-                continue  # the user chose fp16/binary/ternary: keep it
-            grid = {**AUTO_GRID["quantize"], **AUTO_GRID["quantize:cluster"]}
-        else:
-            grid = AUTO_GRID.get(method or "", {})
-        for fld, values in grid.items():
-            if fld == ALLOCATION and not allocation_searchable(s):
-                continue
+        if s.get("method") not in list_techniques():
+            continue  # refused by the spec's validation, not here
+        for fld, values in get_technique(s["method"]).spec_model.auto_grid(s).items():
             space[f"steps[{i}].{fld}"] = list(values)
     return space
 
@@ -344,7 +327,7 @@ def _variant(memo: dict[tuple[int, str], _Variant], last: list[dict[str, Any]], 
             dump[k] = last[i][k]
     last[i] = dump
     memo[memo_key] = found = _Variant(dump=dump, digest=step_digest(dump), cost=_step_cost(spec),
-                                      needs_data=bool(getattr(spec, "needs_data", False)))
+                                      needs_data=spec.needs_data)
     return found
 
 

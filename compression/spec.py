@@ -13,9 +13,10 @@ from pydantic import BaseModel, Field, PrivateAttr, ValidationError, model_valid
 from compression.errors import InvalidSpec
 from compression.registry import get_technique, list_techniques
 from compression.search_space import BudgetSpec, TargetSpec
-from compression.spec_base import StrictModel
+from compression.step_spec import StepSpec, StrictModel
 
-__all__ = ["BudgetSpec", "EvalSpec", "FinetuneSpec", "JobSpec", "ParsedSpec", "StrictModel", "TargetSpec", "parse_spec"]
+__all__ = ["BudgetSpec", "EvalSpec", "FinetuneSpec", "JobSpec", "ParsedSpec", "StepSpec", "StrictModel", "TargetSpec",
+           "parse_spec"]
 
 
 class FinetuneSpec(StrictModel):
@@ -54,7 +55,7 @@ class JobSpec(StrictModel):
 
 
 class ParsedSpec(BaseModel):
-    steps: list[Any]
+    steps: list[Any]  # each a StepSpec: its technique's spec model
     eval: EvalSpec
     target: TargetSpec | None = None
     search: dict[str, list[Any]] | Literal["auto"] | None = None
@@ -68,6 +69,11 @@ class ParsedSpec(BaseModel):
     @property
     def is_search(self) -> bool:
         return self.target is not None or self.search is not None
+
+    @property
+    def trains(self) -> bool:
+        """Whether any step trains (:attr:`StepSpec.trains`): with routing on, the job goes to the GPU queue."""
+        return any(s.trains for s in self.steps)
 
     def candidates(self) -> list[Any]:
         """A search's candidates (:func:`compression.search_space.expand`), expanded once per parsed spec."""

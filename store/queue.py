@@ -61,37 +61,18 @@ def get_celery(settings: Settings) -> Celery:
     return _apps[key]
 
 
-def step_trains(step: dict[str, Any]) -> bool:
-    """Whether a (validated, defaults-filled) spec step trains a network — the work a GPU speeds up.
-
-    Read from the stored JSON so that the API routes (and preflight reports) without importing the engine:
-    a fine-tune with epochs, distillation, QAT and low-bit schemes (their fine-tune is filled in),
-    gradient-based importance, lottery-ticket rewinding, and any step with its own ``epochs``.
-
-    Note: this knows every technique's fields from outside. It stays here for now; a later step moves the
-    answer into the technique specs (each spec says whether it trains), and this reads it from there.
-    """
-    ft = step.get("finetune")
-    if isinstance(ft, dict) and (ft.get("epochs") or 0) > 0:
-        return True
-    if step.get("method") == "distill" or step.get("mode") == "qat" or step.get("importance") == "taylor":
-        return True
-    if step.get("rewind") not in (None, "none"):
-        return True
-    epochs = step.get("epochs")
-    return isinstance(epochs, int) and epochs > 0
-
-
 def queue_for(spec: dict[str, Any] | None, settings: Settings) -> str:
-    """The queue a job goes to: ``queue``, or with ``route_by_device`` the GPU queue when it trains.
+    """The queue a job goes to: ``queue``, or with ``route_by_device`` the GPU queue when a step trains.
 
-    Computed once, at submit, and stored on the job row (``Job.queue``); every sender reads the row.
+    Each technique's spec says whether it trains (``StepSpec.trains``). Computed once, at submit, and stored
+    on the job row (``Job.queue``); every sender reads the row. Only the steps are parsed: a search's grid is
+    not expanded again here.
     """
-    if not settings.route_by_device:
+    if not settings.route_by_device or not spec or not spec.get("steps"):
         return settings.queue
-    steps = (spec or {}).get("steps") or []
-    trains = any(isinstance(s, dict) and step_trains(s) for s in steps)
-    return settings.gpu_queue if trains else settings.cpu_queue
+    from compression.spec import parse_spec
+
+    return settings.job_queue(parse_spec({"steps": spec["steps"]}).trains)
 
 
 def send_job(job_id: str, queue: str, settings: Settings) -> None:

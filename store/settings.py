@@ -134,6 +134,13 @@ class Settings(BaseSettings):
         return {"memory_bytes": self.sandbox_memory_bytes, "cpu_seconds": cpu,
                 "wall_seconds": self.sandbox_wall_s, "threads": 1, "drop_privileges": self.sandbox_drop_privileges}
 
+    def job_queue(self, trains: bool) -> str:
+        """The queue of a job that ``trains`` or not (``ParsedSpec.trains``): ``queue``, or with
+        ``route_by_device`` the GPU queue when it trains and the CPU queue when it does not."""
+        if not self.route_by_device:
+            return self.queue
+        return self.gpu_queue if trains else self.cpu_queue
+
     @property
     def is_sqlite(self) -> bool:
         return self.sqlalchemy_url.startswith("sqlite")

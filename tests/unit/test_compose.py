@@ -13,7 +13,7 @@ from urllib.parse import urlparse
 import pytest
 import yaml
 
-from store.queue import queue_for, step_trains
+from store.queue import queue_for
 from store.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -133,8 +133,9 @@ def test_images_pin_the_projects_torch_and_install_the_package():
     ({"method": "prune", "granularity": "weight", "finetune": None, "rewind": "none", "importance": "l1"}, False),
     ({"method": "prune", "finetune": {"epochs": 1}}, True),
     ({"method": "prune", "finetune": {"epochs": 0}}, False),
-    ({"method": "prune", "importance": "taylor"}, True),
-    ({"method": "prune", "rewind": "init"}, True),
+    # taylor scores need gradients even with no fine-tune epochs; rewinding needs finetune epochs anyway
+    ({"method": "prune", "importance": "taylor", "finetune": {"epochs": 0}}, True),
+    ({"method": "prune", "rewind": "init", "rewind_model_id": "m0", "finetune": {"epochs": 1}}, True),
     ({"method": "distill", "epochs": 5}, True),
     ({"method": "quantize", "scheme": "int8", "mode": "static", "finetune": None}, False),
     ({"method": "quantize", "scheme": "int8", "mode": "qat"}, True),
@@ -142,7 +143,10 @@ def test_images_pin_the_projects_torch_and_install_the_package():
     ({"method": "slimmable", "epochs": 3}, True),
 ])
 def test_step_trains(step, trains):
-    assert step_trains(step) is trains
+    """Each technique's spec says whether it trains (the GPU queue); the table kept from ``step_trains``."""
+    from compression.spec import parse_spec
+
+    assert parse_spec({"steps": [step]}).trains is trains
 
 
 def test_default_single_queue_without_routing():

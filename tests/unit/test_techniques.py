@@ -6,6 +6,7 @@ import onnx
 import pytest
 
 from compression.registry import list_techniques
+from compression.spec import parse_spec
 from testkit.helpers import apply_step, run_ort
 
 CONTRACT_SPECS = {
@@ -33,3 +34,11 @@ def test_contract(name, lenet, tmp_path):
     assert out.shape == ref.shape and np.isfinite(out).all()
     assert float((out.argmax(1) == ref.argmax(1)).mean()) > 0.8
     assert isinstance(res.report, dict) and res.report
+
+
+@pytest.mark.parametrize("step", [*CONTRACT_SPECS.values(),
+                                  {"method": "slimmable", "widths": [0.5, 1.0], "rule": "sum", "epochs": 1}])
+def test_a_stored_spec_parses_again_to_itself(step):
+    """The job row stores ``to_json()`` of the parsed spec and the worker parses that again."""
+    stored = parse_spec({"steps": [step]}).to_json()
+    assert parse_spec(stored).to_json() == stored

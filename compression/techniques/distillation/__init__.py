@@ -19,14 +19,14 @@ from pydantic import Field, model_validator
 from compression.context import StepContext, StepResult
 from compression.errors import InvalidSpec, NotTrainable
 from compression.registry import register_technique
-from compression.spec import StrictModel
+from compression.step_spec import Passes, StepSpec
 from compression.techniques.distillation.teachers import resolve_model, run_teachers
 from compression.training import LossConfig, ensemble_targets, predict, train
 
 ORIGINAL = "original"
 
 
-class DistillSpec(StrictModel):
+class DistillSpec(StepSpec):
     model_ref_fields: ClassVar[dict[str, frozenset[str]]] = {"teachers": frozenset({ORIGINAL}),
                                                               "student_model_id": frozenset()}
     method: Literal["distill"] = "distill"
@@ -51,8 +51,15 @@ class DistillSpec(StrictModel):
         return self
 
     @property
+    def trains(self) -> bool:
+        return True  # the student, for ``epochs`` (at least 1)
+
+    @property
     def needs_data(self) -> bool:
         return True  # inputs to run the teachers on; labels are optional
+
+    def forward_passes(self, train_n: int) -> Passes:
+        return Passes(train=3 * self.epochs * train_n, infer=self.epochs * train_n * len(self.teachers))
 
 
 def _accuracy(out: np.ndarray, labels: np.ndarray | None) -> float | None:

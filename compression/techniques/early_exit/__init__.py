@@ -35,7 +35,7 @@ from compression.context import StepContext, StepResult
 from compression.errors import InvalidSpec, NotTrainable
 from compression.metrics import run_batched, session
 from compression.registry import register_technique
-from compression.spec import StrictModel
+from compression.step_spec import StepSpec
 from compression.techniques.early_exit.cuts import choose_cuts, find_cuts
 from compression.techniques.early_exit.gating import build_gated, simulate
 from compression.techniques.early_exit.heads import add_exit_heads, exit_costs
@@ -47,7 +47,7 @@ GATED_NAME = "early_exit_gated.onnx"
 DEFAULT_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999)
 
 
-class EarlyExitSpec(StrictModel):
+class EarlyExitSpec(StepSpec):
     method: Literal["early_exit"] = "early_exit"
     exits: Literal["auto"] | list[str] = Field(
         "auto", description='"auto" (spread by MACs) or node names whose output no skip connection crosses')
@@ -101,6 +101,10 @@ class EarlyExitSpec(StrictModel):
             if "num_exits" in self.model_fields_set and self.num_exits != len(self.exits):
                 raise ValueError("num_exits is for exits: auto; it disagrees with the names given")
         return self
+
+    @property
+    def trains(self) -> bool:
+        return self.epochs > 0  # the exit heads (and the backbone unless frozen)
 
     @property
     def needs_data(self) -> bool:

@@ -18,7 +18,8 @@ from pydantic import Field, model_validator
 from compression.context import StepContext, StepResult
 from compression.errors import InvalidSpec
 from compression.registry import register_technique
-from compression.spec import FinetuneSpec, StrictModel
+from compression.spec import FinetuneSpec
+from compression.step_spec import StepSpec
 from compression.techniques.factorization.layers import find_layers, name_nodes
 from compression.techniques.factorization.measure import holdout_accuracy, probe_sample, safe_layer_macs
 from compression.techniques.factorization.recovery import recover
@@ -33,7 +34,9 @@ class RecoverySpec(FinetuneSpec):
     distill: bool = Field(True, description="KD loss from the original model's outputs")
 
 
-class DepthwiseSpec(StrictModel):
+class DepthwiseSpec(StepSpec):
+    """Which convs to replace; trains, needs data and torch when ``finetune`` has epochs (the defaults)."""
+
     method: Literal["depthwise_separable"] = "depthwise_separable"
     layers: list[str] | None = Field(None, min_length=1, max_length=100_000,
                                      description="Conv node names to replace (default: every eligible conv)")
@@ -50,10 +53,6 @@ class DepthwiseSpec(StrictModel):
         if clash:
             raise ValueError(f"layers both selected and excluded: {clash}")
         return self
-
-    @property
-    def needs_data(self) -> bool:
-        return self.finetune is not None and self.finetune.epochs > 0
 
 
 def _plan(model: onnx.ModelProto, spec: DepthwiseSpec) -> tuple[list[str], list[dict[str, Any]]]:

@@ -18,6 +18,7 @@ from compression.context import StepContext, StepResult
 from compression.errors import InvalidSpec
 from compression.registry import register_technique
 from compression.spec import FinetuneSpec, StrictModel
+from compression.step_spec import StepSpec
 from compression.techniques.factorization.layers import conv_auto_pad, find_layers, initializers, name_nodes
 from compression.techniques.factorization.measure import holdout_accuracy, probe_sample, safe_layer_macs
 from compression.techniques.factorization.recovery import recover
@@ -25,6 +26,7 @@ from compression.techniques.factorization.surgery import lowrank_rewrite, recons
 from compression.techniques.factorization.svd import choose_rank, relative_error, singular_values
 
 DEFAULT_ENERGY = 0.9
+AUTO_ENERGY = [0.8, 0.9, 0.95]  # what ``search: auto`` tries
 
 
 class LayerRank(StrictModel):
@@ -44,7 +46,7 @@ class LayerRank(StrictModel):
         return {k: v for k, v in self.model_dump().items() if v is not None}
 
 
-class LowRankSpec(StrictModel):
+class LowRankSpec(StepSpec):
     method: Literal["lowrank"] = "lowrank"
     rank_ratio: float | None = Field(None, gt=0, le=1, description="rank per layer as a fraction of min(M, N)")
     energy: float | None = Field(None, gt=0, le=1,
@@ -70,9 +72,9 @@ class LowRankSpec(StrictModel):
             return {"rank_ratio": self.rank_ratio}
         return {"energy": self.energy if self.energy is not None else DEFAULT_ENERGY}
 
-    @property
-    def needs_data(self) -> bool:
-        return self.finetune is not None and self.finetune.epochs > 0
+    @classmethod
+    def auto_grid(cls, raw_step: dict[str, Any]) -> dict[str, list[Any]]:
+        return {"energy": list(AUTO_ENERGY)}
 
 
 def _plan(model: onnx.ModelProto, spec: LowRankSpec) -> tuple[dict[str, int], list[dict[str, Any]], dict[str, dict]]:

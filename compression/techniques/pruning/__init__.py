@@ -13,7 +13,7 @@ allocation live in :mod:`.sensitivity`.
 """
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import onnx
@@ -22,14 +22,22 @@ from pydantic import Field, model_validator
 from compression.context import StepContext, StepResult
 from compression.errors import InvalidSpec
 from compression.registry import register_technique
-from compression.spec import FinetuneSpec, StrictModel
+from compression.search_space import ALLOCATION
+from compression.spec import FinetuneSpec
+from compression.step_spec import ModelFacts, Passes, StepCheck, StepSpec
 from compression.techniques.pruning.channel import prune_channels
 from compression.techniques.pruning.lottery import lottery
+from compression.techniques.pruning.sensitivity import ALLOCATIONS, allocation_applies, allocation_searchable
 from compression.techniques.pruning.weight import (check_layer_names, prunable_initializers, prune_onnx_only,
                                                    prune_with_training)
 
 
-class PruneSpec(StrictModel):
+# what ``search: auto`` tries for the sparsity, per granularity
+AUTO_SPARSITY = {"weight": [0.5, 0.7, 0.8, 0.9, 0.95], "channel": [0.25, 0.4, 0.5, 0.6]}
+TAYLOR_SAMPLES = 512  # preflight's estimate of the samples taylor importance takes gradients on
+
+
+class PruneSpec(StepSpec):
     model_ref_fields: ClassVar[dict[str, frozenset[str]]] = {"rewind_model_id": frozenset()}
     method: Literal["prune"] = "prune"
     granularity: Literal["weight", "channel"] = Field(
@@ -83,8 +91,37 @@ class PruneSpec(StrictModel):
         return self
 
     @property
+    def trains(self) -> bool:
+        """A fine-tune with epochs, gradient-based importance (taylor) or lottery-ticket rewinding."""
+        return self.recovery is not None or self.importance == "taylor" or self.rewind != "none"
+
+    @property
     def needs_data(self) -> bool:
         return self.finetune is not None or self.importance == "taylor" or self.rewind != "none"
+
+    @property
+    def needs_torch(self) -> bool:
+        return self.trains or self.granularity == "channel"  # channels are removed through the torch planner
+
+    def preflight(self, facts: ModelFacts) -> StepCheck:
+        notes = []
+        if self.granularity == "weight":
+            notes.append("weight pruning: dense ONNX Runtime kernels do not skip zeros — expect smaller zip_bytes, "
+                         "not lower latency")
+        return StepCheck.acting_on(facts.prunable, notes)
+
+    def forward_passes(self, train_n: int) -> Passes:
+        taylor = Passes(train=2 * min(train_n, TAYLOR_SAMPLES)) if self.importance == "taylor" else Passes()
+        return self.recovery_passes(train_n, rounds=self.iterations) + taylor
+
+    @classmethod
+    def auto_grid(cls, raw_step: dict[str, Any]) -> dict[str, list[Any]]:
+        """Sparsities by granularity; for weight pruning also the per-layer allocation, unless the step names
+        its own per-layer sparsities or is a lottery ticket (:mod:`.sensitivity`)."""
+        grid: dict[str, list[Any]] = {"sparsity": list(AUTO_SPARSITY[raw_step.get("granularity", "weight")])}
+        if allocation_applies(raw_step) and allocation_searchable(raw_step):
+            grid[ALLOCATION] = list(ALLOCATIONS)
+        return grid
 
 
 @register_technique("prune", PruneSpec, phase="pruning")

@@ -31,22 +31,25 @@ The engines that train import torch; they are imported when their scheme runs, s
 """
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import onnx
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from compression.context import StepContext, StepResult
 from compression.registry import register_technique
-from compression.spec import FinetuneSpec, StrictModel
+from compression.spec import FinetuneSpec
+from compression.step_spec import ModelFacts, Passes, StepCheck, StepSpec
 from compression.techniques.quantization.int8 import Int8Options, quantize_int8
 
 # defaults filled in per scheme (accuracy first)
 QAT_FINETUNE = FinetuneSpec(epochs=2, lr=1e-4)
 LOWBIT_FINETUNE = FinetuneSpec(epochs=6, lr=1e-3)
+# what ``search: auto`` tries for a step left int8 or cluster (fp16, binary and ternary are kept as chosen)
+AUTO_GRID: dict[str, list[Any]] = {"scheme": ["int8", "cluster"], "bits": [4, 5, 6]}
 
 
-class QuantizeSpec(StrictModel):
+class QuantizeSpec(StepSpec):
     """Scheme and its options; options of another scheme are refused at their JSON path."""
 
     # option -> the schemes it applies to (anything else set is refused with this table's answer); a search
@@ -131,10 +134,27 @@ class QuantizeSpec(StrictModel):
         return self
 
     @property
+    def trains(self) -> bool:
+        """QAT, or a scheme's fine-tune with epochs (binary/ternary STE training, cluster centroids)."""
+        return self.mode == "qat" or self.recovery is not None
+
+    @property
     def needs_data(self) -> bool:
         if self.scheme == "int8":
             return self.mode in ("static", "qat")
-        return self.finetune is not None and self.finetune.epochs > 0
+        return self.recovery is not None
+
+    def preflight(self, facts: ModelFacts) -> StepCheck:
+        return StepCheck.acting_on(facts.quantizable)
+
+    def forward_passes(self, train_n: int) -> Passes:
+        return self.recovery_passes(train_n) + Passes(infer=self.calibration_samples or 0)
+
+    @classmethod
+    def auto_grid(cls, raw_step: dict[str, Any]) -> dict[str, list[Any]]:
+        if raw_step.get("scheme", "int8") not in ("int8", "cluster"):
+            return {}  # the user chose fp16/binary/ternary: keep it
+        return {k: list(v) for k, v in AUTO_GRID.items()}
 
     def settings(self) -> dict:
         """The options that apply to this scheme, defaults filled in (for the report)."""

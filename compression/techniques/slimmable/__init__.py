@@ -21,6 +21,7 @@ from compression.context import StepContext, StepResult
 from compression.errors import InvalidSpec, NotTrainable
 from compression.registry import register_technique
 from compression.spec import FinetuneSpec
+from compression.step_spec import StepSpec
 from compression.techniques.slimmable.export import export_checked, width_metrics
 from compression.techniques.slimmable.network import SlimmableNet, find_groups
 from compression.techniques.slimmable.training import calibrate_bn, train_slimmable
@@ -32,7 +33,7 @@ if TYPE_CHECKING:
 LATENCY_RUNS = 30
 
 
-class SlimmableSpec(FinetuneSpec):
+class SlimmableSpec(FinetuneSpec, StepSpec):
     """Widths and training rule; ``epochs, lr, batch_size, distill, temperature, alpha`` as in fine-tuning
     (CE on labels and/or KD from the original model for the widest width)."""
 
@@ -69,9 +70,16 @@ class SlimmableSpec(FinetuneSpec):
 
     @model_validator(mode="after")
     def _check(self) -> "SlimmableSpec":
-        if self.rule == "sum" and self.inplace_distill and "inplace_distill" in self.model_fields_set:
-            raise ValueError("inplace_distill belongs to rule 'sandwich'")
+        if self.rule == "sum" and self.inplace_distill:
+            if "inplace_distill" in self.model_fields_set:
+                raise ValueError("inplace_distill belongs to rule 'sandwich'")
+            # the default belongs to sandwich: stored as off, so the stored spec parses again (the worker does)
+            object.__setattr__(self, "inplace_distill", False)
         return self
+
+    @property
+    def trains(self) -> bool:
+        return self.epochs > 0  # the shared weights at every width
 
     @property
     def needs_data(self) -> bool:
