@@ -17,7 +17,7 @@ import onnx
 import torch
 from torch import nn
 
-from compression.channels import (AttentionBlock, ChannelPlan, Layer, first_output, group_importance, plan_channels,
+from compression.channels import (AttentionBlock, ChannelPlan, Layer, check_export, group_importance, plan_channels,
                                   torch_pruning)
 from compression.context import StepContext, StepResult
 from compression.errors import InvalidSpec
@@ -158,19 +158,12 @@ def _export_error(module: OnnxModule, exported: onnx.ModelProto, holdout: Arrays
     Raises:
         RuntimeError: they disagree: the export would not be the pruned model.
     """
-    from compression.metrics import session
-
     names = list(module.input_names)
     check = holdout.take(np.arange(min(64, holdout.samples))) if holdout is not None else None
     feeds = ({k: check.inputs[k] for k in names} if check is not None
              else {n: t.numpy() for n, t in zip(names, example, strict=True)})
-    with torch.no_grad():
-        want = first_output(module(*[torch.from_numpy(np.ascontiguousarray(feeds[n])) for n in names])).numpy()
-    got = session(exported, threads).run(None, feeds)[0]
-    err = float(np.abs(got - want).max())
-    if not err <= 1e-3 * (float(np.abs(want).max()) + 1.0):
-        raise RuntimeError(f"exported pruned graph disagrees with the pruned module (max error {err:.3g})")
-    return err
+    return check_export(exported, module, feeds, what="exported pruned graph disagrees with the pruned module",
+                        threads=threads)
 
 
 # ------------------------------------------------------------------------------------ DepGraph
