@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from compression.analysis import count_params, macs
+from compression.analysis import macs, param_counts
 
 if TYPE_CHECKING:
     from compression.context import StepContext
@@ -149,13 +149,10 @@ def measure(model: onnx.ModelProto, files: list[Path], data: EvalData, *, latenc
         ``file_bytes, zip_bytes, compressed_bytes, params, nonzero_params, macs, latency_ms{p50,p90}, throughput``
         and, with data, ``accuracy, agreement, output_cosine, max_abs_error``.
     """
-    from compression.techniques.quantization.packing import packed_param_counts
     from compression.xz_artifact import compressed_size
 
     blob = b"".join(Path(f).read_bytes() for f in files)
-    params, nonzero = count_params(model)
-    d_params, d_nonzero = packed_param_counts(model)  # packed low-bit weights: count weights, not bytes
-    params, nonzero = params + d_params, nonzero + d_nonzero
+    params, nonzero = param_counts(model)  # as describe() counts: packed low-bit weights count as weights
     sess = session(files[0], threads)
     sample = {k: v[:1] for k, v in data.inputs.items()}
     res: dict[str, Any] = {

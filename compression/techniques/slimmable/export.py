@@ -51,13 +51,13 @@ def width_metrics(model: onnx.ModelProto, holdout: Arrays, reference: np.ndarray
                   latency_runs: int = 30) -> dict:
     """Measured facts of one width's ONNX: params, MACs and ONNX Runtime latency at batch 1, held-out
     accuracy (with labels) and agreement / output cosine with the original's ``reference`` outputs."""
-    from compression.analysis import count_params, macs
+    from compression.analysis import macs, param_counts
     from compression.metrics import accuracy, fidelity, latency, run_batched, session
 
     sess = session(model, threads)
     sample = {k: v[:1] for k, v in holdout.inputs.items()}
     outputs = run_batched(sess, holdout.inputs)
-    res = {"params": int(count_params(model)[0]), "macs": int(macs(model, sample)),
+    res = {"params": int(param_counts(model)[0]), "macs": int(macs(model, sample)),
            "latency_ms": latency(sess, sample, latency_runs), "accuracy": accuracy(outputs, holdout.labels)}
     if reference is not None:
         fid = fidelity(outputs, [reference], holdout.labels)
