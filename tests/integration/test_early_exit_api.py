@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnxruntime as ort
-import torch
+import pytest
 
 from testkit.stack import wait_job
 
@@ -27,8 +27,8 @@ def _sess(blob: bytes) -> ort.InferenceSession:
     return ort.InferenceSession(blob, so, providers=["CPUExecutionProvider"])
 
 
+@pytest.mark.usefixtures("one_torch_thread")
 def test_early_exit_job_publishes_a_multi_exit_and_a_gated_model(stack, cnn_onnx, mnist_npz, mnist_data):
-    torch.set_num_threads(1)
     c = stack.client()
     model, ds = _upload(c, cnn_onnx["dynamo"]), _upload(c, mnist_npz)
     r = c.post("/v1/jobs", json={"model_id": model["id"], "dataset_id": ds["id"],
