@@ -1,4 +1,4 @@
-"""Static facts about an ONNX model: parameters, nonzeros, and MACs per sample.
+"""Static facts about an ONNX model: its inputs and outputs, parameters, nonzeros, and MACs per sample.
 
 MACs are counted from *measured* shapes: the model is run once at batch 1 in ONNX Runtime with the
 inputs and outputs of every Conv/Gemm/MatMul exposed as extra outputs, so dynamic shapes (sequence
@@ -6,6 +6,7 @@ lengths, reshapes the shape inference cannot follow) are counted as they really 
 """
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -20,6 +21,8 @@ _WEIGHT_TYPES = {
 _QPARAM_OPS = {"QuantizeLinear", "DequantizeLinear"}
 _CONV_OPS = {"Conv", "ConvInteger", "ConvTranspose"}
 _MATMUL_OPS = {"MatMul", "MatMulInteger", "Gemm"}
+# metadata_props key under which quantization's packing records the weights it packed (codes name -> entry)
+PACKED_KEY = "netcompress.packed_weights"
 
 
 def _graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
@@ -33,20 +36,39 @@ def _graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
                     yield from _graphs(g)
 
 
+def _constant_tensors(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
+    """Initializers and ``Constant`` nodes' tensors (some exporters keep weights there), by value name."""
+    out = {t.name: t for t in graph.initializer}
+    for n in graph.node:
+        if n.op_type == "Constant" and n.output:
+            for a in n.attribute:
+                if a.name == "value" and a.type == onnx.AttributeProto.TENSOR:
+                    t = a.t
+                    if t.name != n.output[0]:  # the node's output names the value, not the tensor inside
+                        t = onnx.TensorProto()
+                        t.CopyFrom(a.t)
+                        t.name = n.output[0]
+                    out[t.name] = t
+    return out
+
+
 def weight_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
-    """Initializers that hold learned values (not shapes, not quantization scales/zero points)."""
+    """Tensors that hold learned values — initializers and ``Constant`` nodes' tensors — but not shapes and
+    not quantization scales/zero points."""
     for g in _graphs(model.graph):
         qparams = {n.input[i] for n in g.node if n.op_type in _QPARAM_OPS for i in (1, 2) if len(n.input) > i}
         # int32 tensors dequantized by DequantizeLinear are quantized biases: learned values too.
         dq_data = {n.input[0] for n in g.node if n.op_type == "DequantizeLinear"}
-        for t in g.initializer:
+        for t in _constant_tensors(g).values():
             learned = t.data_type in _WEIGHT_TYPES or (t.data_type == onnx.TensorProto.INT32 and t.name in dq_data)
             if learned and t.name not in qparams and int(np.prod(t.dims)) > 1:
                 yield t
 
 
 def count_params(model: onnx.ModelProto) -> tuple[int, int]:
-    """``(params, nonzero_params)``; a quantized zero (value == zero point) counts as zero.
+    """``(params, nonzero_params)`` as stored: one parameter per element of every :func:`weight_tensors`
+    tensor; a quantized zero (value == zero point) counts as zero. Packed low-bit weights count their bytes
+    here; what the service reports is :func:`param_counts`.
 
     Example:
         >>> count_params(onnx.load("model.onnx"))  # doctest: +SKIP
@@ -54,7 +76,7 @@ def count_params(model: onnx.ModelProto) -> tuple[int, int]:
     """
     zero_points: dict[str, int] = {}
     for g in _graphs(model.graph):
-        inits = {t.name: t for t in g.initializer}
+        inits = _constant_tensors(g)
         for n in g.node:
             if n.op_type == "DequantizeLinear" and len(n.input) > 2 and n.input[2] in inits:
                 zp = numpy_helper.to_array(inits[n.input[2]])
@@ -71,6 +93,53 @@ def count_params(model: onnx.ModelProto) -> tuple[int, int]:
         params += arr.size
         nonzero += int(np.count_nonzero(arr != zero_points.get(t.name, 0)))
     return params, nonzero
+
+
+def packed_entries(model: onnx.ModelProto) -> dict[str, dict]:
+    """The packed weights recorded in the model's metadata (:mod:`compression.techniques.quantization.packing`),
+    keyed by codes initializer: ``{weight, width, params, nonzero, tensors}``."""
+    for p in model.metadata_props:
+        if p.key == PACKED_KEY:
+            return json.loads(p.value)
+    return {}
+
+
+def packed_param_counts(model: onnx.ModelProto) -> tuple[int, int]:
+    """Correction to :func:`count_params` for packed weights: ``(params_delta, nonzero_delta)``.
+
+    ``count_params`` counts the packed bytes, codebooks and shift tables as parameters; the true
+    count is one parameter per decoded weight element, with decoded zeros not counted as nonzero.
+    """
+    entries = packed_entries(model)
+    if not entries:
+        return 0, 0
+    present = {t.name for t in model.graph.initializer}
+    live = {k: v for k, v in entries.items() if k in present}
+    mine = {t for v in live.values() for t in v["tensors"]}
+    d_params = d_nonzero = 0
+    for t in weight_tensors(model):
+        if t.name in mine:
+            arr = numpy_helper.to_array(t)
+            d_params -= arr.size
+            d_nonzero -= int(np.count_nonzero(arr))
+    for v in live.values():
+        d_params += int(v["params"])
+        d_nonzero += int(v["nonzero"])
+    return d_params, d_nonzero
+
+
+def param_counts(model: onnx.ModelProto) -> tuple[int, int]:
+    """``(params, nonzero_params)`` as the service reports them — the model's record (``describe``) and its
+    measured metrics (``measure``) alike: :func:`count_params`, with packed low-bit weights counted as the
+    weights they decode to (:func:`packed_param_counts`).
+
+    Example:
+        >>> param_counts(onnx.load("clustered.onnx"))  # doctest: +SKIP
+        (266200, 266200)
+    """
+    params, nonzero = count_params(model)
+    d_params, d_nonzero = packed_param_counts(model)
+    return params + d_params, nonzero + d_nonzero
 
 
 MAC_OPS = _CONV_OPS | _MATMUL_OPS
@@ -168,7 +237,32 @@ def op_histogram(model: onnx.ModelProto) -> dict[str, int]:
     return dict(sorted(hist.items()))
 
 
-def input_specs(model: onnx.ModelProto) -> list[dict[str, Any]]:
-    from compression.modelio import describe
+def _shape_of(vi: onnx.ValueInfoProto) -> list[Any]:
+    dims = []
+    for d in vi.type.tensor_type.shape.dim:
+        dims.append(d.dim_value if d.HasField("dim_value") else (d.dim_param or None))
+    return dims
 
-    return describe(model)["inputs"]
+
+def graph_io(model: onnx.ModelProto) -> dict[str, list[dict[str, Any]]]:
+    """The graph's inputs (initializers listed as inputs left out) and outputs: ``{name, shape, dtype}`` each;
+    a dimension is its size, its symbolic name, or None.
+
+    Example:
+        >>> graph_io(onnx.load("lenet.onnx"))["inputs"]  # doctest: +SKIP
+        [{'name': 'input', 'shape': ['batch', 784], 'dtype': 'float32'}]
+    """
+    inits = {i.name for i in model.graph.initializer}
+
+    def io(vi: onnx.ValueInfoProto) -> dict[str, Any]:
+        elem = vi.type.tensor_type.elem_type
+        dtype = str(helper.tensor_dtype_to_np_dtype(elem)) if elem else "unknown"
+        return {"name": vi.name, "shape": _shape_of(vi), "dtype": dtype}
+
+    return {"inputs": [io(i) for i in model.graph.input if i.name not in inits],
+            "outputs": [io(o) for o in model.graph.output]}
+
+
+def input_specs(model: onnx.ModelProto) -> list[dict[str, Any]]:
+    """The graph's inputs as :func:`graph_io` gives them."""
+    return graph_io(model)["inputs"]

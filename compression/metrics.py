@@ -8,13 +8,16 @@ import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 
-from compression.analysis import count_params, macs
+from compression.analysis import macs, param_counts
+
+if TYPE_CHECKING:
+    from compression.context import StepContext
 
 THROUGHPUT_BATCH = 32
 
@@ -104,11 +107,33 @@ def fidelity(outputs: list[np.ndarray], reference: list[np.ndarray], labels: np.
     return res
 
 
-def accuracy(outputs: list[np.ndarray], labels: np.ndarray | None) -> float | None:
-    out = outputs[0]
-    if labels is None or out.ndim != 2 or len(out) != len(labels):
+def top1_accuracy(scores: np.ndarray, labels: np.ndarray | None) -> float | None:
+    """Top-1 accuracy of class scores ``[N, C]`` (``C >= 2``) against ``labels``, to 6 decimals; None without
+    labels, for outputs that are not class scores, or when the counts differ. Every held-out accuracy a
+    report or the metrics give is this.
+
+    Example:
+        >>> top1_accuracy(np.array([[0.1, 0.9], [0.8, 0.2]]), np.array([1, 1]))
+        0.5
+    """
+    if labels is None or scores.ndim != 2 or scores.shape[1] < 2 or len(scores) != len(labels):
         return None
-    return round(float((out.argmax(1) == labels).mean()), 6)
+    return round(float((scores.argmax(1) == labels).mean()), 6)
+
+
+def accuracy(outputs: list[np.ndarray], labels: np.ndarray | None) -> float | None:
+    """:func:`top1_accuracy` of a model's first output."""
+    return top1_accuracy(outputs[0], labels)
+
+
+def holdout_accuracy(model: onnx.ModelProto, ctx: StepContext) -> float | None:
+    """Top-1 accuracy of ``model`` on the step's held-out split, run in ONNX Runtime (None without a
+    dataset, labels or class scores). A torch module between training rounds:
+    :func:`compression.training.module_holdout_accuracy`."""
+    data = ctx.data
+    if data is None or data.holdout.labels is None:
+        return None
+    return top1_accuracy(run_batched(session(model, ctx.threads), data.holdout.inputs)[0], data.holdout.labels)
 
 
 def measure(model: onnx.ModelProto, files: list[Path], data: EvalData, *, latency_runs: int = 50,
@@ -124,13 +149,10 @@ def measure(model: onnx.ModelProto, files: list[Path], data: EvalData, *, latenc
         ``file_bytes, zip_bytes, compressed_bytes, params, nonzero_params, macs, latency_ms{p50,p90}, throughput``
         and, with data, ``accuracy, agreement, output_cosine, max_abs_error``.
     """
-    from compression.techniques.quantization.packing import packed_param_counts
     from compression.xz_artifact import compressed_size
 
     blob = b"".join(Path(f).read_bytes() for f in files)
-    params, nonzero = count_params(model)
-    d_params, d_nonzero = packed_param_counts(model)  # packed low-bit weights: count weights, not bytes
-    params, nonzero = params + d_params, nonzero + d_nonzero
+    params, nonzero = param_counts(model)  # as describe() counts: packed low-bit weights count as weights
     sess = session(files[0], threads)
     sample = {k: v[:1] for k, v in data.inputs.items()}
     res: dict[str, Any] = {

@@ -18,6 +18,7 @@ import numpy as np
 import onnx
 from onnx import external_data_helper, helper, numpy_helper
 
+from compression.analysis import graph_io, param_counts
 from compression.archives import ZIP_ERRORS, check_zip_sizes
 from compression.errors import InvalidModel, UnsupportedModelFormat
 
@@ -344,29 +345,12 @@ def save(model: onnx.ModelProto, path: Path) -> list[Path]:
     return [path, data]
 
 
-def _shape_of(vi: onnx.ValueInfoProto) -> list[Any]:
-    dims = []
-    for d in vi.type.tensor_type.shape.dim:
-        dims.append(d.dim_value if d.HasField("dim_value") else (d.dim_param or None))
-    return dims
-
-
 def describe(model: onnx.ModelProto) -> dict[str, Any]:
-    """Inputs and outputs (name, shape, dtype) and the parameter count, for the model's API record."""
-    from compression.analysis import count_params
+    """Inputs and outputs (name, shape, dtype) and the parameter count, for the model's API record.
 
-    inits = {i.name for i in model.graph.initializer}
-
-    def io(vi: onnx.ValueInfoProto) -> dict[str, Any]:
-        elem = vi.type.tensor_type.elem_type
-        dtype = str(helper.tensor_dtype_to_np_dtype(elem)) if elem else "unknown"
-        return {"name": vi.name, "shape": _shape_of(vi), "dtype": dtype}
-
-    return {
-        "inputs": [io(i) for i in model.graph.input if i.name not in inits],
-        "outputs": [io(o) for o in model.graph.output],
-        "params": count_params(model)[0],
-    }
+    The count is :func:`compression.analysis.param_counts`'s, the one the job's metrics report too.
+    """
+    return {**graph_io(model), "params": param_counts(model)[0]}
 
 
 def array_of(t: onnx.TensorProto) -> np.ndarray:

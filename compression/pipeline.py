@@ -13,13 +13,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import onnx
 
 from compression import modelio
 from compression.context import StepContext
 from compression.data import DataSplit, synthetic_inputs
 from compression.metrics import EvalData, measure, ratios, run_batched, session
+from compression.numpy_json import json_default
 from compression.registry import get_technique
 from compression.spec import ParsedSpec
 
@@ -204,14 +204,3 @@ def _search(original: onnx.ModelProto, spec: ParsedSpec, data: DataSplit | None,
     for f in modelio.save(outcome.best_model, workdir / f"step{n}-search.onnx"):
         files.append(OutputFile(f.name, f, "step_model"))
     return outcome.best_model, outcome.reports
-
-
-def json_default(o: Any) -> Any:
-    """``json.dumps`` default for the numpy scalars and arrays that reports and metrics carry."""
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        return float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    return str(o)

@@ -31,7 +31,7 @@ from compression.context import StepContext
 from compression.data import DataSplit
 from compression.errors import Cancelled, CompressionError, InvalidSpec
 from compression.metrics import EvalData, measure, ratios
-from compression.pipeline import json_default
+from compression.numpy_json import json_default
 from compression.plots import pareto_svg
 from compression.registry import get_technique
 from compression.search_space import BudgetSpec, Candidate, TargetSpec, expand

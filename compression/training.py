@@ -3,19 +3,31 @@
 The loss is the lecture's: ``alpha * CE(s, y) + (1 - alpha) * KL(softmax(t/T) || softmax(s/T)) * T²``
 for class scores; outputs that are not class scores (embeddings, regressions) use MSE (or cosine) to the
 teacher. Several teachers are one target: :func:`ensemble_targets`.
+
+Every family that trains an ONNX graph goes through here: :func:`to_trainable` (convert or refuse),
+:class:`Finetune` (the spec's loss and the original's outputs, set up once per step) and
+:func:`finetune_onnx` (convert → the one loop, :func:`train` → write back).
 """
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import onnx
 import torch
 import torch.nn.functional as F
 
+from compression.converter import OnnxModule, UnsupportedOp, to_torch
 from compression.data import Arrays
-from compression.metrics import run_batched, session
+from compression.errors import InvalidSpec, NotTrainable
+from compression.metrics import run_batched, session, top1_accuracy
+
+if TYPE_CHECKING:
+    from compression.context import StepContext
+    from compression.spec import FinetuneSpec
 
 
 @dataclass
@@ -180,3 +192,121 @@ def loss_config(finetune: Any, has_labels: bool) -> tuple[LossConfig, list[str]]
         notes.append("dataset has no labels: fine-tuned by distillation from the original")
     return LossConfig(use_labels=has_labels, distill=distill, temperature=finetune.temperature,
                       alpha=finetune.alpha), notes
+
+
+def to_trainable(model: onnx.ModelProto, why: str) -> OnnxModule:
+    """``model`` converted to a trainable torch module, or refused.
+
+    Args:
+        why: what needs the module, named in the error (``"fine-tuning"``, ``"slimmable training"``).
+
+    Raises:
+        NotTrainable: the graph has ops the converter cannot turn into torch; the message names ``why``
+            and those ops.
+
+    Example:
+        >>> module = to_trainable(onnx.load("model.onnx"), "fine-tuning")  # doctest: +SKIP
+    """
+    try:
+        return to_torch(model)
+    except UnsupportedOp as e:
+        raise NotTrainable(f"{why} needs a trainable model; unsupported ops: {e.op_types}") from None
+
+
+def module_holdout_accuracy(module: torch.nn.Module, ctx: StepContext) -> float | None:
+    """Top-1 accuracy of a torch module on the held-out split (:func:`compression.metrics.top1_accuracy`;
+    None without labels or class scores). For a module between training rounds; an ONNX graph is measured
+    by :func:`compression.metrics.holdout_accuracy`."""
+    data = ctx.data
+    if data is None or data.holdout.labels is None:
+        return None
+    out = predict(module, list(module.input_names), data.holdout, device=ctx.device)
+    return top1_accuracy(out, data.holdout.labels)
+
+
+class Finetune:
+    """One step's fine-tuning, set up once: the spec's loss resolved against the data (unlabelled data
+    forces distillation, noted) and the original model's outputs on the training split as the teacher,
+    computed on first use. A step that alternates pruning and training calls :meth:`run` once per round.
+
+    Example:
+        >>> tune = Finetune(FinetuneSpec(epochs=2), ctx, why="fine-tuning")  # doctest: +SKIP
+        >>> losses = tune.run(module)                                          # doctest: +SKIP
+    """
+
+    def __init__(self, spec: FinetuneSpec, ctx: StepContext, *, why: str) -> None:
+        """Raises:
+            InvalidSpec: no dataset (``"{why} needs a dataset"``).
+        """
+        if ctx.data is None:
+            raise InvalidSpec(f"{why} needs a dataset", [{"loc": ["finetune"], "msg": "needs a dataset"}])
+        self.spec, self.ctx, self.data = spec, ctx, ctx.data
+        self.loss, self.notes = loss_config(spec, ctx.data.train.labels is not None)
+
+    @cached_property
+    def teacher(self) -> np.ndarray | None:
+        """The original model's outputs on the training split (None unless distilling)."""
+        return teacher_outputs(self.ctx.original, self.data.train, self.ctx.threads) if self.loss.distill else None
+
+    def run(self, module: OnnxModule, *, seed_offset: int = 0, after_step: Callable[[], None] | None = None,
+            on_epoch: Callable[[int, float], None] | None = None) -> list[float]:
+        """:func:`train` ``module`` in place for the spec's epochs (seed: the step's plus ``seed_offset``);
+        returns the mean loss per epoch."""
+        ft = self.spec
+        return train(module, list(module.input_names), self.data.train, epochs=ft.epochs, lr=ft.lr,
+                     batch_size=ft.batch_size, loss=self.loss, teacher=self.teacher,
+                     seed=self.ctx.seed + seed_offset, device=self.ctx.device, after_step=after_step,
+                     on_epoch=on_epoch)
+
+    def gradients(self, module: OnnxModule, batches: int = 8) -> None:
+        """Leave the training loss's gradient over a few batches in ``module``'s ``.grad`` (Taylor importance)."""
+        accumulate_grads(module, list(module.input_names), self.data.train, self.loss, self.teacher,
+                         self.spec.batch_size, batches)
+
+
+@dataclass
+class Finetuned:
+    """What :func:`finetune_onnx` gives back."""
+
+    model: onnx.ModelProto  # the graph it was given, holding the trained values
+    module: OnnxModule  # the trained module (on the CPU)
+    losses: list[float]  # mean loss per epoch
+    notes: list[str]
+    distill: bool  # whether the original taught (asked for, or forced by unlabelled data)
+
+
+def finetune_onnx(model: onnx.ModelProto, spec: FinetuneSpec, ctx: StepContext, *, why: str = "fine-tuning",
+                  module: OnnxModule | None = None, after_step: Callable[[], None] | None = None,
+                  phase: str = "finetuning", span: tuple[float, float] = (0.0, 1.0)) -> Finetuned:
+    """Fine-tune an ONNX graph: convert it, train (labels and/or distillation from the original), write the
+    trained values back into the same graph.
+
+    Args:
+        why: what trains, for the errors (``"fine-tuning needs a dataset"``).
+        module: ``model`` already converted and prepared (a parametrization registered on its layers);
+            None: converted here.
+        after_step: called after every optimizer step (masks re-applied, latent weights clipped).
+        phase, span: progress after each epoch, from ``span[0]`` over ``span[1]`` of the step.
+
+    Returns:
+        :class:`Finetuned`. With ``spec.epochs == 0`` nothing trains; the values are still written back.
+
+    Raises:
+        InvalidSpec: no dataset.
+        NotTrainable: the graph cannot be converted to torch.
+
+    Example:
+        >>> finetune_onnx(factored, FinetuneSpec(epochs=2), ctx).losses  # doctest: +SKIP
+        [0.41, 0.22]
+    """
+    tune = Finetune(spec, ctx, why=why)
+    module = module if module is not None else to_trainable(model, why)
+    start, width = span
+
+    def on_epoch(epoch: int, loss: float) -> None:
+        ctx.progress(phase, start + width * (epoch + 1) / spec.epochs,
+                     f"fine-tune epoch {epoch + 1}/{spec.epochs}: loss {loss:.4f}")
+
+    losses = tune.run(module, after_step=after_step, on_epoch=on_epoch) if spec.epochs else []
+    module.cpu()
+    return Finetuned(module.write_back(model), module, losses, tune.notes, tune.loss.distill)

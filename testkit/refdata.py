@@ -5,6 +5,9 @@
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -19,6 +22,21 @@ def mnist(flatten: bool = False, seed: int = 0) -> tuple[np.ndarray, np.ndarray]
     X = X.reshape(-1, 784) if flatten else X.reshape(-1, 1, 28, 28)
     order = np.random.default_rng(seed).permutation(len(X))
     return np.ascontiguousarray(X[order]), y[order].astype(np.int64)
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """torch's intra-op thread count set to ``n`` inside the block and restored after it.
+
+    Training results depend on it (the order of float sums), so a reference model trained under a fixed
+    count is the same model whichever test asks for it first.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def fit(module: torch.nn.Module, X: np.ndarray, y: np.ndarray, *, epochs: int = 3, lr: float = 1e-3,

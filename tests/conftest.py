@@ -56,15 +56,21 @@ def mnist_data() -> tuple[np.ndarray, np.ndarray]:
 
 @pytest.fixture(scope="session")
 def trained_cnn(mnist_data):
-    """SmallCNN trained briefly on 4,000 MNIST images (≈97% on the rest)."""
+    """SmallCNN trained briefly on 4,000 MNIST images (≈97% on the rest).
+
+    Trained on two torch threads whatever the count is when a test first asks: the same weights in any
+    test order, the ones the early-exit bars were set on (one thread trains a CNN whose second exit holds
+    out at 0.8925, under the 0.9 bar).
+    """
     import torch
 
-    from testkit.refdata import fit
+    from testkit.refdata import fit, torch_threads
     from testkit.zoo import SmallCNN
 
-    torch.manual_seed(0)
-    X, y = mnist_data
-    return fit(SmallCNN(), X[:4000], y[:4000], epochs=2)
+    with torch_threads(2):
+        torch.manual_seed(0)
+        X, y = mnist_data
+        return fit(SmallCNN(), X[:4000], y[:4000], epochs=2)
 
 
 @pytest.fixture(scope="session")
@@ -80,24 +86,44 @@ def cnn_onnx(trained_cnn, tmp_path_factory) -> dict[str, Path]:
             "legacy": export_onnx(trained_cnn, ex, d / "cnn_legacy.onnx", dynamo=False)}
 
 
-@pytest.fixture(scope="module")
-def lenet(mnist_data, tmp_path_factory):
-    """LeNet-300-100 trained briefly on 3,000 MNIST images (exported by dynamo), and 1,000 others split
-    600 train / 400 held out. Module-scoped: each module that uses it trains its own from seed 0."""
-    import onnx
+@pytest.fixture(scope="session")
+def lenet_exports(mnist_data, tmp_path_factory) -> dict[str, bytes]:
+    """The one trained LeNet-300-100 of the session, serialized as each exporter writes it (``dynamo``,
+    ``legacy``): trained on the first 3,000 MNIST images (flattened) for 2 epochs, seed 0, on one torch
+    thread. Every LeNet fixture (this one's variants: exporter, data split) loads its own copy."""
     import torch
 
-    from compression.data import Arrays, split
-    from testkit.refdata import fit
+    from testkit.refdata import fit, torch_threads
     from testkit.zoo import LeNet300100, export_onnx
 
     X, y = mnist_data
+    with torch_threads(1):
+        torch.manual_seed(0)
+        net = fit(LeNet300100(), X.reshape(len(X), -1)[:3000], y[:3000], epochs=2)
+    d = tmp_path_factory.mktemp("lenet")
+    return {ex: export_onnx(net, torch.zeros(2, 784), d / f"{ex}.onnx", dynamo=ex == "dynamo").read_bytes()
+            for ex in ("dynamo", "legacy")}
+
+
+@pytest.fixture(scope="module")
+def lenet_dynamo(lenet_exports, mnist_data):
+    """The session's LeNet as dynamo exports it, and the next 1,000 images split 600 train / 400 held out:
+    the technique contract's model (``tests/unit/test_techniques.py``)."""
+    import onnx
+
+    from compression.data import Arrays, split
+
+    X, y = mnist_data
     Xf = X.reshape(len(X), -1)
-    torch.manual_seed(0)
-    net = fit(LeNet300100(), Xf[:3000], y[:3000], epochs=2)
-    path = export_onnx(net, torch.zeros(2, 784), tmp_path_factory.mktemp("lenet") / "lenet.onnx", dynamo=True)
     data = split(Arrays({"input": Xf[3000:4000]}, y[3000:4000]), holdout=0.4, seed=0, max_eval=1000)
-    return onnx.load(str(path)), data
+    return onnx.load_from_string(lenet_exports["dynamo"]), data
+
+
+@pytest.fixture(scope="module")
+def lenet(lenet_dynamo):
+    """The LeNet most tests use: :func:`lenet_dynamo`. A test package that needs another exporter or split
+    overrides this name with a variant of :func:`lenet_exports`."""
+    return lenet_dynamo
 
 
 @pytest.fixture(scope="session")
@@ -137,10 +163,9 @@ def unchanged(stack):
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """For modules that train tiny models in-process: one thread beats two threads spin-waiting on a busy
-    shared machine (measured 20×). Use with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
-    import torch
+    shared machine (measured 20×). Use with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``
+    (a module-scoped fixture that trains asks for it by name, so it runs first). Restored after the module."""
+    from testkit.refdata import torch_threads
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with torch_threads(1):
+        yield

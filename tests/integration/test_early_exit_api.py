@@ -22,6 +22,7 @@ def _sess(blob: bytes) -> ort.InferenceSession:
     return ort.InferenceSession(blob, so, providers=["CPUExecutionProvider"])
 
 
+@pytest.mark.usefixtures("one_torch_thread")
 def test_early_exit_job_publishes_a_multi_exit_and_a_gated_model(stack, cnn_onnx, mnist_npz, mnist_data):
     c = stack.client()
     model, ds = upload(c, cnn_onnx["dynamo"]), upload(c, mnist_npz)

@@ -4,19 +4,16 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 import pytest
-import torch
 
-from compression.data import Arrays, split
 from compression.errors import Cancelled, InvalidSpec
 from compression.pipeline import run_pipeline
-from testkit.refdata import fit
 from compression.search import pareto_front
 from compression.search_space import expand
 from compression.spec import parse_spec
-from testkit.zoo import LeNet300100, export_onnx
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 EVAL = {"latency_runs": 5, "holdout": 0.4}
 
@@ -29,18 +26,6 @@ class DictCheckpoint(dict):
 
     def put(self, name, data):
         self[name] = data
-
-
-@pytest.fixture(scope="module")
-def lenet(mnist_data, tmp_path_factory):
-    torch.set_num_threads(1)
-    X, y = mnist_data
-    Xf = X.reshape(len(X), -1)
-    torch.manual_seed(0)
-    net = fit(LeNet300100(), Xf[:3000], y[:3000], epochs=2)
-    path = export_onnx(net, torch.zeros(2, 784), tmp_path_factory.mktemp("lenet-s") / "lenet.onnx", dynamo=True)
-    data = split(Arrays({"input": Xf[3000:4000]}, y[3000:4000]), holdout=0.4, seed=0, max_eval=1000)
-    return onnx.load(str(path)), data
 
 
 def _steps(spec):

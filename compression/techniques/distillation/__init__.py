@@ -17,11 +17,12 @@ import onnx
 from pydantic import Field, model_validator
 
 from compression.context import StepContext, StepResult
-from compression.errors import InvalidSpec, NotTrainable
+from compression.errors import InvalidSpec
+from compression.metrics import top1_accuracy
 from compression.registry import register_technique
 from compression.step_spec import Passes, StepSpec
 from compression.techniques.distillation.teachers import resolve_model, run_teachers
-from compression.training import LossConfig, ensemble_targets, predict, train
+from compression.training import LossConfig, ensemble_targets, predict, to_trainable, train
 
 ORIGINAL = "original"
 
@@ -62,12 +63,6 @@ class DistillSpec(StepSpec):
         return Passes(train=3 * self.epochs * train_n, infer=self.epochs * train_n * len(self.teachers))
 
 
-def _accuracy(out: np.ndarray, labels: np.ndarray | None) -> float | None:
-    if labels is None or out.ndim != 2 or out.shape[1] < 2:
-        return None
-    return round(float((out.argmax(1) == labels).mean()), 6)
-
-
 @register_technique("distill", DistillSpec, phase="distilling")
 def distill(model: onnx.ModelProto, spec: DistillSpec, ctx: StepContext) -> StepResult:
     """Train a student on its teachers' (softened, averaged) outputs, plus labels when there are any.
@@ -89,8 +84,6 @@ def distill(model: onnx.ModelProto, spec: DistillSpec, ctx: StepContext) -> Step
     Example:
         >>> distill(model, DistillSpec(teachers=["original"], temperature=4), ctx).report["teachers"]  # doctest: +SKIP
     """
-    from compression.converter import UnsupportedOp, to_torch
-
     data = ctx.data
     if data is None:
         raise InvalidSpec("distillation needs a dataset (labels optional)", [{"loc": ["method"], "msg": "needs a dataset"}])
@@ -98,10 +91,7 @@ def distill(model: onnx.ModelProto, spec: DistillSpec, ctx: StepContext) -> Step
     if spec.student_model_id:
         student_model = resolve_model(ctx, spec.student_model_id, ["student_model_id"])
     teachers = [ctx.original if t == ORIGINAL else resolve_model(ctx, t, ["teachers", i]) for i, t in enumerate(spec.teachers)]
-    try:
-        student = to_torch(student_model)
-    except UnsupportedOp as e:
-        raise NotTrainable(f"the student cannot be made trainable; unsupported ops: {e.op_types}") from None
+    student = to_trainable(student_model, "distilling into the student")
     names = list(student.input_names)
     missing = [n for n in names if n not in data.train.inputs]
     if missing:
@@ -138,12 +128,12 @@ def distill(model: onnx.ModelProto, spec: DistillSpec, ctx: StepContext) -> Step
     elif not class_scores:
         notes.append("outputs are not class scores: labels unused")
     report = {
-        "teachers": [{"teacher": name, "holdout_accuracy": _accuracy(o, hl)} for name, o in zip(spec.teachers, hold_outs)],
+        "teachers": [{"teacher": name, "holdout_accuracy": top1_accuracy(o, hl)} for name, o in zip(spec.teachers, hold_outs)],
         "ensemble": len(teachers) > 1,
-        "ensemble_holdout_accuracy": _accuracy(hold_target, hl) if len(teachers) > 1 else None,
+        "ensemble_holdout_accuracy": top1_accuracy(hold_target, hl) if len(teachers) > 1 else None,
         "student": spec.student_model_id or "pipeline model",
-        "student_holdout_accuracy_before": _accuracy(before, hl),
-        "student_holdout_accuracy_after": _accuracy(after, hl),
+        "student_holdout_accuracy_before": top1_accuracy(before, hl),
+        "student_holdout_accuracy_after": top1_accuracy(after, hl),
         "loss": ("kl" if class_scores else "mse") if spec.loss == "auto" else spec.loss,
         "class_scores": class_scores, "labels_used": cfg.use_labels,
         "temperature": spec.temperature, "alpha": spec.alpha if cfg.use_labels else 0.0,

@@ -32,8 +32,8 @@ import onnx
 from pydantic import Field, field_validator, model_validator
 
 from compression.context import StepContext, StepResult
-from compression.errors import InvalidSpec, NotTrainable
-from compression.metrics import run_batched, session
+from compression.errors import InvalidSpec
+from compression.metrics import run_batched, session, top1_accuracy
 from compression.registry import register_technique
 from compression.step_spec import StepSpec
 from compression.techniques.early_exit.cuts import choose_cuts, find_cuts
@@ -41,7 +41,7 @@ from compression.techniques.early_exit.gating import build_gated, simulate
 from compression.techniques.early_exit.heads import add_exit_heads, exit_costs
 from compression.techniques.early_exit.latency import batch1_latency_ms
 from compression.techniques.early_exit.training import train_exits
-from compression.training import teacher_outputs
+from compression.training import teacher_outputs, to_trainable
 
 GATED_NAME = "early_exit_gated.onnx"
 DEFAULT_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999)
@@ -138,8 +138,6 @@ def early_exit(model: onnx.ModelProto, spec: EarlyExitSpec, ctx: StepContext) ->
         >>> res.report["recommended_threshold"], list(res.extra_models)  # doctest: +SKIP
         (0.95, ['early_exit_gated.onnx'])
     """
-    from compression.converter import UnsupportedOp, to_torch
-
     data = ctx.data
     if data is None:
         raise InvalidSpec("early_exit needs a dataset to train the exits and measure the thresholds",
@@ -159,10 +157,7 @@ def early_exit(model: onnx.ModelProto, spec: EarlyExitSpec, ctx: StepContext) ->
                      f"work left after them): placed {len(cuts)} of {spec.num_exits} exits")
     multi, layout = add_exit_heads(model, cuts, facts.classes, pool_size=spec.pool_size, hidden=spec.hidden,
                                    seed=ctx.seed)
-    try:
-        module = to_torch(multi)
-    except UnsupportedOp as e:
-        raise NotTrainable(f"the model cannot be made trainable; unsupported ops: {e.op_types}") from None
+    module = to_trainable(multi, "training early exits")
     head_keys = {module.tensor_name(n) for n in layout.initializers}
     teacher = None
     if spec.teacher == "original" and (spec.distill or data.train.labels is None):
@@ -184,7 +179,9 @@ def early_exit(model: onnx.ModelProto, spec: EarlyExitSpec, ctx: StepContext) ->
     reference = final.argmax(1) if labels is None else labels  # without labels: agreement with the full model
 
     def acc(pred: np.ndarray) -> float:
-        return round(float((pred.argmax(1) == reference).mean()), 6)
+        a = top1_accuracy(pred, reference)
+        assert a is not None  # class scores [N, classes >= 2]: find_cuts refuses any other output
+        return a
 
     full_acc = acc(final)
     before = None if spec.freeze_backbone else acc(run_batched(session(model, ctx.threads),

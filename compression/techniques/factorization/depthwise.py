@@ -17,11 +17,12 @@ from pydantic import Field, model_validator
 
 from compression.context import StepContext, StepResult
 from compression.errors import InvalidSpec
+from compression.metrics import holdout_accuracy
 from compression.registry import register_technique
 from compression.spec import FinetuneSpec
 from compression.step_spec import StepSpec
 from compression.techniques.factorization.layers import find_layers, name_nodes
-from compression.techniques.factorization.measure import holdout_accuracy, probe_sample, safe_layer_macs
+from compression.techniques.factorization.measure import probe_sample, safe_layer_macs
 from compression.techniques.factorization.recovery import recover
 from compression.techniques.factorization.surgery import depthwise_rewrite
 

@@ -1,7 +1,8 @@
-"""What ``lowrank`` and ``depthwise_separable`` measure for their reports: per-layer MACs and held-out accuracy.
+"""What ``lowrank`` and ``depthwise_separable`` measure for their reports: per-layer MACs (held-out accuracy
+is :func:`compression.metrics.holdout_accuracy`, as every family's).
 
-Both are report details measured on the graph as it really runs (ONNX Runtime), before and after the rewrite;
-neither ever fails the step (the pipeline measures the model again anyway).
+Measured on the graph as it really runs (ONNX Runtime), before and after the rewrite; never fails the step
+(the pipeline measures the model again anyway).
 
 Example:
     >>> layer_macs(model, probe_sample(model, ctx))["/conv1/Conv"]  # doctest: +SKIP
@@ -47,15 +48,3 @@ def safe_layer_macs(model: onnx.ModelProto, sample: dict[str, np.ndarray]) -> di
     except Exception:
         return None
 
-
-def holdout_accuracy(model: onnx.ModelProto, ctx: StepContext) -> float | None:
-    """Top-1 accuracy on the held-out split in ONNX Runtime (None without labels or class scores)."""
-    from compression.metrics import run_batched, session
-
-    data = ctx.data
-    if data is None or data.holdout.labels is None:
-        return None
-    out = run_batched(session(model, ctx.threads), data.holdout.inputs)[0]
-    if out.ndim != 2 or out.shape[1] < 2:
-        return None
-    return round(float((out.argmax(1) == data.holdout.labels).mean()), 6)

@@ -17,14 +17,13 @@ import onnx
 import torch
 from torch import nn
 
-from compression.channels import (AttentionBlock, ChannelPlan, Layer, first_output, group_importance, plan_channels,
+from compression.channels import (AttentionBlock, ChannelPlan, Layer, check_export, group_importance, plan_channels,
                                   torch_pruning)
 from compression.context import StepContext, StepResult
 from compression.errors import InvalidSpec
 from compression.spec import FinetuneSpec
 from compression.techniques.pruning.importance import head_scores, neuron_scores
-from compression.techniques.pruning.trainable import holdout_accuracy, to_module
-from compression.training import accumulate_grads, loss_config, teacher_outputs, train
+from compression.training import Finetune, module_holdout_accuracy, to_trainable
 
 if TYPE_CHECKING:
     from compression.converter import OnnxModule
@@ -66,7 +65,7 @@ def prune_channels(model: onnx.ModelProto, spec: PruneSpec, ctx: StepContext) ->
         NotTrainable: the graph has ops the converter cannot turn into torch.
         RuntimeError: the exported graph disagrees with the pruned torch module.
     """
-    module = to_module(model)
+    module = to_trainable(model, "channel pruning")
     example = ctx.example_inputs(model)
     module.record_shapes(*example)
     ctx.progress("pruning", 0.0, "tracing channel dependencies")
@@ -75,14 +74,9 @@ def prune_channels(model: onnx.ModelProto, spec: PruneSpec, ctx: StepContext) ->
     before = {n: la.channels for n, la in plan.layers.items()}
     data = ctx.data
     ft = spec.finetune or FinetuneSpec(epochs=0)
-    cfg = teacher = None
-    notes: list[str] = []
-    if data is not None and (spec.finetune is not None or spec.importance == "taylor"):
-        cfg, notes = loss_config(ft, data.train.labels is not None)
-        teacher = teacher_outputs(ctx.original, data.train, ctx.threads) if cfg.distill else None
-    elif spec.needs_data:
-        raise InvalidSpec("fine-tuning needs a dataset", [{"loc": ["finetune"], "msg": "needs a dataset"}])
-    names = list(module.input_names)
+    # fine-tuning or Taylor scores: the loss and the teacher, once (raises without a dataset)
+    tune = Finetune(ft, ctx, why="fine-tuning") if spec.needs_data else None
+    notes: list[str] = list(tune.notes) if tune is not None else []
     rounds = []
     rng = np.random.default_rng(ctx.seed)
     if plan.transformer:
@@ -113,24 +107,22 @@ def prune_channels(model: onnx.ModelProto, spec: PruneSpec, ctx: StepContext) ->
             pruner.step()
     for i in range(spec.iterations):
         if spec.importance == "taylor":
-            assert cfg is not None
-            module.zero_grad(set_to_none=True)
-            accumulate_grads(module, names, data.train, cfg, teacher, ft.batch_size, device="cpu")
+            assert tune is not None
+            tune.gradients(module)
         step(i)
         module.zero_grad(set_to_none=True)
         losses: list[float] = []
-        if ft.epochs and cfg is not None:
+        if ft.epochs and tune is not None:
             def on_epoch(epoch: int, loss: float, i: int = i) -> None:
                 ctx.progress("finetuning", (i + (epoch + 1) / ft.epochs) / spec.iterations,
                              f"iteration {i + 1}/{spec.iterations}, epoch {epoch + 1}: loss {loss:.4f}")
 
-            losses = train(module, names, data.train, epochs=ft.epochs, lr=ft.lr, batch_size=ft.batch_size,
-                           loss=cfg, teacher=teacher, seed=ctx.seed + i, device=ctx.device, on_epoch=on_epoch)
+            losses = tune.run(module, seed_offset=i, on_epoch=on_epoch)
             module.cpu()
         else:
             ctx.progress("pruning", (i + 1) / spec.iterations, f"iteration {i + 1}/{spec.iterations}")
         rounds.append({"iteration": i + 1, "channels": sum(la.channels for la in plan.layers.values()),
-                       "loss": losses[-1] if losses else None, "accuracy": holdout_accuracy(module, ctx)})
+                       "loss": losses[-1] if losses else None, "accuracy": module_holdout_accuracy(module, ctx)})
     module.cpu().eval()
     ctx.progress("exporting", 1.0, "writing the smaller graph")
     out = module.export_resized(model, *example)
@@ -166,19 +158,12 @@ def _export_error(module: OnnxModule, exported: onnx.ModelProto, holdout: Arrays
     Raises:
         RuntimeError: they disagree: the export would not be the pruned model.
     """
-    from compression.metrics import session
-
     names = list(module.input_names)
     check = holdout.take(np.arange(min(64, holdout.samples))) if holdout is not None else None
     feeds = ({k: check.inputs[k] for k in names} if check is not None
              else {n: t.numpy() for n, t in zip(names, example, strict=True)})
-    with torch.no_grad():
-        want = first_output(module(*[torch.from_numpy(np.ascontiguousarray(feeds[n])) for n in names])).numpy()
-    got = session(exported, threads).run(None, feeds)[0]
-    err = float(np.abs(got - want).max())
-    if not err <= 1e-3 * (float(np.abs(want).max()) + 1.0):
-        raise RuntimeError(f"exported pruned graph disagrees with the pruned module (max error {err:.3g})")
-    return err
+    return check_export(exported, module, feeds, what="exported pruned graph disagrees with the pruned module",
+                        threads=threads)
 
 
 # ------------------------------------------------------------------------------------ DepGraph

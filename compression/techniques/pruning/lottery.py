@@ -16,9 +16,8 @@ import torch
 from compression.context import StepContext, StepResult
 from compression.errors import InvalidSpec
 from compression.techniques.pruning.importance import IMPORTANCE, masks_for
-from compression.techniques.pruning.trainable import holdout_accuracy, to_module
 from compression.techniques.pruning.weight import Masks, layer_sparsity, params_by_initializer, schedule, weight_report
-from compression.training import loss_config, teacher_outputs, train
+from compression.training import Finetune, module_holdout_accuracy, to_trainable
 
 if TYPE_CHECKING:
     from compression.techniques.pruning import PruneSpec
@@ -38,7 +37,7 @@ def lottery(model: onnx.ModelProto, spec: PruneSpec, ctx: StepContext, names: di
     Raises:
         InvalidSpec: ``rewind: init`` without a model store, or a rewind model of another graph.
     """
-    module = to_module(model)
+    module = to_trainable(model, "lottery-ticket pruning")
     params = params_by_initializer(module, names)
     trainable = dict(module.named_parameters())
     init_state: dict[str, torch.Tensor] | None = None
@@ -47,19 +46,17 @@ def lottery(model: onnx.ModelProto, spec: PruneSpec, ctx: StepContext, names: di
         if ctx.load_model is None:
             raise InvalidSpec("rewind_model_id cannot be resolved here (no model store)",
                               [{"loc": ["rewind_model_id"], "msg": "cannot resolve model ids"}])
-        init_module = to_module(ctx.load_model(str(spec.rewind_model_id)))
+        init_module = to_trainable(ctx.load_model(str(spec.rewind_model_id)), "rewinding to the init model")
         init_params = dict(init_module.named_parameters())
         bad = sorted(k for k, p in trainable.items() if k not in init_params or init_params[k].shape != p.shape)
         if bad:
             raise InvalidSpec(f"rewind model is not the same graph: tensors {bad[:5]} missing or of another shape",
                               [{"loc": ["rewind_model_id"], "msg": "not the same graph as the model"}])
         init_state = {k: init_params[k].detach().clone() for k in trainable}
-    data = ctx.data
-    assert data is not None and spec.finetune is not None
     ft = spec.finetune
-    cfg, cfg_notes = loss_config(ft, data.train.labels is not None)
-    notes.extend(cfg_notes)
-    teacher = teacher_outputs(ctx.original, data.train, ctx.threads) if cfg.distill else None
+    assert ft is not None  # PruneSpec: rewinding retrains every round
+    tune = Finetune(ft, ctx, why="lottery-ticket retraining")
+    notes.extend(tune.notes)
     rng = np.random.default_rng(ctx.seed)
     masks = Masks(params)
     reapply = masks.apply
@@ -78,7 +75,8 @@ def lottery(model: onnx.ModelProto, spec: PruneSpec, ctx: StepContext, names: di
     if spec.rewind == "random" and len(module.params):
         notes.append(f"{len(module.params)} tensors outside Conv/Linear/BatchNorm layers keep their trained values "
                      "(no standard random init for them)")
-    rounds = [{"round": 0, "kept": 1.0, "accuracy": holdout_accuracy(module, ctx), "note": "the trained model, dense"}]
+    rounds = [{"round": 0, "kept": 1.0, "accuracy": module_holdout_accuracy(module, ctx),
+               "note": "the trained model, dense"}]
     targets = schedule(spec.sparsity, spec.iterations)
     for i, target in enumerate(targets):
         weights = {k: p.detach().cpu().numpy().copy() for k, p in params.items()}
@@ -90,12 +88,10 @@ def lottery(model: onnx.ModelProto, spec: PruneSpec, ctx: StepContext, names: di
             ctx.progress("finetuning", (i + (epoch + 1) / ft.epochs) / len(targets),
                          f"round {i + 1}/{len(targets)}, epoch {epoch + 1}: loss {loss:.4f}")
 
-        losses = train(module, list(module.input_names), data.train, epochs=ft.epochs, lr=ft.lr,
-                       batch_size=ft.batch_size, loss=cfg, teacher=teacher, seed=ctx.seed + i,
-                       device=ctx.device, after_step=reapply, on_epoch=on_epoch)
+        losses = tune.run(module, seed_offset=i, after_step=reapply, on_epoch=on_epoch)
         module.cpu()
         reapply()
-        rounds.append({"round": i + 1, "kept": round(1.0 - target, 4), "accuracy": holdout_accuracy(module, ctx),
+        rounds.append({"round": i + 1, "kept": round(1.0 - target, 4), "accuracy": module_holdout_accuracy(module, ctx),
                        "loss": losses[-1]})
     out = module.write_back(model)
     final = {k: p.detach().cpu().numpy() for k, p in params.items()}

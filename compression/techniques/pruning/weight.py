@@ -16,14 +16,11 @@ from onnx import numpy_helper
 
 from compression.context import StepContext, StepResult
 from compression.errors import InvalidSpec, NotTrainable
-from compression.spec import FinetuneSpec
 from compression.techniques.pruning.importance import IMPORTANCE, masks_for
-from compression.techniques.pruning.trainable import to_module
-from compression.training import LossConfig, accumulate_grads, loss_config, teacher_outputs, train
+from compression.training import Finetune, to_trainable
 
 if TYPE_CHECKING:
     from compression.converter import OnnxModule
-    from compression.data import Arrays
     from compression.techniques.pruning import PruneSpec
 
 PRUNABLE_OPS = {"Conv": 1, "Gemm": 1, "MatMul": 1, "ConvTranspose": 1}  # op -> input slot of its weight
@@ -112,13 +109,11 @@ def prune_with_training(model: onnx.ModelProto, spec: PruneSpec, ctx: StepContex
                         rng: np.random.Generator) -> StepResult:
     """Iterative pruning in torch: each round scores (Taylor from gradients), masks, and fine-tunes with
     the masks re-applied after every step; the trained values are written back into the graph."""
-    module = to_module(model, "fine-tuning")
+    ft = spec.finetune
+    assert ft is not None  # training without a finetune section is Taylor importance, which PruneSpec refuses
+    tune = Finetune(ft, ctx, why="fine-tuning")
+    module = to_trainable(model, "fine-tuning")
     params = params_by_initializer(module, names)
-    data = ctx.data
-    assert data is not None
-    ft = spec.finetune or FinetuneSpec(epochs=0)
-    cfg, notes = loss_config(ft, data.train.labels is not None)
-    teacher = teacher_outputs(ctx.original, data.train, ctx.threads) if cfg.distill else None
     masks = Masks(params)
     reapply = masks.apply
     rounds = []
@@ -126,7 +121,7 @@ def prune_with_training(model: onnx.ModelProto, spec: PruneSpec, ctx: StepContex
     targets = schedule(spec.sparsity, spec.iterations)
     for i, target in enumerate(targets):
         weights = {k: p.detach().cpu().numpy().copy() for k, p in params.items()}
-        grads = _accumulate_grads(module, params, data.train, cfg, teacher, ft) if spec.importance == "taylor" else None
+        grads = _taylor_grads(tune, module, params) if spec.importance == "taylor" else None
         scores = IMPORTANCE[spec.importance](weights, grads, rng)
         masks.set(masks_for(scores, weights, layer_sparsity(spec, names, target, spec.sparsity), spec.scope))
         reapply()
@@ -137,9 +132,7 @@ def prune_with_training(model: onnx.ModelProto, spec: PruneSpec, ctx: StepContex
                 ctx.progress("finetuning", frac,
                              f"iteration {i + 1}/{len(targets)}, epoch {epoch + 1}: loss {loss:.4f}")
 
-            losses = train(module, list(module.input_names), data.train, epochs=ft.epochs, lr=ft.lr,
-                           batch_size=ft.batch_size, loss=cfg, teacher=teacher, seed=ctx.seed + i,
-                           device=ctx.device, after_step=reapply, on_epoch=on_epoch)
+            losses = tune.run(module, seed_offset=i, after_step=reapply, on_epoch=on_epoch)
         else:
             ctx.progress("pruning", (i + 1) / len(targets), f"iteration {i + 1}/{len(targets)}")
         rounds.append({"iteration": i + 1, "sparsity": round(target, 4), "loss": losses[-1] if losses else None})
@@ -148,7 +141,7 @@ def prune_with_training(model: onnx.ModelProto, spec: PruneSpec, ctx: StepContex
     out = module.write_back(model)
     final = {k: p.detach().cpu().numpy() for k, p in params.items()}
     report = weight_report(final, names, spec)
-    report.update(rounds=rounds, notes=notes, finetune=ft.model_dump() if spec.finetune else None)
+    report.update(rounds=rounds, notes=tune.notes, finetune=ft.model_dump())
     return StepResult(out, report)
 
 
@@ -188,9 +181,8 @@ def params_by_initializer(module: OnnxModule, names: dict[str, str]) -> dict[str
     return out
 
 
-def _accumulate_grads(module: OnnxModule, params: dict[str, torch.Tensor], arrays: Arrays, cfg: LossConfig,
-                      teacher: np.ndarray | None, ft: FinetuneSpec, batches: int = 8) -> dict[str, np.ndarray]:
-    """Gradients of the training loss over a few batches, for Taylor importance."""
-    accumulate_grads(module, list(module.input_names), arrays, cfg, teacher, ft.batch_size, batches)
+def _taylor_grads(tune: Finetune, module: OnnxModule, params: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """Gradients of the training loss over a few batches, per pruned weight, for Taylor importance."""
+    tune.gradients(module)
     return {k: (p.grad.detach().numpy().copy() if p.grad is not None else np.zeros(p.shape, np.float32))
             for k, p in params.items()}

@@ -21,7 +21,8 @@ from compression.techniques.quantization.fake_quant import ClusterWeight
 from compression.techniques.quantization.kmeans import kmeans_1d
 from compression.techniques.quantization.layers import select_layers, weight_layers
 from compression.techniques.quantization.packing import container_bits, encode_sparse_codebook, encode_weight
-from compression.techniques.quantization.trainable import finetune, freeze_latent, to_trainable
+from compression.techniques.quantization.trainable import WHY, freeze_latent, trainable_layers
+from compression.training import finetune_onnx
 
 
 def index_bits(levels: int) -> int:
@@ -59,7 +60,7 @@ def cluster(model: onnx.ModelProto, ctx: StepContext, *, bits: int, layers: list
     arrays = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     ctx.progress("quantizing", 0.05, f"k-means, {k} clusters per layer")
     if ft is not None and ft.epochs > 0:
-        tr = to_trainable(model, chosen)
+        tr = trainable_layers(model, chosen)
         if tr.untrainable:
             notes.append(f"clustered without fine-tuning (not held by a trainable layer): {tr.untrainable}")
         for w, layer in tr.layers.items():
@@ -68,9 +69,9 @@ def cluster(model: onnx.ModelProto, ctx: StepContext, *, bits: int, layers: list
             parametrize.register_parametrization(
                 layer, "weight", ClusterWeight(torch.from_numpy(cb), torch.from_numpy(codes), zero))
             freeze_latent(layer)
-        losses, ft_notes = finetune(tr, ft, ctx, phase="finetuning")
-        notes += ft_notes
-        float_model = tr.module.write_back(model)
+        done = finetune_onnx(model, ft, ctx, why=WHY, module=tr.module, span=(0.1, 0.8))
+        losses, float_model = done.losses, done.model
+        notes += done.notes
         arrays = {t.name: numpy_helper.to_array(t) for t in float_model.graph.initializer}
         books = {w: layer.parametrizations.weight[0].codebook().detach().cpu().numpy() for w, layer in tr.layers.items()}
     else:

@@ -21,7 +21,8 @@ from compression.spec import FinetuneSpec
 from compression.techniques.quantization.fake_quant import SignWeight
 from compression.techniques.quantization.layers import broadcast_shape, channel_view, select_layers, weight_layers
 from compression.techniques.quantization.packing import encode_weight
-from compression.techniques.quantization.trainable import finetune, latent, to_trainable
+from compression.techniques.quantization.trainable import WHY, latent, trainable_layers
+from compression.training import finetune_onnx
 
 
 def lowbit(model: onnx.ModelProto, ctx: StepContext, *, kind: Literal["binary", "ternary"], threshold: float | None,
@@ -38,7 +39,7 @@ def lowbit(model: onnx.ModelProto, ctx: StepContext, *, kind: Literal["binary", 
     chosen = select_layers(all_layers, layers, exclude_layers)
     if not chosen:
         raise InvalidSpec(f"no Conv/Gemm/MatMul weights held as initializers: nothing to make {kind}")
-    tr = to_trainable(model, chosen)
+    tr = trainable_layers(model, chosen)
     notes: list[str] = []
     if tr.untrainable:
         notes.append(f"left in float32 (not held by a trainable layer): {tr.untrainable}")
@@ -64,9 +65,9 @@ def lowbit(model: onnx.ModelProto, ctx: StepContext, *, kind: Literal["binary", 
                 b = bounds[w].to(lat.device)
                 lat.copy_(torch.maximum(torch.minimum(lat, b), -b))
 
-    losses, ft_notes = finetune(tr, training, ctx, phase="finetuning", after_step=clip)
-    notes += ft_notes
-    out = tr.module.write_back(model)
+    done = finetune_onnx(model, training, ctx, why=WHY, module=tr.module, after_step=clip, span=(0.1, 0.8))
+    losses, out = done.losses, done.model
+    notes += done.notes
     arrays = {t.name: numpy_helper.to_array(t) for t in out.graph.initializer}
     by_weight = {wl.weight: wl for wl in chosen}
     rows = []

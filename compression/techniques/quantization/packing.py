@@ -18,8 +18,9 @@ same dense kernels as before. ONNX's own ``INT4``/``INT2`` types with ``Dequanti
 work, but ONNX Runtime 1.32 accepts them only from opset 21 (4-bit) and 25 (2-bit), which would force an
 opset upgrade on the whole graph; ``BitShift`` works from opset 11.
 
-``analysis.count_params`` sees the packed bytes, not the weights; :func:`packed_param_counts` gives the
-correction from what :func:`encode_weight` records in the model's ``metadata_props``.
+``analysis.count_params`` sees the packed bytes, not the weights; ``analysis.packed_param_counts`` gives the
+correction from what :func:`encode_weight` records in the model's ``metadata_props`` (under
+``analysis.PACKED_KEY``), and ``analysis.param_counts`` — what the service reports — applies it.
 """
 from __future__ import annotations
 
@@ -30,9 +31,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from compression.analysis import PACKED_KEY, packed_entries
 from compression.errors import CompressionError
 
-PACKED_KEY = "netcompress.packed_weights"
 WIDTHS = (1, 2, 4, 8)
 
 
@@ -290,40 +291,6 @@ def _record(model: onnx.ModelProto, codes_name: str, enc: Encoded) -> None:
     del model.metadata_props[:]
     model.metadata_props.extend(kept)
     model.metadata_props.add(key=PACKED_KEY, value=json.dumps(entries, sort_keys=True))
-
-
-def packed_entries(model: onnx.ModelProto) -> dict[str, dict]:
-    """The packed weights recorded in the model's metadata, keyed by codes initializer."""
-    for p in model.metadata_props:
-        if p.key == PACKED_KEY:
-            return json.loads(p.value)
-    return {}
-
-
-def packed_param_counts(model: onnx.ModelProto) -> tuple[int, int]:
-    """Correction to ``analysis.count_params`` for packed weights: ``(params_delta, nonzero_delta)``.
-
-    ``count_params`` counts the packed bytes, codebooks and shift tables as parameters; the true
-    count is one parameter per decoded weight element, with decoded zeros not counted as nonzero.
-    """
-    from compression.analysis import weight_tensors
-
-    entries = packed_entries(model)
-    if not entries:
-        return 0, 0
-    present = {t.name for t in model.graph.initializer}
-    live = {k: v for k, v in entries.items() if k in present}
-    mine = {t for v in live.values() for t in v["tensors"]}
-    d_params = d_nonzero = 0
-    for t in weight_tensors(model):
-        if t.name in mine:
-            arr = numpy_helper.to_array(t)
-            d_params -= arr.size
-            d_nonzero -= int(np.count_nonzero(arr))
-    for v in live.values():
-        d_params += int(v["params"])
-        d_nonzero += int(v["nonzero"])
-    return d_params, d_nonzero
 
 
 def computed_weights(model: onnx.ModelProto, names: list[str]) -> dict[str, np.ndarray]:

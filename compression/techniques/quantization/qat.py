@@ -26,7 +26,8 @@ from compression.spec import FinetuneSpec
 from compression.techniques.quantization.fake_quant import ActivationFakeQuant, FakeQuantWeight
 from compression.techniques.quantization.int8 import Int8Options, pre_process, quantize_int8
 from compression.techniques.quantization.layers import weight_layers
-from compression.techniques.quantization.trainable import finetune, latent, to_trainable
+from compression.techniques.quantization.trainable import WHY, latent, trainable_layers
+from compression.training import finetune_onnx
 
 
 def _prepared(model: onnx.ModelProto, workdir: Path) -> tuple[onnx.ModelProto, str]:
@@ -49,7 +50,7 @@ def qat(model: onnx.ModelProto, ctx: StepContext, *, options: Int8Options, train
         raise InvalidSpec("int8 qat trains on a dataset", [{"loc": ["mode"], "msg": "qat needs a dataset"}])
     prepared, pre = _prepared(model, ctx.workdir)
     layers = weight_layers(prepared)
-    tr = to_trainable(prepared, layers)
+    tr = trainable_layers(prepared, layers)
     if not tr.layers:
         raise InvalidSpec("no trainable Conv/Gemm/MatMul weights: nothing for QAT to train")
     observers: dict[str, ActivationFakeQuant] = {}
@@ -69,10 +70,11 @@ def qat(model: onnx.ModelProto, ctx: StepContext, *, options: Int8Options, train
             for w, m in masks.items():
                 latent(tr.layers[w]).mul_(m.to(latent(tr.layers[w]).device))
 
-    losses, notes = finetune(tr, training, ctx, phase="finetuning", after_step=keep_zeros if masks else None)
+    done = finetune_onnx(prepared, training, ctx, why=WHY, module=tr.module, after_step=keep_zeros if masks else None,
+                         span=(0.1, 0.8))
     for h in hooks:
         h.remove()
-    trained = tr.module.write_back(prepared)
+    trained, losses, notes = done.model, done.losses, done.notes
     # Learned input ranges of each weight layer, by ONNX tensor name.
     by_weight = {wl.weight: wl for wl in layers}
     nodes = {n.name: n for n in prepared.graph.node}

@@ -1,18 +1,18 @@
-"""The ONNX → torch → ONNX round trip shared by QAT, centroid fine-tuning and binary/ternary training."""
+"""The converted module that QAT, centroid fine-tuning and binary/ternary training train, and the live
+layer of each weight they quantize. The conversion and the fine-tuning are :mod:`compression.training`'s
+(:func:`~compression.training.to_trainable`, :func:`~compression.training.finetune_onnx`)."""
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import onnx
 import torch
 from torch import nn
 
-from compression.context import StepContext
-from compression.errors import InvalidSpec, NotTrainable
-from compression.spec import FinetuneSpec
 from compression.techniques.quantization.layers import WeightLayer
-from compression.training import loss_config, teacher_outputs, train
+from compression.training import to_trainable
+
+WHY = "quantization training"  # what the errors say needs a dataset / a trainable model
 
 
 @dataclass
@@ -27,14 +27,13 @@ class Trainable:
         return 1 if isinstance(self.layers[weight], nn.modules.conv._ConvTransposeNd) else 0
 
 
-def to_trainable(model: onnx.ModelProto, layers: list[WeightLayer]) -> Trainable:
-    """Convert ``model`` and find the layer of each weight; weights not held by a layer are listed apart."""
-    from compression.converter import UnsupportedOp, to_torch
+def trainable_layers(model: onnx.ModelProto, layers: list[WeightLayer]) -> Trainable:
+    """Convert ``model`` and find the layer of each weight; weights not held by a layer are listed apart.
 
-    try:
-        module = to_torch(model)
-    except UnsupportedOp as e:
-        raise NotTrainable(f"training needs a trainable model; unsupported ops: {e.op_types}") from None
+    Raises:
+        NotTrainable: the graph cannot be converted to torch.
+    """
+    module = to_trainable(model, WHY)
     found, missing = {}, []
     for wl in layers:
         try:
@@ -48,31 +47,6 @@ def to_trainable(model: onnx.ModelProto, layers: list[WeightLayer]) -> Trainable
             continue
         found[wl.weight] = layer
     return Trainable(module, found, missing)
-
-
-def finetune(tr: Trainable, ft: FinetuneSpec, ctx: StepContext, *, phase: str,
-             after_step: Callable[[], None] | None = None) -> tuple[list[float], list[str]]:
-    """Train ``tr.module`` on the training split (CE and/or KD from the original); returns losses and notes.
-
-    Raises:
-        InvalidSpec: no dataset.
-    """
-    if ctx.data is None:
-        raise InvalidSpec("this scheme trains: it needs a dataset", [{"loc": ["finetune"], "msg": "needs a dataset"}])
-    data = ctx.data
-    cfg, notes = loss_config(ft, data.train.labels is not None)
-    teacher = teacher_outputs(ctx.original, data.train, ctx.threads) if cfg.distill else None
-
-    def on_epoch(epoch: int, loss: float) -> None:
-        ctx.progress(phase, 0.1 + 0.8 * (epoch + 1) / max(ft.epochs, 1), f"epoch {epoch + 1}/{ft.epochs}: loss {loss:.4f}")
-
-    if ft.epochs == 0:
-        return [], notes
-    losses = train(tr.module, list(tr.module.input_names), data.train, epochs=ft.epochs, lr=ft.lr,
-                   batch_size=ft.batch_size, loss=cfg, teacher=teacher, seed=ctx.seed, device=ctx.device,
-                   after_step=after_step, on_epoch=on_epoch)
-    tr.module.cpu()
-    return losses, notes
 
 
 def freeze_latent(layer: nn.Module) -> None:

@@ -11,24 +11,21 @@ channel pruning can remove (DepGraph groups of :mod:`compression.channels`; the 
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import onnx
 from pydantic import Field, field_validator, model_validator
 
 from compression.channels import plan_channels
 from compression.context import StepContext, StepResult
-from compression.errors import InvalidSpec, NotTrainable
+from compression.errors import InvalidSpec
 from compression.registry import register_technique
 from compression.spec import FinetuneSpec
 from compression.step_spec import StepSpec
 from compression.techniques.slimmable.export import export_checked, width_metrics
 from compression.techniques.slimmable.network import SlimmableNet, find_groups
 from compression.techniques.slimmable.training import calibrate_bn, train_slimmable
-from compression.training import loss_config, teacher_outputs
-
-if TYPE_CHECKING:
-    from compression.converter import OnnxModule
+from compression.training import loss_config, teacher_outputs, to_trainable
 
 LATENCY_RUNS = 30
 
@@ -91,15 +88,6 @@ class SlimmableSpec(FinetuneSpec, StepSpec):
         return f"width_{float(width)}.onnx"
 
 
-def _convert(model: onnx.ModelProto) -> OnnxModule:
-    from compression.converter import UnsupportedOp, to_torch
-
-    try:
-        return to_torch(model)
-    except UnsupportedOp as e:
-        raise NotTrainable(f"slimmable training needs a trainable model; unsupported ops: {e.op_types}") from None
-
-
 @register_technique("slimmable", SlimmableSpec, phase="finetuning")
 def slimmable(model: onnx.ModelProto, spec: SlimmableSpec, ctx: StepContext) -> StepResult:
     """Train shared weights at several widths (switchable BatchNorm) and export each width's smaller ONNX.
@@ -129,7 +117,7 @@ def slimmable(model: onnx.ModelProto, spec: SlimmableSpec, ctx: StepContext) -> 
     data = ctx.data
     if data is None:
         raise InvalidSpec("slimmable training needs a dataset", [{"loc": ["method"], "msg": "needs a dataset"}])
-    module = _convert(model)
+    module = to_trainable(model, "slimmable training")
     names = list(module.input_names)
     example = ctx.example_inputs(model)
     module.record_shapes(*example)

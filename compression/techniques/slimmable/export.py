@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import torch
 
-from compression.channels import first_output
+from compression.channels import check_export
 from compression.data import Arrays
 from compression.techniques.slimmable.network import SlimmableNet
 
@@ -28,11 +28,9 @@ def export_checked(net: SlimmableNet, width: float, model: onnx.ModelProto, exam
     ``check`` it computes what the masked full-size network computes at that width.
 
     Raises:
-        RuntimeError: the exported graph disagrees with the masked network (a channel the masks could
-            not silence, e.g. a bias added outside the layer): the export would not be that width.
+        ExportMismatch: (a RuntimeError) the exported graph disagrees with the masked network (a channel the
+            masks could not silence, e.g. a bias added outside the layer): the export would not be that width.
     """
-    from compression.metrics import session
-
     out = net.export(width, model, example)
     onnx.checker.check_model(out)
     names = list(net.module.input_names)
@@ -42,15 +40,10 @@ def export_checked(net: SlimmableNet, width: float, model: onnx.ModelProto, exam
     net.select(width)
     net.eval()
     try:
-        with torch.no_grad():
-            want = first_output(net(*[torch.from_numpy(np.ascontiguousarray(feeds[n])) for n in names])).numpy()
+        err = check_export(out, net, feeds, what=f"width {width}: the exported graph disagrees with the masked network",
+                           threads=threads)
     finally:
         net.select(previous)
-    got = session(out, threads).run(None, feeds)[0]
-    err = float(np.abs(got - want).max())
-    if not err <= 1e-3 * (float(np.abs(want).max()) + 1.0):
-        raise RuntimeError(f"width {width}: the exported graph disagrees with the masked network "
-                           f"(max error {err:.3g})")
     return Exported(out, err)
 
 
@@ -58,13 +51,13 @@ def width_metrics(model: onnx.ModelProto, holdout: Arrays, reference: np.ndarray
                   latency_runs: int = 30) -> dict:
     """Measured facts of one width's ONNX: params, MACs and ONNX Runtime latency at batch 1, held-out
     accuracy (with labels) and agreement / output cosine with the original's ``reference`` outputs."""
-    from compression.analysis import count_params, macs
+    from compression.analysis import macs, param_counts
     from compression.metrics import accuracy, fidelity, latency, run_batched, session
 
     sess = session(model, threads)
     sample = {k: v[:1] for k, v in holdout.inputs.items()}
     outputs = run_batched(sess, holdout.inputs)
-    res = {"params": int(count_params(model)[0]), "macs": int(macs(model, sample)),
+    res = {"params": int(param_counts(model)[0]), "macs": int(macs(model, sample)),
            "latency_ms": latency(sess, sample, latency_runs), "accuracy": accuracy(outputs, holdout.labels)}
     if reference is not None:
         fid = fidelity(outputs, [reference], holdout.labels)

@@ -6,10 +6,10 @@ from typing import Any
 import numpy as np
 import onnx
 import pytest
-import torch
 
 from compression.data import Arrays, split
 from testkit.helpers import apply_step
+from testkit.refdata import torch_threads
 
 SPEC = {"method": "early_exit", "epochs": 3, "threshold": "auto", "latency_samples": 30, "latency_rounds": 1}
 
@@ -36,5 +36,5 @@ def cnn(cnn_onnx, mnist_data):
 @pytest.fixture(scope="package")
 def trained(cnn, tmp_path_factory):
     model, data = cnn
-    torch.set_num_threads(1)
-    return apply_step(SPEC, model, data, tmp_path_factory.mktemp("ee"))
+    with torch_threads(1):
+        return apply_step(SPEC, model, data, tmp_path_factory.mktemp("ee"))

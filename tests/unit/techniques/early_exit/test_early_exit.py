@@ -14,6 +14,8 @@ from compression.metrics import session
 from compression.spec import parse_spec
 from testkit.helpers import apply_step, run_ort
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 def test_step_report_and_artifacts(trained, cnn):
     model, data = cnn

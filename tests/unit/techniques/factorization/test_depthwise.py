@@ -14,6 +14,8 @@ from compression.techniques.factorization.layers import find_layers, initializer
 from compression.techniques.factorization.svd import depthwise_product, relative_error
 from testkit.helpers import accuracy, apply_step
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 @pytest.fixture(scope="module")
 def cnn_data(mnist_data):

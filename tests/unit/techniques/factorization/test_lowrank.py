@@ -20,6 +20,8 @@ from compression.techniques.factorization.svd import relative_error, singular_va
 from testkit.helpers import accuracy, apply_step, run_ort
 from testkit.zoo import export_onnx
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 def _inits(model: onnx.ModelProto) -> dict[str, list[int]]:
     return {t.name: list(t.dims) for t in model.graph.initializer}

@@ -6,9 +6,9 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from compression.analysis import count_params
+from compression.analysis import count_params, packed_param_counts
 from compression.techniques.quantization.layers import weight_layers
-from compression.techniques.quantization.packing import computed_weights, packed_param_counts
+from compression.techniques.quantization.packing import computed_weights
 from testkit.helpers import accuracy, apply_step
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 from onnx import TensorProto, numpy_helper
 
-from compression.analysis import count_params
+from compression.analysis import count_params, packed_param_counts
 from compression.errors import InvalidSpec
 from compression.techniques.quantization.layers import channel_view, weight_layers
-from compression.techniques.quantization.packing import computed_weights, packed_param_counts
+from compression.techniques.quantization.packing import computed_weights
 from testkit.helpers import accuracy, apply_step
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

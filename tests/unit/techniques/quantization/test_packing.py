@@ -7,12 +7,11 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from compression.analysis import count_params
+from compression.analysis import count_params, packed_param_counts
 from compression.errors import CompressionError
 from compression.metrics import EvalData, measure, ratios
 from compression.techniques.quantization.packing import (
-    computed_weights, container_bits, encode_sparse_codebook, encode_weight, pack_codes, packed_param_counts,
-    unpack_codes,
+    computed_weights, container_bits, encode_sparse_codebook, encode_weight, pack_codes, unpack_codes,
 )
 from compression.xz_artifact import compress
 from testkit.helpers import apply_step, run_ort

@@ -21,6 +21,8 @@ from testkit.helpers import accuracy, apply_step, run_ort
 from testkit.refdata import fit
 from testkit.zoo import LeNet300100, SmallCNN, TinyResNet, export_onnx
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 WIDTHS = [0.25, 0.5, 0.75, 1.0]
 
 
@@ -30,9 +32,8 @@ def _weights(model: onnx.ModelProto, op: str) -> list[np.ndarray]:
 
 
 @pytest.fixture(scope="module")
-def bn_cnn(mnist_data, tmp_path_factory) -> onnx.ModelProto:
+def bn_cnn(one_torch_thread, mnist_data, tmp_path_factory) -> onnx.ModelProto:
     """SmallCNN trained briefly, exported with its BatchNorm nodes kept (dynamo, optimize=False)."""
-    torch.set_num_threads(1)
     X, y = mnist_data
     torch.manual_seed(0)
     net = fit(SmallCNN(), X[:2000], y[:2000], epochs=1, lr=2e-3)
