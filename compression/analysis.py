@@ -7,7 +7,7 @@ lengths, reshapes the shape inference cannot follow) are counted as they really 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -266,3 +266,20 @@ def graph_io(model: onnx.ModelProto) -> dict[str, list[dict[str, Any]]]:
 def input_specs(model: onnx.ModelProto) -> list[dict[str, Any]]:
     """The graph's inputs as :func:`graph_io` gives them."""
     return graph_io(model)["inputs"]
+
+
+def fixed_batch(shapes: Iterable[Sequence[Any]]) -> int | None:
+    """The batch size the first input with a fixed first dimension fixes, or None when every one is free.
+
+    ``shapes`` are the graph inputs' shapes (an int, a symbolic name or None per dimension), as
+    :func:`input_specs` or an ONNX Runtime session's ``get_inputs()`` give them. A batch-1 detector must be
+    fed (calibrated, measured) one sample per run.
+
+    Example:
+        >>> fixed_batch([["batch", 3, 224, 224]]), fixed_batch([[1, 3, 640, 640], ["n", 2]])
+        (None, 1)
+    """
+    for shape in shapes:
+        if len(shape) and isinstance(shape[0], int) and shape[0] > 0:
+            return shape[0]
+    return None

@@ -44,6 +44,19 @@ class NotTrainable(CompressionError):
     code = "not_trainable"
 
 
+class UnsupportedOp(CompressionError):
+    """A technique's engine (ONNX Runtime's quantizer, its float16 converter) cannot handle an op of the graph.
+
+    ``op_types`` names them; the message says what failed, without server paths.
+    """
+
+    code = "unsupported_op"
+
+    def __init__(self, message: str, op_types: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.op_types = op_types or []
+
+
 class Cancelled(CompressionError):
     """Raised from a progress callback when the job was cancelled; techniques let it propagate."""
 

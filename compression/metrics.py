@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from compression.analysis import macs, param_counts
+from compression.analysis import fixed_batch, macs, param_counts
 
 if TYPE_CHECKING:
     from compression.context import StepContext
@@ -48,16 +48,19 @@ def session(model: onnx.ModelProto | Path | bytes, threads: int = 0, *, quiet: b
 
 
 def run_batched(sess: ort.InferenceSession, inputs: dict[str, np.ndarray], batch: int = 256) -> list[np.ndarray]:
-    """All outputs over all samples, in batches (a fixed batch dim of 1 is honoured)."""
+    """All outputs over all samples, in batches (a batch size the graph fixes is honoured)."""
     n = len(next(iter(inputs.values())))
-    fixed = sess.get_inputs()[0].shape[0]
-    if isinstance(fixed, int) and fixed > 0:
-        batch = fixed
+    batch = session_batch(sess) or batch
     outs: list[list[np.ndarray]] = []
     for s in range(0, n, batch):
         res = sess.run(None, {k: v[s:s + batch] for k, v in inputs.items()})
         outs.append(res)
     return [np.concatenate([o[i] for o in outs]) for i in range(len(outs[0]))]
+
+
+def session_batch(sess: ort.InferenceSession) -> int | None:
+    """The batch size the session's graph inputs fix (a batch-1 detector: 1), or None when it is free."""
+    return fixed_batch([i.shape for i in sess.get_inputs()])
 
 
 def _percentiles(samples_ms: list[float]) -> dict[str, float]:
@@ -77,18 +80,16 @@ def latency(sess: ort.InferenceSession, sample: dict[str, np.ndarray], runs: int
 
 
 def throughput(sess: ort.InferenceSession, inputs: dict[str, np.ndarray], runs: int = 5) -> float | None:
-    """Samples per second at batch 32 (None when the model's batch dim is fixed)."""
-    fixed = sess.get_inputs()[0].shape[0]
-    if isinstance(fixed, int) and fixed not in (0, THROUGHPUT_BATCH):
-        return None
+    """Samples per second at batch 32, or at the batch size the graph fixes (a batch-1 model: one per run)."""
+    batch = session_batch(sess) or THROUGHPUT_BATCH
     n = len(next(iter(inputs.values())))
-    idx = np.arange(THROUGHPUT_BATCH) % n
-    batch = {k: v[idx] for k, v in inputs.items()}
-    sess.run(None, batch)
+    idx = np.arange(batch) % n
+    feed = {k: v[idx] for k, v in inputs.items()}
+    sess.run(None, feed)
     t = time.perf_counter()
     for _ in range(runs):
-        sess.run(None, batch)
-    return round(THROUGHPUT_BATCH * runs / (time.perf_counter() - t), 2)
+        sess.run(None, feed)
+    return round(batch * runs / (time.perf_counter() - t), 2)
 
 
 def fidelity(outputs: list[np.ndarray], reference: list[np.ndarray], labels: np.ndarray | None) -> dict[str, Any]:

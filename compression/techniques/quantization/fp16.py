@@ -12,12 +12,15 @@ import onnx
 
 from compression.context import StepContext, StepResult
 from compression.errors import CompressionError
+from compression.graph_prep import lift_constants
 
 _MISSING = re.compile(r"Could not find an implementation for (\w+)\(")
 
 
 def to_fp16(model: onnx.ModelProto, ctx: StepContext, *, keep_io_types: bool, exclude_nodes: list[str]) -> StepResult:
     """Convert to float16; returns the model and which ops stayed float32.
+
+    ``Constant`` nodes holding weights (paddle2onnx writes every weight so) become initializers first.
 
     Args:
         keep_io_types: graph inputs and outputs stay float32 (Casts at the edges).
@@ -26,6 +29,7 @@ def to_fp16(model: onnx.ModelProto, ctx: StepContext, *, keep_io_types: bool, ex
     import onnxruntime as ort
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
+    model, lifted = lift_constants(model)  # the converter leaves some Constant weights in float32
     blocked: list[str] = []
     last = ""
     for _ in range(16):
@@ -55,6 +59,8 @@ def to_fp16(model: onnx.ModelProto, ctx: StepContext, *, keep_io_types: bool, ex
               "notes": ["weights are stored in float16 (half the bytes); ONNX Runtime's CPU provider computes in "
                         "float16 where it has a kernel and inserts Casts to run the other nodes in float32 "
                         "(runtime_float32_fallback counts them by op type), so speed depends on the CPU"]}
+    if lifted:
+        report["notes"].append(f"{lifted} Constant nodes lifted into initializers (stored in float16 with the weights)")
     return StepResult(out, report)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -20,9 +21,11 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from compression.analysis import fixed_batch, input_specs
 from compression.context import StepContext, StepResult
 from compression.data import Arrays
-from compression.errors import CompressionError, InvalidSpec
+from compression.errors import CompressionError, InvalidSpec, UnsupportedOp, scrub_paths
+from compression.graph_prep import PER_CHANNEL_QDQ_OPSET, lift_constants, opset, upgrade_opset
 
 DYNAMIC_DEFAULT_OPS = ["MatMul", "Gather", "Attention", "LSTM", "EmbedLayerNormalization"]
 
@@ -137,6 +140,12 @@ def quantize_int8(model: onnx.ModelProto, ctx: StepContext, *, options: Int8Opti
                   overrides: dict[str, list[dict]] | None = None) -> StepResult:
     """int8 with ONNX Runtime: ``dynamic`` (MatMulInteger, weights only) or QDQ ``static``/``qat`` export.
 
+    Models from other exporters are prepared first (:mod:`compression.graph_prep`): ``Constant`` weights become
+    initializers, and an opset-11/12 graph is raised to 13 for per-channel scales (or, when ONNX's converter
+    cannot, quantized per-tensor at its own opset). ORT's pre-processed graph is tried first, the raw one when
+    pre-processing fails or yields a graph the quantizer cannot handle; every result must load and run in
+    ONNX Runtime. The report says which road was taken (``pre_process``, ``notes``).
+
     Args:
         model: float model.
         ctx: the training split calibrates static/qat; ``workdir`` holds ORT's files.
@@ -148,67 +157,59 @@ def quantize_int8(model: onnx.ModelProto, ctx: StepContext, *, options: Int8Opti
 
     Raises:
         InvalidSpec: static/qat without a dataset.
-        CompressionError: ONNX Runtime's quantizer failed.
+        UnsupportedOp: ONNX Runtime's quantizer cannot handle the graph (the message names the op when it can).
+        CompressionError: ONNX Runtime's quantizer failed otherwise.
 
     Example:
         >>> options = Int8Options(mode="dynamic", per_channel=True)
         >>> quantize_int8(model, ctx, options=options).report["mode"]  # doctest: +SKIP
         'dynamic'
     """
-    from onnxruntime.quantization import (
-        CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static,
-    )
-
+    if options.mode != "dynamic" and ctx.data is None:
+        raise InvalidSpec(f"int8 {options.mode} needs a dataset for calibration (or use mode: dynamic)",
+                          [{"loc": ["mode"], "msg": f"{options.mode} needs a dataset"}])
     work = Path(tempfile.mkdtemp(prefix="quant-", dir=ctx.workdir))
     report: dict = {"mode": options.mode, "per_channel": options.per_channel, "weight_type": "int8 (symmetric)",
                     "notes": []}
-    src = work / "float.onnx"
-    prepared = work / "prepared.onnx"
-    dst = work / "quantized.onnx"
     ctx.progress("quantizing", 0.05, "pre-processing")
+    model, lifted = lift_constants(model)
+    if lifted:
+        report["notes"].append(f"{lifted} Constant nodes lifted into initializers (weights ORT can quantize)")
     if options.mode == "dynamic":
         model, n = gemm_to_matmul(model)
         if n:
             report["notes"].append(f"{n} Gemm rewritten as MatMul+Add (ORT quantizes MatMul, not Gemm, dynamically)")
-    onnx.save_model(model, str(src))
+    fixed = fixed_batch(s["shape"] for s in input_specs(model))
+    sample = None if ctx.data is None else ctx.data.train.take(np.arange(min(fixed or 4, ctx.data.train.samples))).inputs
+    roads = _roads(model, options.per_channel, sample, report)
+    src, prepared, dst = work / "float.onnx", work / "prepared.onnx", work / "quantized.onnx"
+    failures: list[str] = []
+    skipped = None  # pre-processing's own failure on the road being tried
     with working_directory(work):
-        report["pre_process"] = pre_process(src, prepared)
-        if report["pre_process"] != "ok":
-            prepared = src
-        try:
-            if options.mode == "dynamic":
-                ops = options.op_types or DYNAMIC_DEFAULT_OPS
-                if "Conv" not in ops and any(n.op_type == "Conv" for n in model.graph.node):
-                    report["notes"].append("Conv left in float32: dynamic ConvInteger is slower than float on "
-                                           "CPU; use mode: static for convolutions")
-                quantize_dynamic(str(prepared), str(dst), op_types_to_quantize=ops,
-                                 per_channel=bool(options.per_channel), weight_type=QuantType.QInt8, nodes_to_exclude=options.exclude_nodes or None)
-                report["op_types"] = ops
-            else:
-                if ctx.data is None:
-                    raise InvalidSpec(f"int8 {options.mode} needs a dataset for calibration (or use mode: dynamic)",
-                                      [{"loc": ["mode"], "msg": f"{options.mode} needs a dataset"}])
-                fixed = _fixed_batch(model)
-                samples = min(int(options.calibration_samples or 256), ctx.data.train.samples)
-                reader = CalibrationReader(ctx.data.train, samples, 16, fixed)
-                method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-                          "percentile": CalibrationMethod.Percentile}[options.calibration or "minmax"]
-                ctx.progress("quantizing", 0.2, f"calibrating ({options.calibration}) on {samples} samples")
-                ops = options.op_types or _static_default_ops(model)
-                extra = {"WeightSymmetric": True, "ActivationSymmetric": False}
-                if overrides:
-                    extra["TensorQuantOverrides"] = overrides
-                quantize_static(str(prepared), str(dst), reader, quant_format=QuantFormat.QDQ,
-                                op_types_to_quantize=ops, per_channel=bool(options.per_channel),
-                                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                                nodes_to_exclude=options.exclude_nodes or None, calibrate_method=method,
-                                extra_options=extra)
-                report.update(calibration=options.calibration, calibration_samples=samples, op_types=ops,
-                              activation_type="uint8 (asymmetric)", format="QDQ")
-        except CompressionError:
-            raise
-        except Exception as e:
-            raise CompressionError(f"ONNX Runtime quantization failed: {type(e).__name__}: {e}") from None
+        for graph, per_channel, pre in roads:
+            onnx.save_model(graph, str(src))
+            if pre:
+                skipped = pre_process(src, prepared)
+                if skipped != "ok":
+                    continue
+                skipped = None
+            try:
+                ops = _quantize(prepared if pre else src, dst, ctx, options, per_channel, fixed, overrides, report)
+                _check_runs(dst, sample)
+            except CompressionError:
+                raise
+            except Exception as e:  # the quantizer's, or ORT refusing what it wrote: the next road may do
+                failures.append(_reason(e))
+                continue
+            report["pre_process"] = "ok" if pre else skipped or f"retried without: {failures[-1][:300]}"
+            if per_channel != options.per_channel:
+                report["per_channel"] = False
+                if failures:
+                    report["notes"].append(f"per-tensor scales: per-channel failed ({failures[-1][:300]})")
+            report["op_types"] = ops
+            break
+        else:
+            raise _quantizer_error(failures or [f"pre-processing failed ({skipped})"])
     out = onnx.load_model(str(dst))
     del out.graph.value_info[:]  # shape annotations from pre-processing: bytes ORT does not need
     counts: dict[str, int] = {}
@@ -220,6 +221,105 @@ def quantize_int8(model: onnx.ModelProto, ctx: StepContext, *, options: Int8Opti
     if not counts:
         report["notes"].append("nothing was quantized: no supported op found")
     return StepResult(out, report)
+
+
+def _roads(model: onnx.ModelProto, per_channel: bool, sample: dict[str, np.ndarray] | None,
+           report: dict) -> list[tuple[onnx.ModelProto, bool, bool]]:
+    """What to try, in order: ``(graph, per_channel, pre_process)``.
+
+    Per-channel QDQ needs opset 13 (``DequantizeLinear``'s ``axis``): an older graph is converted, and kept
+    only when it computes what the original does; else (and as the last resort when the converted graph
+    cannot be quantized) per-tensor scales at the model's own opset, which every opset ORT quantizes has.
+    """
+    if not per_channel or opset(model) >= PER_CHANNEL_QDQ_OPSET:
+        return [(model, per_channel, True), (model, per_channel, False)]
+    old = opset(model)
+    try:
+        upgraded = upgrade_opset(model, PER_CHANNEL_QDQ_OPSET)
+        _same_outputs(model, upgraded, sample)
+    except Exception as e:
+        report["per_channel"] = False
+        report["notes"].append(f"per-tensor scales at opset {old}: per-channel needs opset "
+                               f"{PER_CHANNEL_QDQ_OPSET} and ONNX's version converter failed ({_reason(e)[:300]})")
+        return [(model, False, True), (model, False, False)]
+    report["notes"].append(f"opset {old} converted to {PER_CHANNEL_QDQ_OPSET} for per-channel scales")
+    report["opset"] = {"original": old, "quantized": PER_CHANNEL_QDQ_OPSET}
+    return [(upgraded, True, True), (upgraded, True, False), (model, False, True), (model, False, False)]
+
+
+def _quantize(path: Path, dst: Path, ctx: StepContext, options: Int8Options, per_channel: bool, fixed: int | None,
+              overrides: dict[str, list[dict]] | None, report: dict) -> list[str] | None:
+    """One ORT quantizer call from ``path`` to ``dst``; returns the op types asked for."""
+    from onnxruntime.quantization import (
+        CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static,
+    )
+
+    model = onnx.load_model(str(path), load_external_data=False)
+    if options.mode == "dynamic":
+        ops = options.op_types or DYNAMIC_DEFAULT_OPS
+        note = ("Conv left in float32: dynamic ConvInteger is slower than float on CPU; use mode: static for "
+                "convolutions")
+        if "Conv" not in ops and any(n.op_type == "Conv" for n in model.graph.node) and note not in report["notes"]:
+            report["notes"].append(note)
+        quantize_dynamic(str(path), str(dst), op_types_to_quantize=ops, per_channel=per_channel,
+                         weight_type=QuantType.QInt8, nodes_to_exclude=options.exclude_nodes or None)
+        return ops
+    assert ctx.data is not None  # checked by the caller
+    samples = min(int(options.calibration_samples or 256), ctx.data.train.samples)
+    reader = CalibrationReader(ctx.data.train, samples, 16, fixed)
+    method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+              "percentile": CalibrationMethod.Percentile}[options.calibration or "minmax"]
+    ctx.progress("quantizing", 0.2, f"calibrating ({options.calibration}) on {samples} samples")
+    ops = options.op_types or _static_default_ops(model)
+    extra: dict = {"WeightSymmetric": True, "ActivationSymmetric": False}
+    if overrides:
+        extra["TensorQuantOverrides"] = overrides
+    quantize_static(str(path), str(dst), reader, quant_format=QuantFormat.QDQ, op_types_to_quantize=ops,
+                    per_channel=per_channel, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    nodes_to_exclude=options.exclude_nodes or None, calibrate_method=method, extra_options=extra)
+    report.update(calibration=options.calibration, calibration_samples=samples, activation_type="uint8 (asymmetric)",
+                  format="QDQ")
+    return ops
+
+
+def _check_runs(path: Path, sample: dict[str, np.ndarray] | None) -> None:
+    """Load ``path`` in ONNX Runtime and run it on ``sample``: an INVALID_GRAPH is caught here, not later."""
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    if sample is not None:
+        sess.run(None, sample)
+
+
+def _same_outputs(a: onnx.ModelProto, b: onnx.ModelProto, sample: dict[str, np.ndarray] | None) -> None:
+    """Raise unless ``b`` loads in ONNX Runtime and (given a sample) computes what ``a`` does."""
+    import onnxruntime as ort
+
+    sb = ort.InferenceSession(b.SerializeToString(), providers=["CPUExecutionProvider"])
+    if sample is None:
+        return
+    sa = ort.InferenceSession(a.SerializeToString(), providers=["CPUExecutionProvider"])
+    for x, y in zip(sa.run(None, sample), sb.run(None, sample), strict=True):
+        if x.shape != y.shape or not np.allclose(x, y, rtol=1e-3, atol=1e-5 * (1 + float(np.abs(x).max(initial=0)))):
+            raise ValueError("the converted graph computes something else")
+
+
+# ORT names the failing node in its graph errors, or the op it has no kernel for
+_NODE_OP = re.compile(r'In Node, \("[^"]*", (\w+),|implementation for (\w+)\(|for operator (\w+)')
+
+
+def _reason(e: Exception) -> str:
+    """An error in one short line, with server paths reduced to file names."""
+    return scrub_paths(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+
+
+def _quantizer_error(failures: list[str]) -> CompressionError:
+    """What the user is told when no road quantized the model: the op when ORT named one, never a raw trace."""
+    ops = sorted({g for f in failures for m in _NODE_OP.finditer(f) for g in m.groups() if g})
+    if ops:
+        return UnsupportedOp(f"ONNX Runtime's quantizer cannot quantize this model's {', '.join(ops)} "
+                             f"({failures[-1][:300]})", ops)
+    return CompressionError(f"ONNX Runtime quantization failed: {failures[-1][:300]}")
 
 
 # Transformers: quantizing Softmax/Add/Mul/Where activations statically wrecks them (measured on
@@ -248,15 +348,3 @@ def _quantized_gathers(model: onnx.ModelProto) -> int:
         if n.input[0] in int8 or (src is not None and src.op_type == "DequantizeLinear" and src.input[0] in int8):
             count += 1  # dynamic: Gather reads the int8 table; static: Gather reads DequantizeLinear(table)
     return count
-
-
-def _fixed_batch(model: onnx.ModelProto) -> int | None:
-    """The batch size a graph input fixes (calibration batches must match it), or None when it is free."""
-    inits = {t.name for t in model.graph.initializer}
-    for i in model.graph.input:
-        if i.name in inits:
-            continue
-        dims = i.type.tensor_type.shape.dim
-        if dims and dims[0].HasField("dim_value") and dims[0].dim_value > 0:
-            return dims[0].dim_value
-    return None
