@@ -173,3 +173,18 @@ def test_crnn_export_matches_ort_trains_and_writes_back(rnn: str, batch_first: b
     onnx.checker.check_model(written)
     assert_matches_ort(written, module, {module.input_names[0]: x})
     assert np.abs(ort_run(written, {module.input_names[0]: x})[0] - ort_run(model, {module.input_names[0]: x})[0]).max() > 1e-3
+
+
+def test_converted_crnn_exports_again_with_torch_onnx(tmp_path) -> None:
+    """The pipeline writes trained values back into the original graph (tested above); exporting the
+    converted module itself (legacy exporter) also works and keeps one LSTM node."""
+    from testkit import zoo
+
+    torch.manual_seed(0)
+    model = onnx.load(zoo.export_onnx(zoo.CRNN(), torch.randn(2, 1, 32, 48), tmp_path / "crnn.onnx", dynamo=False))
+    module = to_torch(model)
+    x = RNG.standard_normal((3, 1, 32, 48)).astype(np.float32)
+    again = onnx.load(zoo.export_onnx(module, torch.from_numpy(x), tmp_path / "again.onnx", dynamo=False))
+    assert [n.op_type for n in again.graph.node].count("LSTM") == 1
+    np.testing.assert_allclose(ort_run(again, {again.graph.input[0].name: x})[0], torch_run(module, {"input": x})[0],
+                               atol=1e-5)
