@@ -4,14 +4,23 @@ The loss is the lecture's: ``alpha * CE(s, y) + (1 - alpha) * KL(softmax(t/T) ||
 for class scores; outputs that are not class scores (embeddings, regressions) use MSE (or cosine) to the
 teacher. Several teachers are one target: :func:`ensemble_targets`.
 
+A graph that ends in a Softmax (a classifier exported with its softmax) gives probabilities, not logits:
+``softmax(p/T)`` of probabilities in ``[0, 1]`` is nearly uniform and CE on them barely moves the
+weights. So the losses see *log*-probabilities instead (:func:`output_kind`): the student's final
+Softmax runs as LogSoftmax while it trains (:func:`log_prob_outputs`; ``softmax(log p / T)`` is exactly
+``softmax(z/T)`` of the logits ``z``) and the teacher's probabilities become ``log p``
+(:func:`as_log_probs`). LogSoftmax outputs already are. Sigmoid outputs are not a distribution over
+classes: they are matched by MSE, without CE.
+
 Every family that trains an ONNX graph goes through here: :func:`to_trainable` (convert or refuse),
 :class:`Finetune` (the spec's loss and the original's outputs, set up once per step) and
 :func:`finetune_onnx` (convert → the one loop, :func:`train` → write back).
 """
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
@@ -38,11 +47,72 @@ class LossConfig:
     alpha: float
     # Distillation term: "auto" = KL·T² for class scores, MSE otherwise; "kl", "mse" or "cosine" to force one.
     kd_loss: str = "auto"
+    # What the graph's first output is (:func:`output_kind`); "sigmoid" outputs are not class scores.
+    output: str = "logits"
 
 
 def teacher_outputs(teacher, arrays: Arrays, threads: int = 0) -> np.ndarray:  # teacher: onnx.ModelProto
     """The teacher's first output on every sample, computed once in ONNX Runtime (fast, no grads)."""
     return run_batched(session(teacher, threads), arrays.inputs)[0]
+
+
+def teacher_targets(teacher: onnx.ModelProto, arrays: Arrays, threads: int = 0) -> np.ndarray:
+    """:func:`teacher_outputs` as the losses want them: probabilities (a final Softmax) as log-probabilities."""
+    return as_log_probs(teacher_outputs(teacher, arrays, threads), output_kind(teacher))
+
+
+# Ops that only move values around: the activation before them still decides what the output is.
+_LAYOUT_ONLY = frozenset({"Identity", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten"})
+_KINDS = {"Softmax": "probs", "LogSoftmax": "log_probs", "Sigmoid": "sigmoid"}
+
+
+def _final_activation(nodes: list, output: str, inputs: Callable, outputs: Callable) -> tuple[str, Any]:
+    """(kind, node) of the Softmax/LogSoftmax/Sigmoid producing ``output`` through layout-only ops."""
+    producers = {o: n for n in nodes for o in outputs(n) if o}
+    node = producers.get(output)
+    while node is not None and node.op_type in _LAYOUT_ONLY:
+        node = producers.get(inputs(node)[0])
+    if node is None or node.op_type not in _KINDS:
+        return "logits", None
+    return _KINDS[node.op_type], node
+
+
+def output_kind(model: onnx.ModelProto) -> str:
+    """What the graph's first output holds: ``"probs"`` (it ends in Softmax), ``"log_probs"`` (LogSoftmax),
+    ``"sigmoid"`` or ``"logits"`` (anything else). Reshape/Transpose/Squeeze-like ops after the activation
+    are looked through.
+
+    Example:
+        >>> output_kind(onnx.load("classifier_with_softmax.onnx"))  # doctest: +SKIP
+        'probs'
+    """
+    return _final_activation(list(model.graph.node), model.graph.output[0].name,
+                             lambda n: n.input, lambda n: n.output)[0]
+
+
+def as_log_probs(out: np.ndarray, kind: str) -> np.ndarray:
+    """Probabilities as log-probabilities (floored at 1e-30: a float32 softmax underflows to 0); other
+    kinds unchanged."""
+    if kind != "probs":
+        return out
+    return np.log(np.maximum(out, 1e-30)).astype(out.dtype)
+
+
+@contextmanager
+def log_prob_outputs(module: OnnxModule) -> Iterator[str]:
+    """While inside, a module whose first output is a Softmax emits log-probabilities (the Softmax runs as
+    LogSoftmax: same axis, exact, no underflow); yields the module's :func:`output_kind`. Restored on
+    exit, so predictions and the export checks see the graph's own probabilities again."""
+    kind, node = _final_activation(module._nodes, module.output_names[0], lambda n: n.inputs, lambda n: n.outputs)
+    if kind != "probs":
+        yield kind
+        return
+    impl = node.impl
+    node.impl = "LogSoftmax"
+    try:
+        yield kind
+    finally:
+        node.impl = impl
 
 
 def is_class_scores(out: torch.Tensor) -> bool:
@@ -51,9 +121,10 @@ def is_class_scores(out: torch.Tensor) -> bool:
 
 def loss_fn(student: torch.Tensor, labels: torch.Tensor | None, teacher: torch.Tensor | None,
             cfg: LossConfig) -> torch.Tensor:
-    """CE and/or KD (KL·T² for class scores, MSE otherwise)."""
+    """CE and/or KD (KL·T² for class scores, MSE otherwise). ``student`` and ``teacher`` are logits or
+    log-probabilities (:func:`log_prob_outputs`, :func:`as_log_probs`), never probabilities."""
     terms: list[tuple[float, torch.Tensor]] = []
-    classes = is_class_scores(student)
+    classes = is_class_scores(student) and cfg.output != "sigmoid"
     if cfg.use_labels and labels is not None and classes:
         terms.append((cfg.alpha if cfg.distill else 1.0, F.cross_entropy(student, labels)))
     if cfg.distill and teacher is not None:
@@ -115,15 +186,26 @@ def accumulate_grads(module: torch.nn.Module, input_names: list[str], arrays: Ar
     module.to(device).eval()
     module.zero_grad(set_to_none=True)
     n = min(arrays.samples, batches * batch_size)
-    for s in range(0, n, batch_size):
-        idx = np.arange(s, min(s + batch_size, n))
-        b = arrays.take(idx)
-        out = module(*_to_tensors(b, input_names, device))
-        out = out[0] if isinstance(out, (tuple, list)) else out
-        labels = torch.from_numpy(b.labels).to(device) if b.labels is not None else None
-        t = torch.from_numpy(teacher[idx]).to(device) if teacher is not None else None
-        loss_fn(out, labels, t, cfg).backward()
+    with _loss_outputs(module, cfg) as cfg:
+        for s in range(0, n, batch_size):
+            idx = np.arange(s, min(s + batch_size, n))
+            b = arrays.take(idx)
+            out = module(*_to_tensors(b, input_names, device))
+            out = out[0] if isinstance(out, (tuple, list)) else out
+            labels = torch.from_numpy(b.labels).to(device) if b.labels is not None else None
+            t = torch.from_numpy(teacher[idx]).to(device) if teacher is not None else None
+            loss_fn(out, labels, t, cfg).backward()
     module.eval()
+
+
+@contextmanager
+def _loss_outputs(module: torch.nn.Module, cfg: LossConfig) -> Iterator[LossConfig]:
+    """``cfg`` for ``module``'s outputs, which are log-probabilities in here (:func:`log_prob_outputs`)."""
+    if not isinstance(module, OnnxModule):
+        yield cfg
+        return
+    with log_prob_outputs(module) as kind:
+        yield replace(cfg, output=kind)
 
 
 def _to_tensors(batch: Arrays, names: list[str], device: str) -> list[torch.Tensor]:
@@ -148,9 +230,18 @@ def train(
     """Train ``module`` in place; returns the mean loss per epoch.
 
     Args:
+        teacher: the teacher's outputs as logits or log-probabilities (:func:`teacher_targets`).
         after_step: called after every optimizer step (pruning masks re-applied here).
         on_epoch: ``(epoch, mean_loss)`` after each epoch; may raise ``Cancelled``.
     """
+    with _loss_outputs(module, loss) as loss:
+        return _train(module, input_names, arrays, epochs=epochs, lr=lr, batch_size=batch_size, loss=loss,
+                      teacher=teacher, seed=seed, device=device, after_step=after_step, on_epoch=on_epoch)
+
+
+def _train(module: torch.nn.Module, input_names: list[str], arrays: Arrays, *, epochs: int, lr: float,
+           batch_size: int, loss: LossConfig, teacher: np.ndarray | None, seed: int, device: str,
+           after_step: Callable[[], None] | None, on_epoch: Callable[[int, float], None] | None) -> list[float]:
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     module.to(device).train()
@@ -245,8 +336,8 @@ class Finetune:
 
     @cached_property
     def teacher(self) -> np.ndarray | None:
-        """The original model's outputs on the training split (None unless distilling)."""
-        return teacher_outputs(self.ctx.original, self.data.train, self.ctx.threads) if self.loss.distill else None
+        """The original model's outputs on the training split (None unless distilling), as :func:`teacher_targets`."""
+        return teacher_targets(self.ctx.original, self.data.train, self.ctx.threads) if self.loss.distill else None
 
     def run(self, module: OnnxModule, *, seed_offset: int = 0, after_step: Callable[[], None] | None = None,
             on_epoch: Callable[[int, float], None] | None = None) -> list[float]:

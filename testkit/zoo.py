@@ -18,6 +18,7 @@ __all__ = [
     "SmallCNN",
     "TinyResNet",
     "LeNet300100",
+    "CRNN",
     "export_onnx",
     "export_minilm",
     "minilm_example_inputs",
@@ -105,6 +106,30 @@ class LeNet300100(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
+
+
+class CRNN(nn.Module):
+    """A tiny CRNN text recogniser: a conv backbone on a ``[N, 1, 32, W]`` line image, the height collapsed
+    into the features, a bidirectional LSTM (or GRU) over the ``W/4`` columns, per-step character
+    log-probabilities ``[T, N, classes]`` (CTC's layout; ``batch_first``: ``[N, T, classes]``)."""
+
+    def __init__(self, classes: int = 11, hidden: int = 32, rnn: str = "lstm", batch_first: bool = False) -> None:
+        super().__init__()
+        self.backbone = nn.Sequential(
+            nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
+        )
+        self.rnn = {"lstm": nn.LSTM, "gru": nn.GRU}[rnn](32 * 8, hidden, bidirectional=True,
+                                                         batch_first=batch_first)
+        self.head = nn.Linear(2 * hidden, classes)
+        self.batch_first = batch_first
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.backbone(x)  # [N, 32, 8, W/4]
+        n, c, h, w = f.shape
+        f = f.reshape(n, c * h, w).permute(0, 2, 1) if self.batch_first else f.reshape(n, c * h, w).permute(2, 0, 1)
+        y, _ = self.rnn(f)
+        return torch.log_softmax(self.head(y), -1)
 
 
 def _as_tuple(example: torch.Tensor | Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:

@@ -28,7 +28,7 @@ from torch import nn
 
 from . import nodes as N
 # Importing the op modules fills the registry (each op registers itself with @register_op).
-from . import ops_control, ops_elementwise, ops_nn, ops_reduce, ops_resize, ops_shape  # noqa: F401
+from . import ops_control, ops_elementwise, ops_nn, ops_recurrent, ops_reduce, ops_resize, ops_shape  # noqa: F401
 from .nodes import NodeSpec, SubGraph
 from .ops import UnsupportedOp, as_outputs, get_op_by_key, is_supported
 

@@ -1,7 +1,9 @@
 """Knowledge distillation (Hinton et al. 2015): a student learns from one or more teachers' outputs.
 
 Class scores: ``(1 - alpha)·KL(softmax(t/T) ‖ softmax(s/T))·T² + alpha·CE(s, y)`` (CE only when the
-dataset has labels). Several teachers are an ensemble: the target is the *average of their softened
+dataset has labels). Models that end in a Softmax are distilled on log-probabilities, never on their
+probabilities as if they were logits (:mod:`compression.training`); Sigmoid outputs use MSE.
+Several teachers are an ensemble: the target is the *average of their softened
 distributions*. Outputs that are not class scores (embeddings, regressions) use MSE or cosine to the
 (mean) teacher output. The student is the current model of the pipeline (prune → distill recovers a
 pruned model) or an uploaded one (``student_model_id``); teachers are ``"original"`` and/or model ids
@@ -22,7 +24,7 @@ from compression.metrics import top1_accuracy
 from compression.registry import register_technique
 from compression.step_spec import Passes, StepSpec
 from compression.techniques.distillation.teachers import resolve_model, run_teachers
-from compression.training import LossConfig, ensemble_targets, predict, to_trainable, train
+from compression.training import LossConfig, as_log_probs, ensemble_targets, output_kind, predict, to_trainable, train
 
 ORIGINAL = "original"
 
@@ -99,7 +101,8 @@ def distill(model: onnx.ModelProto, spec: DistillSpec, ctx: StepContext) -> Step
                           [{"loc": ["student_model_id"], "msg": "inputs do not match the dataset"}])
     ctx.progress("distilling", 0.0, f"running {len(teachers)} teacher(s)")
     train_outs, hold_outs = run_teachers(teachers, spec.teachers, data, ctx.threads)
-    class_scores = train_outs[0].ndim == 2 and train_outs[0].shape[1] > 1
+    kind = output_kind(student_model)
+    class_scores = train_outs[0].ndim == 2 and train_outs[0].shape[1] > 1 and kind != "sigmoid"
     if spec.loss == "kl" and not class_scores:
         raise InvalidSpec(f"loss 'kl' needs class scores [N, C]; the output is {list(train_outs[0].shape[1:])}: "
                           "use mse or cosine", [{"loc": ["loss"], "msg": "output is not class scores"}])
@@ -111,7 +114,7 @@ def distill(model: onnx.ModelProto, spec: DistillSpec, ctx: StepContext) -> Step
     hold_target = ensemble_targets(hold_outs, spec.temperature, class_scores)
     labels = data.train.labels if class_scores else None
     cfg = LossConfig(use_labels=labels is not None, distill=True, temperature=spec.temperature, alpha=spec.alpha,
-                     kd_loss=spec.loss)
+                     kd_loss=spec.loss, output=kind)
 
     def on_epoch(epoch: int, loss: float) -> None:
         ctx.progress("distilling", (epoch + 1) / spec.epochs, f"epoch {epoch + 1}/{spec.epochs}: loss {loss:.4f}")
@@ -135,12 +138,12 @@ def distill(model: onnx.ModelProto, spec: DistillSpec, ctx: StepContext) -> Step
         "student_holdout_accuracy_before": top1_accuracy(before, hl),
         "student_holdout_accuracy_after": top1_accuracy(after, hl),
         "loss": ("kl" if class_scores else "mse") if spec.loss == "auto" else spec.loss,
-        "class_scores": class_scores, "labels_used": cfg.use_labels,
+        "class_scores": class_scores, "labels_used": cfg.use_labels, "output": kind,
         "temperature": spec.temperature, "alpha": spec.alpha if cfg.use_labels else 0.0,
         "epochs": spec.epochs, "loss_per_epoch": [round(h, 6) for h in history], "notes": notes,
     }
-    if not class_scores:
-        a, b = after.reshape(len(after), -1), hold_target.reshape(len(hold_target), -1)
+    if not class_scores:  # the teachers' probabilities are log-probabilities here: compare like with like
+        a, b = as_log_probs(after, kind).reshape(len(after), -1), hold_target.reshape(len(hold_target), -1)
         cos = (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
         report["student_teacher_cosine"] = round(float(cos.mean()), 6)
     return StepResult(out, report)

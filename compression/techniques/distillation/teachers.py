@@ -11,7 +11,7 @@ import onnx
 from compression.context import StepContext
 from compression.data import DataSplit
 from compression.errors import InvalidSpec
-from compression.training import teacher_outputs
+from compression.training import teacher_targets
 
 
 def resolve_model(ctx: StepContext, model_id: str, loc: list) -> onnx.ModelProto:
@@ -31,7 +31,8 @@ def resolve_model(ctx: StepContext, model_id: str, loc: list) -> onnx.ModelProto
 
 def run_teachers(teachers: list[onnx.ModelProto], names: list[str], data: DataSplit,
                  threads: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Each teacher's first output on the training and on the held-out split.
+    """Each teacher's first output on the training and on the held-out split (probabilities as
+    log-probabilities: :func:`compression.training.teacher_targets`).
 
     Args:
         teachers: the teacher models.
@@ -48,8 +49,8 @@ def run_teachers(teachers: list[onnx.ModelProto], names: list[str], data: DataSp
     train_outs, hold_outs = [], []
     for i, t in enumerate(teachers):
         try:
-            train_outs.append(teacher_outputs(t, data.train, threads))
-            hold_outs.append(teacher_outputs(t, data.holdout, threads))
+            train_outs.append(teacher_targets(t, data.train, threads))
+            hold_outs.append(teacher_targets(t, data.holdout, threads))
         except Exception as e:
             raise InvalidSpec(f"teacher {names[i]!r} does not run on the dataset: {str(e)[:300]}",
                               [{"loc": ["teachers", i], "msg": "does not run on the dataset"}]) from None
