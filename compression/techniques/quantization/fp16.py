@@ -15,6 +15,18 @@ from compression.errors import CompressionError
 from compression.graph_prep import lift_constants
 
 _MISSING = re.compile(r"Could not find an implementation for (\w+)\(")
+# Ops kept in float32 up front: ONNX Runtime 1.32's CPU provider has no float16 kernel for recurrent
+# ops, and a session on a CRNN whose LSTM stayed float32 (blocked, or left to the loop below) crashes
+# the process (SIGSEGV, measured) instead of raising the "Could not find an implementation" error the
+# loop learns from. Keeping the graph's Transposes in float32 with them avoids it (measured: blocking the
+# LSTM's own neighbours is not enough; ORT's transpose optimizer moves them across the Casts).
+NO_FP16_CPU_KERNEL = ["LSTM", "GRU", "RNN"]
+
+
+def _kept_float32(model: onnx.ModelProto) -> list[str]:
+    """Op types kept in float32 before the first try: recurrent ops and, beside them, Transpose."""
+    ops = {n.op_type for n in model.graph.node}
+    return sorted(ops & set(NO_FP16_CPU_KERNEL)) + (["Transpose"] if ops & set(NO_FP16_CPU_KERNEL) else [])
 
 
 def to_fp16(model: onnx.ModelProto, ctx: StepContext, *, keep_io_types: bool, exclude_nodes: list[str]) -> StepResult:
@@ -30,13 +42,13 @@ def to_fp16(model: onnx.ModelProto, ctx: StepContext, *, keep_io_types: bool, ex
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
     model, lifted = lift_constants(model)  # the converter leaves some Constant weights in float32
-    blocked: list[str] = []
+    kept, blocked = _kept_float32(model), []
     last = ""
     for _ in range(16):
         ctx.progress("quantizing", 0.2, "converting to float16")
         try:
             out = convert_float_to_float16(model, keep_io_types=keep_io_types,
-                                           op_block_list=DEFAULT_OP_BLOCK_LIST + blocked,
+                                           op_block_list=DEFAULT_OP_BLOCK_LIST + kept + blocked,
                                            node_block_list=exclude_nodes or None)
         except Exception as e:
             raise CompressionError(f"float16 conversion failed: {type(e).__name__}: {e}") from None
@@ -52,7 +64,7 @@ def to_fp16(model: onnx.ModelProto, ctx: StepContext, *, keep_io_types: bool, ex
     else:
         raise CompressionError(f"the float16 model does not load in ONNX Runtime: {last[:300]}")
     fallback = _runtime_float32_ops(out, ctx)
-    report = {"keep_io_types": keep_io_types, "kept_float32_op_types": blocked,
+    report = {"keep_io_types": keep_io_types, "kept_float32_op_types": kept + blocked,
               "kept_float32_nodes": list(exclude_nodes),
               "casts": sum(1 for n in out.graph.node if n.op_type == "Cast"),
               "runtime_float32_fallback": fallback,
