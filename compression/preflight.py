@@ -22,7 +22,7 @@ from typing import Any
 from compression.registry import get_technique
 from compression.step_spec import ModelFacts
 
-__all__ = ["PRUNABLE_OPS", "QUANTIZABLE_OPS", "ModelFacts", "analyse"]
+__all__ = ["PRUNABLE_OPS", "QUANTIZABLE_OPS", "ModelFacts", "analyse", "model_structure", "model_facts", "zero_sample"]
 
 # Orders of magnitude, not benchmarks: effective multiply-accumulates per second of small-batch work.
 CPU_TRAIN_MACS_S = 2e9
@@ -34,6 +34,52 @@ QUANTIZABLE_OPS = frozenset({"Conv", "Gemm", "MatMul", "ConvTranspose", "Gather"
 # measurement of the original and every step's model: warm-up runs, and 32-sample batches for throughput
 WARMUP_RUNS = 5
 THROUGHPUT_PASSES = 32 * 5
+
+
+def model_structure(model: Any, prunable_ops: frozenset[str] = PRUNABLE_OPS,
+                    quantizable_ops: frozenset[str] = QUANTIZABLE_OPS) -> dict[str, Any]:
+    """What preflight knows of a model without running it: op histogram, ops the converter lacks, weighted
+    layers (nodes of ``prunable_ops`` whose weight is a constant) and nodes quantization acts on.
+
+    Weights held in ``Constant`` nodes (paddle2onnx's form) count as weights: every step lifts them into
+    initializers first (:func:`compression.graph_prep.lift_constants`), so preflight must see them as the
+    steps do. Runs in the sandbox (it parses an uploaded graph); imports torch through the converter.
+    """
+    from compression.analysis import op_histogram
+    from compression.converter import unsupported_ops
+    from compression.graph_prep import lift_constants
+
+    model, _ = lift_constants(model)
+    inits = {t.name for t in model.graph.initializer}
+    hist = op_histogram(model)
+    weighted = sum(1 for n in model.graph.node if n.op_type in prunable_ops and any(i in inits for i in n.input[:2]))
+    return {"op_types": hist, "unsupported_ops": unsupported_ops(model), "prunable": weighted,
+            "quantizable": sum(hist.get(op, 0) for op in quantizable_ops)}
+
+
+def zero_sample(model: Any) -> dict[str, Any]:
+    """One all-zeros sample per graph input (symbolic dims → 1): what the MAC probe runs."""
+    import numpy as np
+
+    from compression.modelio import describe
+
+    sample = {}
+    for inp in describe(model)["inputs"]:
+        dims = [d if isinstance(d, int) and d > 0 and axis > 0 else 1 for axis, d in enumerate(inp["shape"])]
+        sample[inp["name"]] = np.zeros(dims, dtype=np.dtype(inp["dtype"]) if inp["dtype"] != "unknown" else np.float32)
+    return sample
+
+
+def model_facts(model: Any) -> ModelFacts:
+    """:func:`model_structure` and the batch-1 MACs in one :class:`ModelFacts`, in this process (tests, bench;
+    the service probes in the sandbox)."""
+    from compression.analysis import macs
+
+    try:
+        value: int | None = int(macs(model, zero_sample(model)))
+    except Exception:
+        value = None
+    return ModelFacts(**model_structure(model), macs=value)
 
 
 def analyse(spec: Any, facts: ModelFacts, model_params: int, dataset_samples: int | None,

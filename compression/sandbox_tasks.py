@@ -39,35 +39,19 @@ def preflight_probe(args: dict[str, Any], channel: Any, limits: dict[str, Any]) 
 
     The structure is sent to the parent first (``ask``), so a MAC probe that hits a limit still leaves it.
     """
-    from compression.analysis import macs, op_histogram
-    from compression.converter import unsupported_ops
-    from compression.modelio import describe, load_stored
+    from compression.analysis import macs
+    from compression.modelio import load_stored
+    from compression.preflight import model_structure, zero_sample
 
     model = load_stored(Path(args["path"]), Path(args["workdir"]))
-    inits = {t.name for t in model.graph.initializer}
-
-    def weighted(ops: set[str]) -> int:
-        return sum(1 for n in model.graph.node if n.op_type in ops and any(i in inits for i in n.input[:2]))
-
-    hist = op_histogram(model)
-    structure = {"op_types": hist, "unsupported_ops": unsupported_ops(model),
-                 "prunable": weighted(set(args["prunable_ops"])),
-                 "quantizable": sum(hist.get(op, 0) for op in args["quantizable_ops"])}
+    structure = model_structure(model, frozenset(args["prunable_ops"]), frozenset(args["quantizable_ops"]))
     channel.ask({"type": "structure", "structure": structure})
     value = None
     if args.get("probe_macs"):
-        import numpy as np
-
         if args.get("probe_cpu_seconds"):
             _cpu_budget(args["probe_cpu_seconds"])
-
-        sample = {}
-        for inp in describe(model)["inputs"]:
-            dims = [d if isinstance(d, int) and d > 0 and axis > 0 else 1 for axis, d in enumerate(inp["shape"])]
-            sample[inp["name"]] = np.zeros(dims, dtype=np.dtype(inp["dtype"]) if inp["dtype"] != "unknown"
-                                           else np.float32)
         try:
-            value = int(macs(model, sample))
+            value = int(macs(model, zero_sample(model)))
         except Exception as e:  # dynamic shapes a zero batch cannot satisfy: the parent estimates from params
             if "bad_alloc" in str(e) or "Failed to allocate" in str(e):
                 raise MemoryError from None  # the run needed more than the limit: say so
