@@ -38,6 +38,13 @@ class InvalidSpec(CompressionError):
         self.errors = errors or []
 
 
+class NotApplicable(InvalidSpec):
+    """The step cannot act on this model at all (no prunable layer, no classifier for exit heads): a
+    deterministic refusal that preflight predicts, with the reason in the message."""
+
+    code = "not_applicable"
+
+
 class NotTrainable(CompressionError):
     """A step needs training but the model cannot be turned into a trainable torch module."""
 

@@ -45,7 +45,7 @@ def model_structure(model: Any, prunable_ops: frozenset[str] = PRUNABLE_OPS,
     initializers first (:func:`compression.graph_prep.lift_constants`), so preflight must see them as the
     steps do. Runs in the sandbox (it parses an uploaded graph); imports torch through the converter.
     """
-    from compression.analysis import op_histogram
+    from compression.analysis import graph_io, op_histogram
     from compression.converter import unsupported_ops
     from compression.graph_prep import lift_constants
 
@@ -54,7 +54,8 @@ def model_structure(model: Any, prunable_ops: frozenset[str] = PRUNABLE_OPS,
     hist = op_histogram(model)
     weighted = sum(1 for n in model.graph.node if n.op_type in prunable_ops and any(i in inits for i in n.input[:2]))
     return {"op_types": hist, "unsupported_ops": unsupported_ops(model), "prunable": weighted,
-            "quantizable": sum(hist.get(op, 0) for op in quantizable_ops)}
+            "quantizable": sum(hist.get(op, 0) for op in quantizable_ops),
+            "outputs": [o["shape"] for o in graph_io(model)["outputs"]]}
 
 
 def zero_sample(model: Any) -> dict[str, Any]:

@@ -75,6 +75,7 @@ class ModelFacts:
     prunable: int
     quantizable: int
     macs: int | None = None
+    outputs: list[list] | None = None  # the graph outputs' shapes (a dim: size, symbolic name or None)
 
 
 @dataclass

@@ -35,7 +35,7 @@ from compression.context import StepContext, StepResult
 from compression.errors import InvalidSpec
 from compression.metrics import run_batched, session, top1_accuracy
 from compression.registry import register_technique
-from compression.step_spec import StepSpec
+from compression.step_spec import ModelFacts, StepCheck, StepSpec
 from compression.techniques.early_exit.cuts import choose_cuts, find_cuts
 from compression.techniques.early_exit.gating import build_gated, simulate
 from compression.techniques.early_exit.heads import add_exit_heads, exit_costs
@@ -110,6 +110,15 @@ class EarlyExitSpec(StepSpec):
     def needs_data(self) -> bool:
         return True  # the heads are trained, the thresholds measured on the held-out split
 
+    def preflight(self, facts: ModelFacts) -> StepCheck:
+        """Exit heads predict classes: the first output must be class scores ``[N, C]`` (what ``find_cuts``
+        refuses at run time with ``not_applicable``)."""
+        first = (facts.outputs or [None])[0]
+        if first is not None and (len(first) != 2 or (isinstance(first[1], int) and first[1] < 2)):
+            return StepCheck(targets=0, applies=False,
+                             notes=[f"not_applicable: early exits need a classifier; the first output has shape "
+                                    f"{first}, not [N, classes]"])
+        return StepCheck(targets=facts.prunable)
 
 
 @register_technique("early_exit", EarlyExitSpec, phase="finetuning")

@@ -22,7 +22,7 @@ from onnx import TensorProto
 
 from compression.analysis import measured_shapes, node_macs
 from compression.converter.nodes import iter_subgraphs, node_inputs_with_subgraphs
-from compression.errors import InvalidSpec
+from compression.errors import InvalidSpec, NotApplicable
 
 # exits: auto skips cuts that leave less than this fraction of the MACs still to do
 MIN_SAVED = 0.05
@@ -109,7 +109,7 @@ def find_cuts(model: onnx.ModelProto, sample: dict[str, np.ndarray]) -> GraphFac
     shapes = measured_shapes(model, sample, every_value=True)
     out_shape = tuple(shapes[g.output[0].name])
     if len(out_shape) != 2 or out_shape[1] < 2:
-        raise InvalidSpec(f"early exits need a classifier: the first output {g.output[0].name!r} has shape "
+        raise NotApplicable(f"early exits need a classifier: the first output {g.output[0].name!r} has shape "
                           f"{list(out_shape)}, not [N, classes]", [{"loc": ["method"], "msg": "not a classifier"}])
     const = constant_values(g)
     elem = {vi.name: vi.type.tensor_type.elem_type for vi in [*g.value_info, *g.input, *g.output]}
