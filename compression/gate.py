@@ -30,14 +30,16 @@ FASTER = 1.05
 SLOWER = 0.95
 
 
-def budget(eval_spec: Any, original: dict[str, Any], *, allow_drop_pt: float | None = None) -> dict[str, Any]:
+def budget(eval_spec: Any, original: dict[str, Any], *, target: dict[str, Any] | None = None) -> dict[str, Any]:
     """What the gate checks for this model and data, from the original's metrics.
 
     Args:
         eval_spec: the job's :class:`~compression.spec.EvalSpec` (``gate``, ``max_drop``, ``min_cosine``).
         original: the original's measured metrics (``accuracy`` is set with labels, ``agreement`` for class
             scores).
-        allow_drop_pt: a wider drop the spec asked for elsewhere (a search's target), in points.
+        target: a search's target (``metric``, ``max_accuracy_drop``), asked for explicitly: where it allows
+            more than the gate, it wins. An agreement target widens an accuracy gate too: accuracy cannot fall
+            by more than agreement does (a sample the original got right and the model agrees on stays right).
 
     Returns:
         ``{"metric": "accuracy"|"agreement"|"output_cosine", "max_drop_pt"|"min_cosine": …, "enabled": bool}``.
@@ -47,13 +49,17 @@ def budget(eval_spec: Any, original: dict[str, Any], *, allow_drop_pt: float | N
         >>> budget(EvalSpec(), {"accuracy": 0.93, "agreement": 1.0})
         {'metric': 'accuracy', 'max_drop_pt': 5.0, 'enabled': True}
     """
-    drop = max(eval_spec.max_drop, allow_drop_pt or 0.0)
+    t_metric, t_drop = (target or {}).get("metric"), float((target or {}).get("max_accuracy_drop") or 0.0)
+    drop = max(eval_spec.max_drop, t_drop * 100 if t_metric in ("accuracy", "agreement") else 0.0)
     if original.get("accuracy") is not None:
         out: dict[str, Any] = {"metric": "accuracy", "max_drop_pt": drop}
     elif original.get("agreement") is not None:
         out = {"metric": "agreement", "max_drop_pt": drop}
     else:
-        out = {"metric": "output_cosine", "min_cosine": eval_spec.min_cosine}
+        least = eval_spec.min_cosine
+        if t_metric == "output_cosine":
+            least = min(least, float(original.get("output_cosine", 1.0)) - t_drop)
+        out = {"metric": "output_cosine", "min_cosine": round(least, 6)}
     out["enabled"] = bool(eval_spec.gate)
     return out
 
@@ -88,7 +94,7 @@ def _measured(m: dict[str, Any], original: dict[str, Any], b: dict[str, Any]) ->
 
 
 def check_gate(step: int, method: str, m: dict[str, Any], original: dict[str, Any], eval_spec: Any, *,
-               allow_drop_pt: float | None = None) -> dict[str, Any]:
+               target: dict[str, Any] | None = None) -> dict[str, Any]:
     """Gate one step's model.
 
     Args:
@@ -96,7 +102,7 @@ def check_gate(step: int, method: str, m: dict[str, Any], original: dict[str, An
         method: the step's method, for the message.
         m: the step's measured metrics; original: the original's.
         eval_spec: the job's eval options; ``gate: false`` never raises.
-        allow_drop_pt: see :func:`budget`.
+        target: a search's target, see :func:`budget`.
 
     Returns:
         The gated numbers (``metric, value, original, drop_pt, max_drop_pt | min_cosine, within``).
@@ -109,7 +115,7 @@ def check_gate(step: int, method: str, m: dict[str, Any], original: dict[str, An
         >>> check_gate(0, "prune", {"accuracy": 0.61}, {"accuracy": 0.93}, EvalSpec())  # doctest: +SKIP
         QualityGateFailed: step 1 (prune): accuracy 0.61 vs 0.93 original (drop 32.0 pt > max_drop 5.0 pt); …
     """
-    b = budget(eval_spec, original, allow_drop_pt=allow_drop_pt)
+    b = budget(eval_spec, original, target=target)
     res = _measured(m, original, b)
     if res["within"] or not b["enabled"]:
         return res
@@ -154,7 +160,7 @@ def _speed_text(r: float | None, where: str) -> str | None:
 
 
 def verdict(m: dict[str, Any], original: dict[str, Any], eval_spec: Any, *,
-            allow_drop_pt: float | None = None) -> dict[str, Any]:
+            target: dict[str, Any] | None = None) -> dict[str, Any]:
     """The plain verdict of one model against the original, from ``m["ratios"]`` and the gated numbers.
 
     Speeds count as faster only past :data:`FASTER` (1.05×) and as slower under :data:`SLOWER` (0.95×):
@@ -171,7 +177,7 @@ def verdict(m: dict[str, Any], original: dict[str, Any], eval_spec: Any, *,
     r = m.get("ratios") or {}
     size = r.get("file_bytes")
     b1, bn = r.get("latency_p50_speedup"), r.get("throughput")
-    gated = _measured(m, original, budget(eval_spec, original, allow_drop_pt=allow_drop_pt))
+    gated = _measured(m, original, budget(eval_spec, original, target=target))
     parts = []
     if size is not None:
         parts.append(f"{_times(size)} smaller" if size >= 1 else f"{_times(1 / size)} larger")

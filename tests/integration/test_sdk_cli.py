@@ -90,6 +90,11 @@ def test_cli_submit_shorthand_wait_out(stack, tiny, tmp_path):
     # the table's ratio is the server's own number
     ratio = job.metrics["result"]["ratios"]["zip_bytes"]
     assert f"{ratio:.2f}×" in r.stdout
+    # the verdict comes first, before the table: the server's summary
+    summary = job.metrics["result"]["verdict"]["summary"]
+    first = summary.split(", ")[0]
+    assert first.endswith("× smaller") and job.metrics["result"]["verdict"]["smaller"]
+    assert "verdict  " + first in r.stdout and r.stdout.index(first) < r.stdout.index("file size"), r.stdout
 
 
 def test_cli_yaml_spec_jobs_models_download_cancel(stack, tiny, tmp_path):
