@@ -131,12 +131,12 @@ def check_gate(step: int, method: str, m: dict[str, Any], original: dict[str, An
     else:
         name = "accuracy" if res["metric"] == "accuracy" else "top-1 agreement with the original"
         if res["value"] is None:
-            text = f"{where}: {name} is not measurable on its output (the original's: {res['original']:.4g})"
+            text = f"{where}: {name} is not measurable on its output (the original's: {res['original']:.3f})"
         elif res["metric"] == "accuracy":
-            text = (f"{where}: accuracy {res['value']:.4g} vs {res['original']:.4g} original "
+            text = (f"{where}: accuracy {res['value']:.3f} vs {res['original']:.3f} original "
                     f"(drop {res['drop_pt']:.1f} pt > max_drop {res['max_drop_pt']:g} pt)")
         else:
-            text = (f"{where}: {name} {res['value']:.4g} (drop {res['drop_pt']:.1f} pt from 1.0 "
+            text = (f"{where}: {name} {res['value']:.3f} (drop {res['drop_pt']:.1f} pt from 1.0 "
                     f"> max_drop {res['max_drop_pt']:g} pt; no labels)")
     raise QualityGateFailed(f"{text}; {how}", details={"step": step, "method": method, **res})
 
