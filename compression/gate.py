@@ -180,7 +180,10 @@ def verdict(m: dict[str, Any], original: dict[str, Any], eval_spec: Any, *,
     gated = _measured(m, original, budget(eval_spec, original, target=target))
     parts = []
     if size is not None:
-        parts.append(f"{_times(size)} smaller" if size >= 1 else f"{_times(1 / size)} larger")
+        if abs(size - 1) < 0.005:  # weight zeros are stored dense: the same file, not "1.00× smaller"
+            parts.append("same size")
+        else:
+            parts.append(f"{_times(size)} smaller" if size > 1 else f"{_times(1 / size)} larger")
     parts += [t for t in (_speed_text(b1, "at batch 1"), _speed_text(bn, f"at batch {THROUGHPUT_BATCH}")) if t]
     within: bool | None = gated["within"]
     if gated["metric"] == "output_shape":
