@@ -71,6 +71,7 @@ class ArtifactPublic(BaseModel):
 class JobError(BaseModel):
     code: str
     message: str
+    details: dict[str, Any] | None = None  # machine-readable facts of the failure (quality_gate: the numbers)
 
 
 class Progress(BaseModel):

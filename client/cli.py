@@ -134,11 +134,22 @@ def metrics_rows(metrics: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     return rows
 
 
-def print_metrics(job: Job) -> None:
+def verdict_line(metrics: dict[str, Any] | None) -> str | None:
+    """The result's plain verdict (the server's ``metrics.result.verdict.summary``), or None before there is one."""
+    v = ((metrics or {}).get("result") or {}).get("verdict") or {}
+    return f"verdict  {v['summary']}" if v.get("summary") else None
+
+
+def print_metrics(job: Job, *, verdict: bool = True) -> None:
+    """The verdict first (unless the caller printed it already), then the metrics table."""
+    from rich.markup import escape
     from rich.table import Table
 
     if not job.metrics:
         return
+    line = verdict_line(job.metrics)
+    if verdict and line:
+        _console().print(f"[bold]{escape(line)}[/bold]")
     table = Table(title=f"job {job.id} · {job.status}")
     for col, just in (("metric", "left"), ("original", "right"), ("result", "right"), ("ratio", "right")):
         table.add_column(col, justify=just)
@@ -174,9 +185,14 @@ def print_search(s: dict[str, Any]) -> None:
 
 
 def print_job(job: Job) -> None:
+    from rich.markup import escape
+
     c = _console()
     d = job.data
     c.print(f"[bold]{d['id']}[/bold]  {d.get('name') or ''}")
+    line = verdict_line(job.metrics)
+    if line:  # what a reader wants first: smaller, faster, within budget?
+        c.print(f"[bold]{escape(line)}[/bold]")
     c.print(f"status   {describe_progress(job)}")
     c.print(f"model    {d['model_id']}   dataset {d.get('dataset_id') or '–'}   attempts {d.get('attempts')}")
     c.print(f"created  {d.get('created_at')}   finished {d.get('finished_at') or '–'}")
@@ -185,7 +201,7 @@ def print_job(job: Job) -> None:
         c.print(f"[red]error    {d['error'].get('code')}: {d['error'].get('message')}[/red]")
     if job.artifacts:
         c.print("artifacts " + ", ".join(f"{a['name']} ({_fmt_bytes(a['size_bytes'])})" for a in job.artifacts))
-    print_metrics(job)
+    print_metrics(job, verdict=False)
 
 
 def _step_label(step: dict[str, Any]) -> str:

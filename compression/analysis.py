@@ -19,6 +19,10 @@ _WEIGHT_TYPES = {
     onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT4, onnx.TensorProto.UINT4,
 }
 _QPARAM_OPS = {"QuantizeLinear", "DequantizeLinear"}
+# Operands that configure an op rather than hold learned values: a float Resize ``scales`` [1, 1, 2, 2] or a
+# Clip bound is a setting, not a parameter, whether it sits in an initializer or (as paddle2onnx writes
+# everything) in a Constant node. Integer shapes, axes and pads are not weight types in the first place.
+_CONFIG_INPUTS = {"Resize": {1, 2}, "Upsample": {1}, "Clip": {1, 2}, "Pad": {1, 2, 3}}
 _CONV_OPS = {"Conv", "ConvInteger", "ConvTranspose"}
 _MATMUL_OPS = {"MatMul", "MatMulInteger", "Gemm"}
 # metadata_props key under which quantization's packing records the weights it packed (codes name -> entry)
@@ -52,16 +56,32 @@ def _constant_tensors(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
     return out
 
 
+def _config_only(graph: onnx.GraphProto) -> set[str]:
+    """Values every use of which is a configuring operand (:data:`_CONFIG_INPUTS`)."""
+    config, data = set(), set()
+    for n in graph.node:
+        for i, name in enumerate(n.input):
+            (config if i in _CONFIG_INPUTS.get(n.op_type, ()) else data).add(name)
+    return config - data
+
+
 def weight_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
-    """Tensors that hold learned values — initializers and ``Constant`` nodes' tensors — but not shapes and
-    not quantization scales/zero points."""
+    """Tensors that hold learned values — initializers and ``Constant`` nodes' tensors alike, each once
+    however many nodes use it — but not shapes, not quantization scales/zero points and not settings.
+
+    What counts: a tensor of a weight type (float, float16/bfloat16, int8/uint8, int4/uint4; int32 only when
+    ``DequantizeLinear`` decodes it: a quantized bias) with two or more elements, that is not a
+    Quantize/DequantizeLinear scale or zero point and not used only as a configuring operand (Resize scales,
+    Clip bounds, Pad values). Scalars and integer shape constants never count.
+    """
     for g in _graphs(model.graph):
-        qparams = {n.input[i] for n in g.node if n.op_type in _QPARAM_OPS for i in (1, 2) if len(n.input) > i}
+        not_learned = {n.input[i] for n in g.node if n.op_type in _QPARAM_OPS for i in (1, 2) if len(n.input) > i}
+        not_learned |= _config_only(g)
         # int32 tensors dequantized by DequantizeLinear are quantized biases: learned values too.
         dq_data = {n.input[0] for n in g.node if n.op_type == "DequantizeLinear"}
         for t in _constant_tensors(g).values():
             learned = t.data_type in _WEIGHT_TYPES or (t.data_type == onnx.TensorProto.INT32 and t.name in dq_data)
-            if learned and t.name not in qparams and int(np.prod(t.dims)) > 1:
+            if learned and t.name not in not_learned and int(np.prod(t.dims)) > 1:
                 yield t
 
 
@@ -113,7 +133,7 @@ def packed_param_counts(model: onnx.ModelProto) -> tuple[int, int]:
     entries = packed_entries(model)
     if not entries:
         return 0, 0
-    present = {t.name for t in model.graph.initializer}
+    present = set(_constant_tensors(model.graph))  # codes in an initializer or a Constant node
     live = {k: v for k, v in entries.items() if k in present}
     mine = {t for v in live.values() for t in v["tensors"]}
     d_params = d_nonzero = 0

@@ -4,12 +4,18 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Sequence
+from typing import Any
 
 
 class CompressionError(Exception):
-    """Base class. ``code`` is a stable machine-readable reason, stored on failed jobs."""
+    """Base class. ``code`` is a stable machine-readable reason, stored on failed jobs; ``details`` (JSON-safe,
+    often empty) says the same for a program: a failed job carries it as ``error.details``."""
 
     code = "compression_error"
+
+    def __init__(self, *args: Any, details: dict[str, Any] | None = None) -> None:
+        super().__init__(*args)
+        self.details: dict[str, Any] = dict(details or {})
 
 
 class InvalidModel(CompressionError):
@@ -60,8 +66,16 @@ class UnsupportedOp(CompressionError):
     code = "unsupported_op"
 
     def __init__(self, message: str, op_types: list[str] | None = None) -> None:
-        super().__init__(message)
+        super().__init__(message, details={"op_types": list(op_types or [])})
         self.op_types = op_types or []
+
+
+class QualityGateFailed(CompressionError):
+    """A step's model fell past the job's fidelity budget (``eval.max_drop``, ``eval.min_cosine``, or its output
+    changed shape): a deterministic failure, never retried. ``details`` holds the step and the numbers
+    (:func:`compression.gate.check_gate`)."""
+
+    code = "quality_gate"
 
 
 class Cancelled(CompressionError):

@@ -18,6 +18,7 @@ import onnx
 from compression import modelio
 from compression.context import StepContext
 from compression.data import DataSplit, synthetic_inputs
+from compression.gate import check_gate, verdict
 from compression.metrics import EvalData, measure, ratios, run_batched, session
 from compression.numpy_json import json_default
 from compression.registry import get_technique
@@ -87,7 +88,12 @@ def run_pipeline(
             so a retried job resumes; None: a search starts over.
 
     Returns:
-        PipelineResult with ``metrics = {original, steps[], result}``, the report, and files to publish.
+        PipelineResult with ``metrics = {original, steps[], result}`` (each step and the result with its
+        ``verdict``), the report, and files to publish.
+
+    Raises:
+        QualityGateFailed: a step's model (a search's chosen one) fell past the ``eval`` budget
+            (:mod:`compression.gate`); ``eval.gate: false`` publishes it anyway.
     """
     n = len(spec.steps)
     seed = spec.eval.seed
@@ -115,6 +121,12 @@ def run_pipeline(
                                    report_progress=report_progress, device=device, threads=threads,
                                    load_model=load_model, checkpoint=checkpoint)
         quiet[0] = metrics["search"]["stopped_by"] not in ("grid exhausted", "trials budget", "time budget")
+        # The search keeps its own target among candidates; the gate judges only the chosen one, and a target
+        # that allows more drop than eval.max_drop was asked for explicitly: it wins (compression.gate.budget).
+        target = metrics["search"]["target"]
+        best = metrics["steps"][-1]
+        best["verdict"] = verdict(best, m_orig, spec.eval, target=target)
+        check_gate(n - 1, best["method"], best, m_orig, spec.eval, target=target)
     for i, step in enumerate([] if spec.is_search else spec.steps):
         tech = get_technique(step.method)
 
@@ -131,7 +143,9 @@ def run_pipeline(
         step_files = modelio.save(current, workdir / name)
         m = measure(current, step_files, ev, latency_runs=spec.eval.latency_runs, threads=threads)
         m["ratios"] = ratios(m, m_orig)
+        m["verdict"] = verdict(m, m_orig, spec.eval)
         metrics["steps"].append({"method": step.method, **m})
+        check_gate(i, step.method, m, m_orig, spec.eval)  # before anything is published or built on it
         reports.append({"method": step.method, "spec": step.model_dump(mode="json"), "report": result.report})
         files.extend(OutputFile(f.name, f, "step_model") for f in step_files)
         for extra_name, extra_model in result.extra_models.items():

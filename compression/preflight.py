@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from compression.gate import describe_budget
 from compression.registry import get_technique
 from compression.step_spec import ModelFacts
 
@@ -84,7 +85,7 @@ def model_facts(model: Any) -> ModelFacts:
 
 
 def analyse(spec: Any, facts: ModelFacts, model_params: int, dataset_samples: int | None,
-            *, probe_note: str | None = None) -> dict[str, Any]:
+            *, probe_note: str | None = None, labels: bool | None = None) -> dict[str, Any]:
     """The preflight report of a parsed spec on a model, less what the service adds (ids, queue, rejection).
 
     Args:
@@ -93,11 +94,13 @@ def analyse(spec: Any, facts: ModelFacts, model_params: int, dataset_samples: in
         model_params: the model's parameter count.
         dataset_samples: the dataset's size, None without a dataset.
         probe_note: why the probe fell short (a limit it hit), noted on the first step.
+        labels: whether the dataset has labels (None: unknown), for the quality gate's rule.
 
     Returns:
         ``model`` (params, macs, macs_source, op_types, unsupported_ops), ``dataset_samples``, ``steps``
         (one dict per step: index, method, phase, applies, trains, needs_torch, needs_data, blocking_ops,
-        targets, forward_passes, notes), ``runnable`` (every step applies) and ``cost``.
+        targets, forward_passes, notes), ``runnable`` (every step applies), ``cost`` and ``quality_gate``
+        (``enabled, max_drop_pt, min_cosine, summary``: the budget every step's model is held to).
 
     Example:
         >>> analyse(spec, facts, model_params=5000, dataset_samples=1000)["cost"]["seconds_cpu"]  # doctest: +SKIP
@@ -134,6 +137,8 @@ def analyse(spec: Any, facts: ModelFacts, model_params: int, dataset_samples: in
         "dataset_samples": samples if has_data else None,
         "steps": steps,
         "runnable": all(s["applies"] for s in steps),
+        "quality_gate": {"enabled": spec.eval.gate, "max_drop_pt": spec.eval.max_drop,
+                         "min_cosine": spec.eval.min_cosine, "summary": describe_budget(spec.eval, labels=labels)},
         "cost": {"macs_total": int(macs * (train_passes + infer_passes)), "seconds_cpu": round(cpu_s, 1),
                  "seconds_gpu": round(gpu_s, 1),
                  "size": "small" if cpu_s < 60 else "medium" if cpu_s < 600 else "large",

@@ -205,7 +205,7 @@ def _rebuild(err: dict[str, Any]) -> errors.CompressionError:
     cls = getattr(errors, err.get("class", ""), None)
     if isinstance(cls, type) and issubclass(cls, errors.CompressionError):
         e = cls.__new__(cls)
-        errors.CompressionError.__init__(e, err["message"])
+        errors.CompressionError.__init__(e, err["message"], details=err.get("details"))
         e.code = err.get("code", cls.code)
         return e
     return SandboxCrashed(err["message"])
@@ -352,7 +352,8 @@ def _child_main() -> None:
         channel.send({"kind": "error", "limit": "memory_bytes", "message": "the model exceeded the memory limit of "
                       f"{(request['limits']['memory_bytes'] or 0) // MiB} MiB"})
     except errors.CompressionError as e:
-        channel.send({"kind": "error", "class": type(e).__name__, "code": e.code, "message": str(e)})
+        channel.send({"kind": "error", "class": type(e).__name__, "code": e.code, "message": str(e),
+                      "details": getattr(e, "details", {})})
     except Exception as e:  # a library's failure: its type and message, for the parent to word
         text = str(e)
         if "bad_alloc" in text or "Failed to allocate" in text:

@@ -35,6 +35,13 @@ class EvalSpec(StrictModel):
     seed: int = Field(0, ge=0, le=2**31 - 1)
     latency_runs: int = Field(50, ge=5, le=10000)
     max_eval_samples: int = Field(2000, ge=1, le=1_000_000)
+    gate: bool = Field(True, description="fail the job (quality_gate) when a step's model falls past the budget "
+                                         "below; false: publish whatever comes out, the verdict still says it")
+    max_drop: float = Field(5.0, ge=0, le=100, description="quality gate, in percentage points: with labels the most "
+                            "accuracy may fall below the original's; without labels (class scores) the most top-1 "
+                            "agreement with the original may fall below 100%")
+    min_cosine: float = Field(0.9, ge=-1, le=1, description="quality gate for outputs that are not class scores "
+                              "(detector maps, embeddings): the least mean output cosine to the original's")
 
 
 class JobSpec(StrictModel):

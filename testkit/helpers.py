@@ -1,4 +1,5 @@
-"""What many tests do, once: apply one step of a spec, run a model in ONNX Runtime, measure its accuracy."""
+"""What many tests do, once: apply one step of a spec, run a model in ONNX Runtime, measure its accuracy, rewrite
+a model as other exporters write it."""
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -8,6 +9,7 @@ from typing import Any
 import numpy as np
 import onnx
 import onnxruntime as ort
+from onnx import helper
 
 from compression.context import StepContext
 from compression.data import DataSplit
@@ -42,3 +44,26 @@ def run_ort(model: onnx.ModelProto | bytes, feeds: dict[str, np.ndarray] | np.nd
 def accuracy(model: onnx.ModelProto, data: DataSplit) -> float:
     """Top-1 accuracy of the model's first output on the held-out split."""
     return float((run_ort(model, data.holdout.inputs).argmax(1) == data.holdout.labels).mean())
+
+
+def initializers_to_constants(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` with every top-level initializer moved into a ``Constant`` node (placed first, in
+    initializer order) and dropped from the graph inputs: how paddle2onnx writes every weight. The graph
+    computes the same thing; a tensor used by several nodes stays one Constant.
+
+    Example:
+        >>> [n.op_type for n in initializers_to_constants(lenet).graph.node][:2]  # doctest: +SKIP
+        ['Constant', 'Constant']
+    """
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    g = out.graph
+    names = {t.name for t in g.initializer}
+    constants = [helper.make_node("Constant", [], [t.name], name=f"const_{i}", value=t)
+                 for i, t in enumerate(g.initializer)]
+    nodes = constants + list(g.node)
+    inputs = [i for i in g.input if i.name not in names]
+    del g.initializer[:], g.node[:], g.input[:]
+    g.node.extend(nodes)
+    g.input.extend(inputs)
+    return out

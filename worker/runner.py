@@ -246,8 +246,8 @@ def run_job(job_id: str, settings: Settings) -> str:
         _finish(job_id, attempt_id, JobStatus.cancelled if not isinstance(e, TimeLimitExceeded) else JobStatus.failed,
                 e.code, str(e), settings)
         return e.code
-    except CompressionError as e:
-        _finish(job_id, attempt_id, JobStatus.failed, e.code, str(e), settings)
+    except CompressionError as e:  # deterministic (a bad spec, a model past the quality gate): failed, no retry
+        _finish(job_id, attempt_id, JobStatus.failed, e.code, str(e), settings, details=e.details)
         return "failed"
     except MemoryError:
         _finish(job_id, attempt_id, JobStatus.failed, "out_of_memory", "the job ran out of memory", settings)
@@ -292,12 +292,15 @@ def _release_slot(team_id: str, settings: Settings) -> None:
         log.warning("could not hand on the quota slot of team %s: %s", team_id, e)
 
 
-def _finish(job_id: str, attempt_id: str, to: JobStatus, code: str, message: str, settings: Settings) -> None:
+def _finish(job_id: str, attempt_id: str, to: JobStatus, code: str, message: str, settings: Settings, *,
+            details: dict[str, Any] | None = None) -> None:
     message = scrub_paths(message, settings.relative_dirs)  # the job's owner reads it: no server paths
+    error: dict[str, Any] = {"code": code, "message": message[:4000]}
+    if details:  # the error's numbers for programs (quality_gate: step, metric, value, budget)
+        error["details"] = details
 
     def write():
         with session_scope(settings) as s:
-            transition(s, job_id, to, reason=message[:500], expect_attempt=attempt_id,
-                       error={"code": code, "message": message[:4000]})
+            transition(s, job_id, to, reason=message[:500], expect_attempt=attempt_id, error=error)
 
     with_db_retry(write, budget_s=settings.db_retry_s)

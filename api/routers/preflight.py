@@ -19,6 +19,7 @@ from api.deps import SessionDep, SettingsDep, StoreDep, TeamDep
 from api.errors import COMMON_PROBLEMS, Problem, problem_responses
 from api.schemas import JobCreate
 from api.services import validate_job
+from compression.data import LABELS
 from compression.errors import InvalidSpec
 from compression.preflight import PRUNABLE_OPS, QUANTIZABLE_OPS, ModelFacts, analyse
 from compression.spec import parse_spec
@@ -69,6 +70,13 @@ class PreflightRejection(BaseModel):
     errors: list[dict[str, Any]] = Field(default_factory=list)
 
 
+class PreflightGate(BaseModel):
+    enabled: bool
+    max_drop_pt: float
+    min_cosine: float
+    summary: str = Field(description="the budget every step's model is held to, in words")
+
+
 class PreflightReport(BaseModel):
     model: PreflightModel
     dataset_samples: int | None
@@ -76,6 +84,7 @@ class PreflightReport(BaseModel):
     runnable: bool = Field(description="every step applies and submit would accept the request")
     queue: str = Field(description="the queue the job would be sent to")
     cost: PreflightCost
+    quality_gate: PreflightGate = Field(description="eval.gate / eval.max_drop / eval.min_cosine as they apply here")
     rejection: PreflightRejection | None = Field(
         None, description="why POST /v1/jobs would refuse this body (422), when preflight could still analyse it")
 
@@ -101,9 +110,11 @@ def preflight(body: JobCreate, team: TeamDep, session: SessionDep, settings: Set
         rejection = {"status": p.status, "code": p.code, "detail": p.detail, "errors": p.errors}
     model_info = {"id": model.id, "params": model.params, "storage_key": model.storage_key}
     samples = dataset.samples if dataset is not None else None
+    labels = dataset is not None and LABELS in (dataset.arrays or {})
     session.close()  # the analysis below needs no connection
     facts, probe_note = _probe(settings, store, model_info)  # parses the model, may run one forward
-    report = analyse(spec, facts, model_params=model_info["params"], dataset_samples=samples, probe_note=probe_note)
+    report = analyse(spec, facts, model_params=model_info["params"], dataset_samples=samples, probe_note=probe_note,
+                     labels=labels)
     report["model"]["id"] = model_info["id"]
     report["runnable"] = report["runnable"] and rejection is None
     report["queue"] = settings.job_queue(spec.trains)

@@ -200,6 +200,7 @@ function renderStatus(job) {
 
 async function openJob(id) {
   $("#detail-title").textContent = `Job ${shortId(id)}`;
+  renderVerdict({});
   for (const sel of ["#metrics-table thead", "#metrics-table tbody", "#layers", "#artifacts", "#chart-pareto", "#chart-latency", "#search-front"]) {
     $(sel).replaceChildren();
   }
@@ -267,7 +268,17 @@ const METRIC_ROWS = [
   ["output cosine", (m) => m.output_cosine, fmtNum(4)],
 ];
 
+function renderVerdict(job) {
+  // the result's plain verdict first: smaller? faster at batch 1 / batch N? within the accuracy budget?
+  const v = job.metrics && job.metrics.result && job.metrics.result.verdict;
+  const p = $("#detail-verdict");
+  p.textContent = v ? v.summary : "";
+  p.className = `verdict${v && v.within_budget === false ? " over" : ""}`;
+  p.hidden = !v;
+}
+
 function renderMetrics(job) {
+  renderVerdict(job);
   const m = job.metrics;
   if (!m) return;
   const cols = [["original", m.original], ...m.steps.map((s, i) => [`${i + 1}. ${s.method}`, s]), ["result", m.result]];

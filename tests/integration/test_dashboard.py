@@ -100,6 +100,14 @@ def test_dashboard_submit_watch_and_charts(stack, browser, tmp_path):
     job = stack.client().get(f"/v1/jobs/{job_id}").json()
     assert job["status"] == "succeeded" and job["name"] == "from-the-browser"
 
+    # the verdict comes first, above the status and the table: the server's words for the result
+    verdict = d.find_element(By.ID, "detail-verdict")
+    assert verdict.is_displayed() and verdict.text == job["metrics"]["result"]["verdict"]["summary"]
+    assert ("smaller" in verdict.text or "larger" in verdict.text) and "at batch 1" in verdict.text
+    assert "budget 5 pt" in verdict.text
+    assert verdict.location["y"] < d.find_element(By.ID, "metrics-table").location["y"]
+    assert verdict.location["y"] < d.find_element(By.ID, "detail-status").location["y"]
+
     # metrics table: original, two steps, result; the result column shows the server's file size
     heads = [th.text for th in d.find_elements(By.CSS_SELECTOR, "#metrics-table thead th")]
     assert heads[:5] == ["metric", "original", "1. prune", "2. quantize", "result"], heads

@@ -13,8 +13,9 @@ from testkit.stack import upload, wait_job
 EVAL = {"holdout": 0.3, "latency_runs": 10}
 
 
-def _job(c, model_id: str, dataset_id: str | None, steps: list[dict]) -> dict:
-    r = c.post("/v1/jobs", json={"model_id": model_id, "dataset_id": dataset_id, "spec": {"steps": steps, "eval": EVAL}})
+def _job(c, model_id: str, dataset_id: str | None, steps: list[dict], **eval_opts) -> dict:
+    spec = {"steps": steps, "eval": {**EVAL, **eval_opts}}
+    r = c.post("/v1/jobs", json={"model_id": model_id, "dataset_id": dataset_id, "spec": spec})
     assert r.status_code == 202, r.text
     return wait_job(c, r.json()["id"], timeout=300)
 
@@ -60,7 +61,8 @@ def test_distill_teacher_ensemble_into_an_uploaded_student(stack, cnn_onnx, mnis
     student = upload(c, _tiny_cnn(tmp_path / "student.onnx"))
     ds = upload(c, mnist_npz)
     job = _job(c, teacher["id"], ds["id"], [{"method": "distill", "teachers": ["original", second["id"]],
-                                             "student_model_id": student["id"], "epochs": 3, "lr": 3e-3}])
+                                             "student_model_id": student["id"], "epochs": 3, "lr": 3e-3}],
+               gate=False)  # a 4-filter student measured for what it learns (≈0.75 vs 0.95): past the gate
     assert job["status"] == "succeeded", job["error"]
     result = job["metrics"]["result"]
     assert result["params"] == student["params"] and result["accuracy"] > 0.6

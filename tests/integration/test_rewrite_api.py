@@ -36,7 +36,9 @@ def test_lowrank_then_int8_is_factored_smaller_and_accurate(stack, cnn_onnx, mni
     c = stack.client()
     model, ds = upload(c, cnn_onnx["legacy"]), upload(c, mnist_npz)
     job = _job(c, model["id"], ds["id"], [
-        {"method": "lowrank", "rank_ratio": 0.25, "exclude": ["/classifier/classifier.3/Gemm"],
+        # min_rank 1: the 1-channel first conv at rank ⌈0.25 · 3⌉ = 1, the rewrite this test checks (the default
+        # floor of 8 would leave it dense)
+        {"method": "lowrank", "rank_ratio": 0.25, "exclude": ["/classifier/classifier.3/Gemm"], "min_rank": 1,
          "finetune": {"epochs": 3, "lr": 2e-3, "distill": True}},
         {"method": "quantize", "scheme": "int8", "mode": "dynamic"},
     ])

@@ -26,9 +26,9 @@ def tiny(stack, tmp_path_factory):
     return ids
 
 
-def _post(c, tiny, spec, dataset="data"):
+def _post(c, tiny, spec, dataset="data", **eval_opts):
     return c.post("/v1/jobs", json={"model_id": tiny["model"], "dataset_id": tiny[dataset] if dataset else None,
-                                    "spec": {**spec, "eval": EVAL}})
+                                    "spec": {**spec, "eval": {**EVAL, **eval_opts}}})
 
 
 def test_search_job_front_plot_and_best(stack, tiny):
@@ -74,7 +74,8 @@ def test_time_budget_and_cancel_end_succeeded_partial(stack, tiny):
     # a cancel once two candidates are done: the job ends succeeded with them. The worker holds the job as
     # candidate 3 begins (a job that finished first made this flaky), the cancel lands, the job goes on.
     with stack.paused("candidate 3 ") as pause:
-        job_id = _post(c, tiny, slow).json()["id"]
+        # about how a search ends, not its quality: batch-4 fine-tuning costs the tiny model ~8 pt, past the gate
+        job_id = _post(c, tiny, slow, gate=False).json()["id"]
         assert "candidate 3 " in pause.wait(c, job_id)["message"]
         assert c.get(f"/v1/jobs/{job_id}").json()["status"] == "running"
         assert c.post(f"/v1/jobs/{job_id}/cancel").status_code in (200, 202)
@@ -85,7 +86,7 @@ def test_time_budget_and_cancel_end_succeeded_partial(stack, tiny):
     assert any(a["name"] == "model.onnx" for a in job["artifacts"])
 
     # a time budget shorter than one candidate: the first one still finishes (anytime), then it stops
-    r = _post(c, tiny, {**slow, "budget": {"minutes": 0.005, "trials": 50}})
+    r = _post(c, tiny, {**slow, "budget": {"minutes": 0.005, "trials": 50}}, gate=False)
     job = wait_job(c, r.json()["id"], timeout=300)
     assert job["status"] == "succeeded", job["error"]
     s = job["metrics"]["search"]

@@ -93,3 +93,18 @@ def test_eval_options_shape_the_measurement_cost():
     assert r["cost"]["macs_total"] == 1000 * 2 * (10 + 5 + 5 + 160)
     no_data = analyse(spec, CNN, model_params=5000, dataset_samples=None)
     assert no_data["cost"]["macs_total"] == 1000 * 2 * (64 + 5 + 5 + 160)  # 64 generated samples
+
+
+def test_preflight_states_the_quality_gate_budget():
+    from compression.preflight import ModelFacts, analyse
+    from compression.spec import parse_spec
+
+    facts = ModelFacts(op_types={"Gemm": 2}, unsupported_ops=[], prunable=2, quantizable=2, macs=1000)
+    spec = parse_spec({"steps": [{"method": "prune"}], "eval": {"max_drop": 2}})
+    gate = analyse(spec, facts, model_params=1000, dataset_samples=100, labels=True)["quality_gate"]
+    assert gate["enabled"] and gate["max_drop_pt"] == 2 and gate["min_cosine"] == 0.9
+    assert "accuracy may fall at most 2 pt" in gate["summary"] and "quality_gate" in gate["summary"]
+    unlabelled = analyse(spec, facts, model_params=1000, dataset_samples=None, labels=False)["quality_gate"]
+    assert "top-1 agreement with the original at least 98%" in unlabelled["summary"]
+    off = parse_spec({"steps": [{"method": "prune"}], "eval": {"gate": False}})
+    assert "off" in analyse(off, facts, model_params=1000, dataset_samples=None)["quality_gate"]["summary"]

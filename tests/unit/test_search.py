@@ -167,7 +167,8 @@ def test_cancel_keeps_what_finished_and_trials_budget(lenet, tmp_path):
 def test_no_candidate_meets_target_still_returns_closest(lenet, tmp_path):
     model, data = lenet
     spec = parse_spec({"steps": [{"method": "prune"}], "search": {"prune.sparsity": [0.97, 0.99]},
-                       "target": {"max_accuracy_drop": 0.0, "metric": "agreement"}, "eval": EVAL})
+                       # 97-99% sparsity breaks the model: past the quality gate, published here on purpose
+                       "target": {"max_accuracy_drop": 0.0, "metric": "agreement"}, "eval": {**EVAL, "gate": False}})
     s = run_pipeline(model, spec, data, tmp_path).metrics["search"]
     assert not s["target_met"]
     assert s["best"]["drop"] == min(c["drop"] for c in s["candidates"])

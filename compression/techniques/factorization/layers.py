@@ -116,6 +116,41 @@ def find_layers(model: onnx.ModelProto) -> list[Layer]:
     return layers
 
 
+# Ops that pass a layer's result on to a graph output without another learned layer in between: a bias add,
+# activations, Softmax, reshapes, casts. A layer followed only by these is the model's head (its classifier).
+_HEAD_PASS_OPS = frozenset({
+    "Add", "Sub", "Mul", "Div", "Relu", "LeakyRelu", "Sigmoid", "Tanh", "Clip", "Softmax", "LogSoftmax",
+    "Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Cast", "Dropout", "Concat",
+})
+
+
+def output_layers(model: onnx.ModelProto) -> dict[str, str]:
+    """The top-level Conv/Gemm/MatMul nodes whose output reaches a graph output through :data:`_HEAD_PASS_OPS`
+    only — the classifier (or a detector's heads): node name -> the graph output it feeds.
+
+    Example:
+        >>> output_layers(name_nodes(lenet))  # doctest: +SKIP
+        {'node_linear_2': 'linear_2'}
+    """
+    producer = {o: n for n in model.graph.node for o in n.output}
+    reach: dict[str, str] = {}  # value -> the graph output it flows into unchanged by a learned layer
+    todo = [(o.name, o.name) for o in model.graph.output]
+    heads: dict[str, str] = {}
+    while todo:
+        value, out = todo.pop()
+        if value in reach:
+            continue
+        reach[value] = out
+        node = producer.get(value)
+        if node is None:
+            continue
+        if node.op_type in FACTORABLE_OPS:
+            heads.setdefault(node.name, out)
+        elif node.op_type in _HEAD_PASS_OPS:
+            todo.extend((i, out) for i in node.input if i)
+    return heads
+
+
 def conv_auto_pad(node: onnx.NodeProto) -> str:
     """A Conv's ``auto_pad`` as text (``NOTSET`` when absent or empty)."""
     value = node_attribute(node, "auto_pad", "NOTSET")

@@ -20,13 +20,19 @@ from compression.metrics import holdout_accuracy
 from compression.registry import register_technique
 from compression.spec import FinetuneSpec, StrictModel
 from compression.step_spec import StepSpec
-from compression.techniques.factorization.layers import conv_auto_pad, find_layers, initializers, name_nodes
+from compression.techniques.factorization.layers import (conv_auto_pad, find_layers, initializers, name_nodes,
+                                                          output_layers)
 from compression.techniques.factorization.measure import probe_sample, safe_layer_macs
 from compression.techniques.factorization.recovery import recover
 from compression.techniques.factorization.surgery import lowrank_rewrite, reconstruct
 from compression.techniques.factorization.svd import choose_rank, relative_error, singular_values
 
 DEFAULT_ENERGY = 0.9
+# The least rank a layer is factored to unless the spec asks for less. Below ~8 a truncated SVD keeps too
+# little for fine-tuning to win back (LeNet-300-100 at rank_ratio 0.2 put its 100→10 classifier at rank 2 and
+# fell from 89% to 37%), and ONNX Runtime's GEMM kernels work in blocks of 8+ columns, so a thinner middle
+# dimension saves parameters but no time.
+DEFAULT_MIN_RANK = 8
 AUTO_ENERGY = [0.8, 0.9, 0.95]  # what ``search: auto`` tries
 
 
@@ -57,6 +63,12 @@ class LowRankSpec(StepSpec):
                                                  "{name: {rank_ratio | energy | rank: value}} (exactly one each)")
     exclude: list[str] = Field(default_factory=list, max_length=100_000, description="node names left alone")
     convs: bool = Field(True, description="also factor k×k convolutions (spatial SVD)")
+    min_rank: int = Field(DEFAULT_MIN_RANK, ge=1, le=1_000_000,
+                          description="no layer is factored below this rank (clipped to min(M, N)); a layer whose "
+                                      "floor rank saves nothing stays dense. Layers named in `layers` are exempt")
+    keep_classifier: bool = Field(True, description="leave dense every layer whose output reaches a graph output "
+                                                    "through elementwise/Softmax/reshape ops only (the classifier, a "
+                                                    "detector's head); name one in `layers` to factor it anyway")
     finetune: FinetuneSpec | None = Field(None, description="recovery training of the factored graph")
 
     @model_validator(mode="after")
@@ -88,14 +100,19 @@ def _plan(model: onnx.ModelProto, spec: LowRankSpec) -> tuple[dict[str, int], li
         raise InvalidSpec(f"unknown layers {unknown}; Conv/Gemm/MatMul nodes: {sorted(known)}",
                           [{"loc": [w, u], "msg": "unknown layer"} for w, u in zip(where, unknown)])
     inits = initializers(model)
+    heads = output_layers(model) if spec.keep_classifier else {}
     ranks: dict[str, int] = {}
     skipped: list[dict[str, Any]] = []
     facts: dict[str, dict] = {}
     for la in layers:
         reason = la.reason
         node = model.graph.node[la.index]
+        override = (spec.layers or {}).get(la.name)
         if reason is None and la.name in spec.exclude:
             reason = "excluded by the spec"
+        if reason is None and la.name in heads and override is None:
+            reason = (f"feeds the graph output {heads[la.name]!r} (the classifier): kept dense "
+                      "(keep_classifier: false, or name it in layers, to factor it)")
         if reason is None and la.op_type == "Conv":
             if not spec.convs:
                 reason = "convs: false"
@@ -108,14 +125,19 @@ def _plan(model: onnx.ModelProto, spec: LowRankSpec) -> tuple[dict[str, int], li
             continue
         matrix = la.matrix(inits)
         s = singular_values(matrix)
-        override = (spec.layers or {}).get(la.name)
         criterion = override.criterion() if override else spec.criterion()
-        k = choose_rank(s, **criterion)
+        k = chosen = choose_rank(s, **criterion)
         m, n = matrix.shape
+        floor = min(spec.min_rank, m, n)
+        if override is None and k < floor:
+            k = floor
         if k * (m + n) >= m * n:
+            why = f"rank {k}" if k == chosen else f"rank {chosen} raised to the floor {k} (min_rank {spec.min_rank})"
             skipped.append({"layer": la.name, "op_type": la.op_type, "rank": k,
-                            "reason": f"rank {k} saves nothing: K·(M+N) = {k * (m + n):,} ≥ M·N = {m * n:,}"})
+                            "reason": f"{why} saves nothing: K·(M+N) = {k * (m + n):,} ≥ M·N = {m * n:,}"})
             continue
+        if k != chosen:
+            criterion = {**criterion, "raised_to_min_rank": k, "rank_from_criterion": chosen}
         ranks[la.name] = k
         facts[la.name] = {"weight": la.weight, "criterion": criterion, "shape": [int(m), int(n)],
                           "max_rank": int(min(m, n))}
@@ -129,7 +151,8 @@ def lowrank(model: onnx.ModelProto, spec: LowRankSpec, ctx: StepContext) -> Step
     Args:
         model: the current model of the pipeline.
         spec: the rank criterion (``rank_ratio`` or ``energy``, default energy 0.9), per-layer overrides,
-            ``exclude``, ``convs``, optional ``finetune``.
+            ``exclude``, ``convs``, the rank floor ``min_rank`` (default 8), ``keep_classifier`` (default:
+            layers that feed a graph output stay dense), optional ``finetune``.
         ctx: data (needed for fine-tuning), the original (teacher when ``finetune.distill``), progress.
 
     Returns:

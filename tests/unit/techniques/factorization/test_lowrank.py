@@ -50,7 +50,9 @@ def _conv_model(w: np.ndarray, *, bias: bool = True, **attrs) -> onnx.ModelProto
 def test_lowrank_lenet_graph_has_the_stated_ranks(exporter, lenet, tmp_path):
     models, data = lenet
     model = models[exporter]
-    res = apply_step({"method": "lowrank", "rank_ratio": 0.2}, model, data, tmp_path)
+    # every layer, the classifier too, at exactly the ratio's rank (no floor): the rewrite's arithmetic
+    res = apply_step({"method": "lowrank", "rank_ratio": 0.2, "keep_classifier": False, "min_rank": 1}, model, data,
+                     tmp_path)
     out = res.model
     onnx.checker.check_model(out)
     assert [n.op_type for n in out.graph.node] == ["MatMul", "Gemm", "Relu"] * 2 + ["MatMul", "Gemm"]
@@ -160,7 +162,8 @@ def test_minilm_style_matmul_graph_is_factored_exactly_and_trains(tmp_path):
     named = name_nodes(model)
     out, _ = lowrank_rewrite(named, _full_ranks(named))
     assert float(np.abs(run_ort(out, x) - run_ort(model, x)).max()) <= 1e-4
-    res = apply_step({"method": "lowrank", "rank_ratio": 0.25}, model, None, tmp_path)
+    spec = {"method": "lowrank", "rank_ratio": 0.25, "keep_classifier": False}  # an FFN block: no classifier
+    res = apply_step(spec, model, None, tmp_path)
     assert [la["rank"] for la in res.report["layers"]] == [8, 8]
     assert [n.op_type for n in res.model.graph.node].count("MatMul") == 4
     first = res.report["layers"][0]  # per token: 32·64 MACs -> 32·8 + 8·64; 5 tokens per sample
@@ -168,8 +171,7 @@ def test_minilm_style_matmul_graph_is_factored_exactly_and_trains(tmp_path):
     # Recovery by distillation on an unlabelled dataset (the original's outputs are the target).
     data = DataSplit(Arrays({"input": np.random.default_rng(1).normal(size=(256, 5, 32)).astype(np.float32)}),
                      Arrays({"input": x}))
-    tuned = apply_step({"method": "lowrank", "rank_ratio": 0.25, "finetune": {"epochs": 3, "lr": 3e-3}},
-                        model, data, tmp_path)
+    tuned = apply_step({**spec, "finetune": {"epochs": 3, "lr": 3e-3}}, model, data, tmp_path)
     err0 = float(np.abs(run_ort(res.model, x) - run_ort(model, x)).mean())
     err1 = float(np.abs(run_ort(tuned.model, x) - run_ort(model, x)).mean())
     assert err1 < err0 and any("distillation" in n for n in tuned.report["notes"])
@@ -196,14 +198,16 @@ def test_layers_that_cannot_be_factored_are_skipped_with_reasons(tmp_path):
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
     onnx.checker.check_model(model)
-    res = apply_step({"method": "lowrank", "rank_ratio": 0.5, "exclude": ["fc"]}, model, None, tmp_path)
+    res = apply_step({"method": "lowrank", "rank_ratio": 0.5, "exclude": ["fc"], "keep_classifier": False}, model,
+                     None, tmp_path)
     reasons = {s["layer"]: s["reason"] for s in res.report["skipped"]}
     assert reasons["grouped"].startswith("grouped convolution")
     assert reasons["same"].startswith("auto_pad SAME_UPPER")
     assert reasons["pointwise"].startswith("1×1 kernel")
     assert reasons["fc"] == "excluded by the spec"
     assert reasons["dynamic"].startswith("weight is computed at run time")
-    assert "saves nothing" in reasons["small"]  # rank 2 of a 4×4: 2·8 = 16 ≥ 16
+    # rank 2 of a 4×4 raised to the floor (min_rank 8, clipped to 4): 4·8 = 32 ≥ 16
+    assert reasons["small"].startswith("rank 2 raised to the floor 4 (min_rank 8) saves nothing")
     assert res.report["layers"] == [] and res.report["notes"]
     assert res.model.graph.node[0].op_type == "Conv" and len(res.model.graph.node) == len(model.graph.node)
     # Depthwise-separable handles the auto_pad conv exactly when its per-channel slices are rank 1.
@@ -221,7 +225,8 @@ def test_layers_that_cannot_be_factored_are_skipped_with_reasons(tmp_path):
 def test_lowrank_finetune_raises_accuracy(lenet, tmp_path):
     models, data = lenet
     model = models["dynamo"]
-    spec = {"method": "lowrank", "energy": 0.5}
+    # deliberately lossy (classifier and low ranks factored too) so there is something to win back
+    spec = {"method": "lowrank", "energy": 0.5, "keep_classifier": False, "min_rank": 1}
     cut = apply_step(spec, model, data, tmp_path)
     tuned = apply_step({**spec, "finetune": {"epochs": 2, "lr": 1e-3, "distill": True}}, model, data, tmp_path)
     acc = tuned.report["holdout_accuracy"]
@@ -259,3 +264,24 @@ def test_defaults_and_unknown_layer_names(lenet, tmp_path):
     with pytest.raises(InvalidSpec, match="unknown layers") as e:
         apply_step({"method": "lowrank", "layers": {"nope": {"rank": 3}}}, models["dynamo"], data, tmp_path)
     assert e.value.errors[0]["loc"] == ["layers", "nope"]
+
+
+def test_defaults_keep_the_classifier_dense_and_ranks_above_the_floor(lenet, tmp_path):
+    """rank_ratio 0.2 on LeNet-300-100 once put the 100→10 classifier at rank 2 (89% → 37% after 3 epochs);
+    by default the classifier stays dense and no rank falls below min_rank (8)."""
+    models, data = lenet
+    model = models["dynamo"]
+    res = apply_step({"method": "lowrank", "rank_ratio": 0.01}, model, data, tmp_path)
+    rows = res.report["layers"]
+    assert [(la["shape"], la["rank"]) for la in rows] == [([784, 300], 8), ([300, 100], 8)]  # ⌈0.01·300⌉ = 3 → 8
+    assert all(la["criterion"]["rank_from_criterion"] < 8 == la["criterion"]["raised_to_min_rank"] for la in rows)
+    (head,) = res.report["skipped"]
+    assert "feeds the graph output" in head["reason"] and "classifier" in head["reason"]
+    gemms = [n for n in res.model.graph.node if n.name == head["layer"]]
+    inits = _inits(res.model)
+    assert len(gemms) == 1 and inits[gemms[0].input[1]] == [10, 100]  # still the dense 100→10 weight
+    assert count_params(model)[0] - count_params(res.model)[0] == 266200 - (8 * 1084 + 8 * 400 + 1000)
+    # the spec may ask for less: min_rank 1, or the classifier named in layers
+    low = apply_step({"method": "lowrank", "rank_ratio": 0.01, "min_rank": 1,
+                      "layers": {head["layer"]: {"rank": 2}}}, model, data, tmp_path)
+    assert [la["rank"] for la in low.report["layers"]] == [3, 1, 2] and low.report["skipped"] == []

@@ -1,0 +1,88 @@
+"""The quality gate and the verdict (compression/gate.py) on a trained LeNet and on measured numbers."""
+from __future__ import annotations
+
+import onnx
+import pytest
+
+from compression.errors import QualityGateFailed
+from compression.gate import check_gate, verdict
+from compression.pipeline import run_pipeline
+from compression.spec import EvalSpec, parse_spec
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+BROKEN = {"method": "prune", "sparsity": 0.99}  # magnitude pruning, no fine-tuning: the model falls apart
+EVAL = {"latency_runs": 5}
+
+
+def test_a_broken_step_fails_the_gate_with_its_numbers(lenet, tmp_path):
+    model, data = lenet
+    with pytest.raises(QualityGateFailed) as err:
+        run_pipeline(model, parse_spec({"steps": [BROKEN], "eval": EVAL}), data, tmp_path)
+    e = err.value
+    d = e.details
+    assert e.code == "quality_gate"
+    assert d["step"] == 0 and d["method"] == "prune" and d["metric"] == "accuracy" and not d["within"]
+    assert d["original"] > 0.85 and d["value"] < d["original"] - 0.05  # the numbers are the measured ones
+    assert d["drop_pt"] == pytest.approx((d["original"] - d["value"]) * 100, abs=1e-3) and d["max_drop_pt"] == 5.0
+    msg = str(e)
+    assert msg.startswith("step 1 (prune): accuracy ")
+    assert f"drop {d['drop_pt']:.1f} pt > max_drop 5 pt" in msg and "eval.gate: false" in msg
+    assert not (tmp_path / "model.onnx").exists()  # nothing was written to publish
+
+
+def test_gate_false_publishes_and_the_verdict_says_over_budget(lenet, tmp_path):
+    model, data = lenet
+    res = run_pipeline(model, parse_spec({"steps": [BROKEN], "eval": {**EVAL, "gate": False}}), data, tmp_path)
+    v = res.metrics["result"]["verdict"]
+    assert v == res.metrics["steps"][0]["verdict"]
+    assert v["within_budget"] is False and v["smaller"] is False  # weight zeros are stored dense: same file size
+    assert "over budget" in v["summary"] and "accuracy −" in v["summary"]
+    onnx.checker.check_model(onnx.load(tmp_path / "model.onnx"))
+
+
+def test_a_wider_budget_lets_the_same_step_through(lenet, tmp_path):
+    model, data = lenet
+    res = run_pipeline(model, parse_spec({"steps": [BROKEN], "eval": {**EVAL, "max_drop": 100}}), data, tmp_path)
+    assert res.metrics["result"]["verdict"]["within_budget"] is True
+
+
+def test_without_labels_the_gate_asks_for_agreement(lenet, tmp_path):
+    model, _ = lenet  # no dataset: synthetic inputs, no labels, class scores
+    with pytest.raises(QualityGateFailed) as err:
+        run_pipeline(model, parse_spec({"steps": [BROKEN], "eval": EVAL}), None, tmp_path)
+    d = err.value.details
+    assert d["metric"] == "agreement" and d["original"] == 1.0 and d["value"] < 0.95
+    assert "top-1 agreement with the original" in str(err.value) and "no labels" in str(err.value)
+
+
+ORIG_SCORES = {"accuracy": 0.93, "agreement": 1.0, "output_cosine": 1.0}
+DETECTOR = {"output_cosine": 1.0}  # a [N, 4+C, anchors] map: no accuracy, no agreement
+
+
+def test_outputs_that_are_not_class_scores_are_gated_by_cosine():
+    ok = {"output_cosine": 0.95}
+    assert check_gate(0, "quantize", ok, DETECTOR, EvalSpec())["within"]
+    with pytest.raises(QualityGateFailed, match=r"step 2 \(prune\): output cosine to the original 0.6200 < "
+                                                r"min_cosine 0.9; set eval.min_cosine"):
+        check_gate(1, "prune", {"output_cosine": 0.62}, DETECTOR, EvalSpec())
+    assert check_gate(1, "prune", {"output_cosine": 0.62}, DETECTOR, EvalSpec(min_cosine=0.5))["within"]
+
+
+def test_a_changed_output_shape_fails_whatever_the_budget():
+    m = {"accuracy": 0.93, "output_shape_mismatch": [[400, 5], [400, 10]]}
+    with pytest.raises(QualityGateFailed, match=r"first output has shape \[400, 5\], the original's \[400, 10\]"):
+        check_gate(0, "slim", m, ORIG_SCORES, EvalSpec(max_drop=100))
+    assert check_gate(0, "slim", m, ORIG_SCORES, EvalSpec(gate=False))["within"] is False
+
+
+def test_verdict_words_and_noise_margin():
+    m = {"accuracy": 0.926, "ratios": {"file_bytes": 3.9, "latency_p50_speedup": 1.2, "throughput": 1.01}}
+    v = verdict(m, ORIG_SCORES, EvalSpec())
+    assert v == {"smaller": True, "faster_batch1": True, "faster_batchN": False, "within_budget": True,
+                 "summary": "3.9× smaller, 1.20× faster at batch 1, same speed at batch 32 (1.01×), "
+                            "accuracy −0.4 pt (budget 5 pt)"}
+    slow = verdict({"accuracy": 0.93, "ratios": {"file_bytes": 0.5, "latency_p50_speedup": 0.8}}, ORIG_SCORES,
+                   EvalSpec())
+    assert slow["summary"] == "2.0× larger, 1.25× slower at batch 1, accuracy ±0.0 pt (budget 5 pt)"
+    assert slow["faster_batch1"] is False and slow["faster_batchN"] is None and not slow["smaller"]
