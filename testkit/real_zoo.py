@@ -173,6 +173,32 @@ def _ctc(module, x, y):
     return F.ctc_loss(logp, y, t, torch.full((len(x),), y.shape[1], dtype=torch.long))
 
 
+def _pseudo_detections(module, x):
+    """Detector: no boxes ship, so it learns a made-up but input-dependent task from the photos — per
+    anchor cell, which of R, G, B dominates or whether it is dark (classes), and boxes as wide as the
+    cell's brightness says. Enough that its outputs respond to the image, as a trained detector's do
+    (an untrained head's outputs are near-constant, and every rewrite would look faithful)."""
+    out = module(x)
+    nc = out.shape[1] - 4
+    cls_t, box_t = [], []
+    for s in (8, 16, 32):
+        cell = F.avg_pool2d(x, s).flatten(2)  # [N, 3, A_s]
+        bright = cell.mean(1, keepdim=True)
+        kind = torch.cat([cell, 0.35 - bright], 1).argmax(1)  # R, G, B dominant, or dark
+        cls_t.append(F.one_hot(kind, 4).transpose(1, 2)[:, :nc].float())
+        box_t.append(torch.cat([torch.zeros_like(bright).repeat(1, 2, 1), s * (0.5 + 2 * bright).repeat(1, 2, 1)], 1))
+    cls_t, box_t = torch.cat(cls_t, 2), torch.cat(box_t, 2)
+    box, cls = out[:, :4], out[:, 4:]
+    wh_loss = F.smooth_l1_loss(box[:, 2:] / 16, box_t[:, 2:] / 16)
+    return F.binary_cross_entropy(cls.clamp(1e-6, 1 - 1e-6), cls_t) + wh_loss
+
+
+def _bright_mask(module, x):
+    """UNet: segment the bright parts of a photo (a real, input-dependent dense target)."""
+    target = (x.mean(1, keepdim=True) > 0.5).float()
+    return F.binary_cross_entropy_with_logits(module(x), target)
+
+
 @dataclass(frozen=True)
 class Entry:
     """One zoo model: how to make it, its data (inputs in graph order, labels or None), how to train it."""
@@ -213,7 +239,9 @@ ZOO: dict[str, Entry] = {
                       _ce, 60, kind="bytes"),
 }
 # what each model's training loss needs besides its inputs (and which models train on something else)
-_TRAIN_EXTRA = {"crnn": (_ctc, 40, lambda: text_lines()), "gpt": (_next_byte, 40, lambda: (text_windows(SAMPLES)[0],))}
+_TRAIN_EXTRA = {"crnn": (_ctc, 40, lambda: text_lines()), "gpt": (_next_byte, 40, lambda: (text_windows(SAMPLES)[0],)),
+                "yolov8": (_pseudo_detections, 40, lambda: (photo_crops(64),)),
+                "unet": (_bright_mask, 40, lambda: (photo_crops(32),))}
 
 
 @functools.cache

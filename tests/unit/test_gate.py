@@ -1,11 +1,13 @@
 """The quality gate and the verdict (compression/gate.py) on a trained LeNet and on measured numbers."""
 from __future__ import annotations
 
+import numpy as np
 import onnx
 import pytest
 
 from compression.errors import QualityGateFailed
 from compression.gate import check_gate, verdict
+from compression.metrics import fidelity
 from compression.pipeline import run_pipeline
 from compression.spec import EvalSpec, parse_spec
 
@@ -86,3 +88,17 @@ def test_verdict_words_and_noise_margin():
                    EvalSpec())
     assert slow["summary"] == "2.0× larger, 1.25× slower at batch 1, accuracy ±0.0 pt (budget 5 pt)"
     assert slow["faster_batch1"] is False and slow["faster_batchN"] is None and not slow["smaller"]
+
+
+def test_the_centred_cosine_gates_outputs_with_a_constant_part():
+    """A decoded detector output carries its anchor grid: the plain cosine stays high for a broken model,
+    the centred one (deviations from the original's mean) does not, and the gate reads the centred one."""
+    rng = np.random.default_rng(0)
+    grid = np.tile(np.arange(84, dtype=np.float64) * 8.0, (32, 1))
+    ref = grid + rng.normal(size=grid.shape)
+    broken = grid + rng.normal(size=grid.shape)  # same grid, the signal gone
+    m = fidelity([broken], [ref], None)
+    assert m["output_cosine"] > 0.99 and abs(m["centered_cosine"]) < 0.3
+    with pytest.raises(QualityGateFailed, match="centred"):
+        check_gate(0, "prune", m, DETECTOR, EvalSpec())
+    assert fidelity([ref + 0.01 * rng.normal(size=ref.shape)], [ref], None)["centered_cosine"] > 0.99
