@@ -162,7 +162,8 @@ def param_counts(model: onnx.ModelProto) -> tuple[int, int]:
     return params + d_params, nonzero + d_nonzero
 
 
-MAC_OPS = _CONV_OPS | _MATMUL_OPS
+_RECURRENT_GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}  # W is [directions, gates × hidden, input]
+MAC_OPS = _CONV_OPS | _MATMUL_OPS | {"LSTM", "GRU", "RNN"}
 
 
 def measured_shapes(model: onnx.ModelProto, sample: dict[str, np.ndarray], *,
@@ -197,7 +198,7 @@ def measured_shapes(model: onnx.ModelProto, sample: dict[str, np.ndarray], *,
         if every_value:
             names = list(n.output)
         elif n.op_type in MAC_OPS:
-            names = [n.input[0], n.input[1], n.output[0]]
+            names = [*n.input[:3], n.output[0]] if n.op_type in _RECURRENT_GATES else [n.input[0], n.input[1], n.output[0]]
         else:
             continue
         wanted.update((name, None) for name in names if name and name not in skip)
@@ -221,7 +222,8 @@ def node_macs(node: onnx.NodeProto, shapes: dict[str, list[int]]) -> int:
 
     The one counting rule of the project: Conv (and ConvInteger) = output elements × weight elements per
     output channel; ConvTranspose = input elements × the same; MatMul (and MatMulInteger) and Gemm =
-    output elements × the reduced dimension. Every other op counts 0.
+    output elements × the reduced dimension; LSTM / GRU / RNN = time steps × batch × directions × gates ×
+    hidden × (input + hidden), the input and recurrent projections of every step. Every other op counts 0.
 
     Raises:
         KeyError: a shape the count needs is not in ``shapes``.
@@ -240,6 +242,11 @@ def node_macs(node: onnx.NodeProto, shapes: dict[str, list[int]]) -> int:
         a = shapes[node.input[0]]
         trans_a = next((at.i for at in node.attribute if at.name == "transA"), 0)
         return int(np.prod(shapes[node.output[0]])) * int(a[0] if trans_a else a[-1])
+    if node.op_type in _RECURRENT_GATES:
+        steps_times_batch = int(np.prod(shapes[node.input[0]][:2]))  # [T, N, I] or, layout 1, [N, T, I]
+        dirs, gates_hidden, inputs = shapes[node.input[1]]
+        hidden = shapes[node.input[2]][-1]
+        return steps_times_batch * int(dirs) * int(gates_hidden) * (int(inputs) + int(hidden))
     return 0
 
 

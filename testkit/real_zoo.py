@@ -225,9 +225,9 @@ def _tokens():
 ZOO: dict[str, Entry] = {
     "resnet18": Entry(A.resnet18, _images, _ce, 40),
     "resnet50": Entry(A.resnet50, _images, _ce, 60),
-    "mobilenetv2": Entry(lambda: A.MobileNet("v2"), _images, _ce, 40),
+    "mobilenetv2": Entry(lambda: A.MobileNet("v2"), _images, _ce, 60),
     "mobilenetv3": Entry(lambda: A.MobileNet("v3"), _images, _ce, 60),
-    "efficientnet": Entry(lambda: A.MobileNet("efficientnet"), _images, _ce, 40),
+    "efficientnet": Entry(lambda: A.MobileNet("efficientnet"), _images, _ce, 60),
     "convnext": Entry(A.ConvNeXt, _images, _ce, 40),
     "vit": Entry(A.ViT, _images, _ce, 40),
     "yolov8": Entry(A.YOLOv8, lambda: ({"images": photo_crops(64)}, None), None, 0, "output0", "detector"),

@@ -58,3 +58,21 @@ def test_a_shared_weight_counts_once_and_settings_do_not_count():
     # w once (16) though two MatMuls use it; the Resize scales and the Reshape shape are settings
     assert param_counts(model) == param_counts(const) == (16, 16)
     assert macs(const, {"x": x}) == macs(model, {"x": x}) == 2 * 16
+
+
+def test_recurrent_macs_count_both_projections_of_every_step():
+    """A bidirectional LSTM over T steps: T × N × 2 directions × 4 gates × H × (I + H) multiply-accumulates."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    from compression.analysis import macs
+
+    t, i, h = 7, 5, 3
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.normal(size=(2, 4 * h, i)).astype(np.float32), "W")
+    r = numpy_helper.from_array(rng.normal(size=(2, 4 * h, h)).astype(np.float32), "R")
+    node = helper.make_node("LSTM", ["x", "W", "R"], ["y"], hidden_size=h, direction="bidirectional")
+    graph = helper.make_graph([node], "lstm", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [t, "n", i])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [w, r])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    assert macs(model, {"x": np.zeros((t, 1, i), np.float32)}) == t * 1 * 2 * 4 * h * (i + h)
