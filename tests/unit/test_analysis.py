@@ -62,11 +62,6 @@ def test_a_shared_weight_counts_once_and_settings_do_not_count():
 
 def test_recurrent_macs_count_both_projections_of_every_step():
     """A bidirectional LSTM over T steps: T × N × 2 directions × 4 gates × H × (I + H) multiply-accumulates."""
-    import numpy as np
-    from onnx import TensorProto, helper, numpy_helper
-
-    from compression.analysis import macs
-
     t, i, h = 7, 5, 3
     rng = np.random.default_rng(0)
     w = numpy_helper.from_array(rng.normal(size=(2, 4 * h, i)).astype(np.float32), "W")
