@@ -18,19 +18,22 @@ import pytest
 from testkit import real_zoo
 from testkit.matrix import run_cell
 
-CNNS = ["resnet18", "resnet50", "mobilenetv2", "mobilenetv3", "efficientnet", "convnext", "yolov8", "unet", "crnn"]
-ALL = [*CNNS, "vit", "bert", "gpt", "filetype"]
-CORE = ["int8", "int8_dynamic", "fp16", "cluster", "prune_weight", "prune_channel", "lowrank", "early_exit"]
-
-CELLS = [(m, "legacy17", t) for m in ALL for t in CORE]
-# what other exporters write: torch's default (dynamo), paddle2onnx (opset 12, Constant weights), a
-# fixed-batch opset-11 export, tf2onnx's int32 inputs — for the techniques that failed on them
-CELLS += [(m, f, t) for m in ALL for f in ("dynamo", "legacy12", "fixed1", "constants") for t in ("int8",)]
-CELLS += [(m, f, "fp16") for m in ALL for f in ("fixed1", "constants")]
-CELLS += [(m, "int32", t) for m in ("bert", "gpt") for t in ("int8", "int8_dynamic", "fp16")]
-CELLS += [("yolov8", "fixed1", "prune_channel"), ("crnn", "constants", "prune_channel"),
-          ("resnet18", "legacy12", "prune_channel"), ("mobilenetv2", "dynamo", "prune_channel")]
-CELLS += [(m, "legacy17", t) for m in ("resnet18", "convnext") for t in ("depthwise", "slimmable")]
+ALL = ["resnet18", "resnet50", "mobilenetv2", "mobilenetv3", "efficientnet", "convnext", "yolov8", "unet", "crnn",
+       "vit", "bert", "gpt", "filetype"]
+# CI runs a slice sized for the suite's budget; `python -m bench.matrix` runs every cell (BENCHMARKS.md).
+CELLS = [(m, "legacy17", t) for m in ALL for t in ("int8", "fp16")]
+CELLS += [(m, "legacy17", "prune_channel") for m in ("resnet18", "mobilenetv2", "mobilenetv3", "convnext", "yolov8",
+                                                     "unet", "crnn")]
+CELLS += [(m, "legacy17", t) for m in ("resnet18", "vit", "bert", "yolov8") for t in ("lowrank", "early_exit")]
+CELLS += [(m, "legacy17", t) for m in ("resnet18", "bert", "crnn") for t in ("int8_dynamic", "cluster", "prune_weight")]
+# what other exporters write: torch's default (dynamo), a fixed-batch opset-11 export, paddle2onnx (opset 12,
+# Constant weights), tf2onnx's int32 inputs — for the techniques that failed on them
+CELLS += [(m, f, "int8") for m in ("resnet18", "mobilenetv3", "yolov8", "crnn", "bert")
+          for f in ("dynamo", "fixed1", "constants")]
+CELLS += [(m, "int32", "int8") for m in ("bert", "gpt")]
+CELLS += [(m, f, "fp16") for m in ("yolov8", "crnn") for f in ("fixed1", "constants")]
+CELLS += [("yolov8", "fixed1", "prune_channel"), ("crnn", "constants", "prune_channel")]
+CELLS += [("resnet18", "legacy17", t) for t in ("depthwise", "slimmable")]
 
 # Cells that do not end `succeeded`, with why (a regex the reason must match). Every refusal here is a
 # property of the model, not a limit of ours to hide: early exits need class scores.
