@@ -54,11 +54,12 @@ def _table(rows: list[dict]) -> str:
         "form `legacy17` unless named. size × = original file bytes / result; latency × = original p50 / result "
         "p50 at batch 1 (the job's measurement), median at batch 8 (30 runs, 2 threads), throughput × at batch 32; fidelity against the original on "
         "the held-out split (acc = accuracy with labels, agr = top-1 agreement, cos = output cosine, "
-        "ccos = cosine of outputs centred on the original's mean). Statuses: "
+        "ccos = cosine of outputs centred on the original's mean); preflight = what `POST /v1/jobs/preflight` "
+        "said before the job ran. Statuses: "
         + ", ".join(f"{k} {v}" for k, v in counts.items()) + ".",
         "",
-        "| model | form | technique | status | size × | latency × b1 | latency × b8 | throughput × b32 | fidelity | reason |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| model | form | technique | status | preflight | size × | latency × b1 | latency × b8 | throughput × b32 | fidelity | reason |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         f = r["fidelity"]
@@ -66,7 +67,8 @@ def _table(rows: list[dict]) -> str:
                                                                   ("output_cosine", "cos"), ("centered_cosine", "ccos"))
                        if k in f)
         reason = (r["reason"] or "").replace("|", "/").replace("\n", " ")[:160]
-        lines.append(f"| {r['model']} | {r['form']} | {r['technique']} | {r['status']} | {fmt(r['size_x'], 3)} | "
+        pre = "applies" if r["preflight_applies"] else "does not apply"
+        lines.append(f"| {r['model']} | {r['form']} | {r['technique']} | {r['status']} | {pre} | {fmt(r['size_x'], 3)} | "
                      f"{fmt(r['latency_b1_x'], 3)} | {fmt(r['latency_b8_x'], 3)} | {fmt(r['throughput_x'], 3)} | {fid} | {reason} |")
     return "\n".join(lines)
 

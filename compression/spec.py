@@ -41,7 +41,8 @@ class EvalSpec(StrictModel):
                             "accuracy may fall below the original's; without labels (class scores) the most top-1 "
                             "agreement with the original may fall below 100%")
     min_cosine: float = Field(0.9, ge=-1, le=1, description="quality gate for outputs that are not class scores "
-                              "(detector maps, embeddings): the least mean output cosine to the original's")
+                              "(detector maps, masks, embeddings): the least output cosine to the original's, centred on the "
+                              "original's mean output (a detector's anchor grid would keep a plain cosine near 1)")
 
 
 class JobSpec(StrictModel):
