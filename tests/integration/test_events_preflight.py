@@ -64,7 +64,9 @@ def test_events_stream_progress_until_done(stack, uploaded, finished):
     c = stack.client()
     spec = {"steps": [{"method": "prune", "granularity": "weight", "sparsity": 0.5,
                        "finetune": {"epochs": 8, "batch_size": 4}},
-                      {"method": "quantize", "scheme": "int8", "mode": "dynamic"}], "eval": FAST_EVAL}
+                      {"method": "quantize", "scheme": "int8", "mode": "dynamic"}],
+            # the stream is under test, not the result: 8 epochs at batch 4 cost the tiny model a few points
+            "eval": {**FAST_EVAL, "gate": False}}
     events: list[tuple[str, dict]] = []
     # The API samples the row every 0.5 s, so a short phase may fall between two samples: the worker holds
     # the job twice — after the first fine-tune epoch (the row still says pruning), then after the second
