@@ -169,3 +169,9 @@ def one_torch_thread():
 
     with torch_threads(1):
         yield
+
+
+@pytest.fixture(scope="session")
+def real_zoo_dir(tmp_path_factory) -> Path:
+    """One folder for the session's :func:`testkit.real_zoo.build` exports: each ``(name, form)`` is built once."""
+    return tmp_path_factory.mktemp("real_zoo")
