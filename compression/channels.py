@@ -38,6 +38,8 @@ import onnx
 import torch
 from torch import nn
 
+from compression.depgraph import build_graph, sync_live_sizes
+from compression.graph_prep import fold_identity_constants, lift_constants, unshare_initializers
 from compression.metrics import session
 
 if TYPE_CHECKING:
@@ -276,6 +278,17 @@ def _sole_next_layer(up: Layer, consumers, by_spec, const: dict[str, tuple], out
     return down
 
 
+def prepare_for_channels(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The graph channel pruning works on (and returns): ``Constant`` weights lifted into initializers (the
+    converter trains initializers only), ``Identity(initializer)`` folded into initializers and tensors
+    several layers share given one copy each
+    (:mod:`compression.graph_prep`). Computes the same as ``model``."""
+    model, _ = lift_constants(model)
+    model, _ = fold_identity_constants(model)
+    model, _ = unshare_initializers(model)
+    return model
+
+
 # ------------------------------------------------------------------------------------ DepGraph
 def torch_pruning() -> ModuleType:
     """The ``torch_pruning`` package, imported on first use (it is slow to import, and only steps that
@@ -354,12 +367,11 @@ def probe(module: OnnxModule, model: onnx.ModelProto, example: tuple[torch.Tenso
           ) -> str | None:
     """Remove one output channel of each of ``layers`` on a copy; None when the copy exports to ONNX and
     ONNX Runtime agrees with torch, else what went wrong."""
-    tp = torch_pruning()
     clone = copy.deepcopy(module)
     try:
         with torch.no_grad():
             ref_shape = tuple(first_output(clone(*example)).shape)
-        dg = tp.DependencyGraph().build_dependency(clone, example_inputs=example)
+        dg = build_graph(clone, example)
         for layer in layers:
             mod = clone.weights[layer.key]
             if (mod.out_channels if isinstance(mod, nn.modules.conv._ConvNd) else mod.out_features) < 2:
@@ -368,6 +380,7 @@ def probe(module: OnnxModule, model: onnx.ModelProto, example: tuple[torch.Tenso
             if not dg.check_pruning_group(group):
                 return "no channel of it can be removed (coupled to a layer that must keep its size)"
             group.prune()
+        sync_live_sizes(clone, dg)
         with torch.no_grad():
             y = first_output(clone(*example))
         if tuple(y.shape) != ref_shape:

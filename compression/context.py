@@ -48,15 +48,18 @@ class StepContext:
     def example_inputs(self, model: onnx.ModelProto, n: int = 2) -> tuple:
         """``n`` real training samples (synthetic ones without data), as torch tensors in graph input order.
 
-        Two by default: the dynamo exporter specialises size-1 batches, and DepGraph traces with these.
+        Two by default: the dynamo exporter specialises size-1 batches, and DepGraph traces with these. A graph
+        that fixes its batch (a detector exported at batch 1) gets that many.
         """
         import numpy as np
         import torch
 
+        from compression.analysis import fixed_batch
         from compression.data import synthetic_inputs
         from compression.modelio import describe
 
         specs = describe(model)["inputs"]
+        n = fixed_batch(s["shape"] for s in specs) or n
         if self.data is not None and self.data.train.samples >= n:
             arrays = self.data.train.take(np.arange(n)).inputs
         else:

@@ -86,3 +86,80 @@ def upgrade_opset(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
     out = version_converter.convert_version(model, target)
     onnx.checker.check_model(out)
     return out
+
+
+# the inputs of a layer op that hold its parameters (weights, biases, norm scales), by op type
+_LAYER_PARAM_INPUTS = {"Conv": (1, 2), "ConvTranspose": (1, 2), "Gemm": (1, 2), "MatMul": (1,),
+                       "BatchNormalization": (1, 2, 3, 4), "InstanceNormalization": (1, 2),
+                       "LayerNormalization": (1, 2)}
+
+
+def unshare_initializers(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """A copy where a float initializer that several layers read as a parameter (weight, bias, norm scale)
+    gets one copy per layer; other readers (a ``Shape`` of a weight) keep reading the first layer's.
+
+    The TorchScript exporter stores equal tensors once: a model fresh from initialisation has all its folded
+    conv biases zero, so dozens of convs read one bias. Channel pruning gives each layer its own width, so
+    each needs its own tensor. Subgraphs are not touched.
+
+    Returns:
+        ``(model, copies made)``; the input unchanged when nothing is shared.
+    """
+    inits = {t.name: t for t in model.graph.initializer
+             if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16) and int(np.prod(t.dims)) > 1}
+    slots: dict[str, list[tuple[int, int]]] = {}
+    for i, node in enumerate(model.graph.node):
+        for j in _LAYER_PARAM_INPUTS.get(node.op_type, ()) if node.domain in ("", "ai.onnx") else ():
+            if j < len(node.input) and node.input[j] in inits:
+                slots.setdefault(node.input[j], []).append((i, j))
+    shared = {name: where[1:] for name, where in slots.items() if len(where) > 1}
+    if not shared:
+        return model, 0
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    taken = {t.name for t in out.graph.initializer} | {o for n in out.graph.node for o in n.output}
+    copies = 0
+    for name, where in shared.items():
+        for k, (i, j) in enumerate(where, start=1):  # the first layer keeps the original
+            new = f"{name}__copy{k}"
+            while new in taken:
+                new += "_"
+            taken.add(new)
+            t = onnx.TensorProto()
+            t.CopyFrom(inits[name])
+            t.name = new
+            out.graph.initializer.append(t)
+            out.graph.node[i].input[j] = new
+            copies += 1
+    return out, copies
+
+
+def fold_identity_constants(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """A copy where each ``Identity`` of an initializer is replaced by an initializer of its own (named after
+    the Identity's output).
+
+    The TorchScript exporter writes a tensor equal to another as ``Identity(other)``: the converter then sees a
+    conv whose bias is computed at run time, not a bias it can shrink with the conv's channels.
+
+    Returns:
+        ``(model, identities folded)``; the input unchanged when there are none.
+    """
+    inits = {t.name: t for t in model.graph.initializer}
+    outputs = {o.name for o in model.graph.output}
+    fold = [n for n in model.graph.node
+            if n.op_type == "Identity" and n.domain in ("", "ai.onnx") and n.input and n.input[0] in inits
+            and n.output[0] not in outputs]
+    if not fold:
+        return model, 0
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    names = {n.output[0] for n in fold}
+    for node in fold:
+        t = onnx.TensorProto()
+        t.CopyFrom(inits[node.input[0]])
+        t.name = node.output[0]
+        out.graph.initializer.append(t)
+    nodes = [n for n in out.graph.node if not (n.op_type == "Identity" and n.output and n.output[0] in names)]
+    del out.graph.node[:]
+    out.graph.node.extend(nodes)
+    return out, len(fold)

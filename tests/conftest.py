@@ -176,4 +176,3 @@ def zoo_folder(tmp_path_factory) -> Path:
     """One folder of built real-architecture models (:mod:`testkit.real_zoo`) for the whole session: each
     (model, form) is trained and exported once, whichever test asks first."""
     return tmp_path_factory.mktemp("real-zoo")
-

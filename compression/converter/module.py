@@ -189,6 +189,7 @@ class OnnxModule(nn.Module):
         out = self.write_back(model, resize=True)
         _fix_reshape_constants(self, out)
         _fix_conv_groups(self, out)
+        _fix_split_sizes(self, out)
         graph_io = {v.name for v in [*out.graph.input, *out.graph.output]}
         keep = [v for v in out.graph.value_info if v.name in graph_io]
         del out.graph.value_info[:]
@@ -261,6 +262,74 @@ def _onnx_shape(t: torch.Tensor, original: tuple[int, ...]) -> tuple[int, ...]:
     return dims
 
 
+class _Constants:
+    """The constants of an exported graph ``out``: read one (an initializer or a ``Constant`` node), or add
+    a resized int64 copy under a fresh name (the original may be shared with other nodes)."""
+
+    def __init__(self, out: onnx.ModelProto) -> None:
+        self.out = out
+        self.producers = {o: node for node in out.graph.node for o in node.output if o}
+        self.inits = {t.name: t for t in out.graph.initializer}
+        self.taken = set(self.inits) | set(self.producers)
+
+    def value(self, name: str) -> np.ndarray | None:
+        if name in self.inits:
+            return numpy_helper.to_array(self.inits[name])
+        node = self.producers.get(name)
+        if node is not None and node.op_type == "Constant":
+            return constant_node_value(node)[0]
+        return None
+
+    def ints(self, name: str) -> list[int]:
+        value = self.value(name)
+        if value is None:
+            raise ValueError(f"{name!r} is computed at run time: cannot rewrite it for pruned channels")
+        return [int(v) for v in value.reshape(-1)]
+
+    def new(self, base: str, values) -> str:
+        name, i = f"{base}__resized", 1
+        while name in self.taken:
+            name, i = f"{base}__resized_{i}", i + 1
+        self.taken.add(name)
+        self.out.graph.initializer.append(numpy_helper.from_array(np.asarray(values).astype(np.int64), name))
+        return name
+
+
+def _fix_split_sizes(m: OnnxModule, out: onnx.ModelProto) -> None:
+    """Write the live sizes of Split and Slice nodes (channels removed before them, see
+    :mod:`compression.depgraph`) into the exported graph: a Split's ``split`` attribute (opset < 13) or
+    sizes input, a Slice's starts and ends on the channel axis."""
+    consts = _Constants(out)
+    for spec in m._nodes:
+        live_split, live_slice = spec.extra.get("split_live"), spec.extra.get("slice_live")
+        if live_split is None and not live_slice:
+            continue
+        node = consts.producers[next(o for o in spec.outputs if o)]
+        if live_split is not None:
+            drop = "split" if spec.opset < 13 else "num_outputs"
+            attrs = [a for a in node.attribute if a.name != drop]
+            if spec.opset < 13:
+                attrs.append(helper.make_attribute("split", live_split))
+            else:
+                while len(node.input) < 2:
+                    node.input.append("")
+                node.input[1] = consts.new(f"{spec.name}_split", live_split)
+            del node.attribute[:]
+            node.attribute.extend(attrs)
+            continue
+        if spec.opset < 10:
+            raise ValueError(f"Slice {spec.name!r} (opset {spec.opset}) on pruned channels: cannot rewrite it")
+        starts, ends = consts.ints(node.input[1]), consts.ints(node.input[2])
+        axes = consts.ints(node.input[3]) if len(node.input) > 3 and node.input[3] else list(range(len(starts)))
+        rank = spec.extra.get("slice_rank", 4)
+        for k, axis in enumerate(axes):
+            axis = axis + rank if axis < 0 else axis
+            if axis in live_slice:
+                starts[k], ends[k] = live_slice[axis]
+        node.input[1] = consts.new(f"{spec.name}_starts", starts)
+        node.input[2] = consts.new(f"{spec.name}_ends", ends)
+
+
 def _fix_conv_groups(m: OnnxModule, out: onnx.ModelProto) -> None:
     """A depthwise conv that lost channels has fewer groups: copy ``groups`` back into the node."""
     producers = {o: node for node in out.graph.node for o in node.output if o}
@@ -281,25 +350,8 @@ def _fix_reshape_constants(m: OnnxModule, out: onnx.ModelProto) -> None:
     """Rewrite Reshape targets whose constant pieces no longer fit the pruned channels."""
     from .ops_shape import follow_reshape
 
-    producers = {o: node for node in out.graph.node for o in node.output if o}
-    inits = {t.name: t for t in out.graph.initializer}
-    taken = set(inits) | set(producers)
-
-    def const_value(name: str) -> np.ndarray | None:
-        if name in inits:
-            return numpy_helper.to_array(inits[name])
-        node = producers.get(name)
-        if node is not None and node.op_type == "Constant":
-            return constant_node_value(node)[0]
-        return None
-
-    def new_const(base: str, values: np.ndarray) -> str:
-        name, i = f"{base}__resized", 1
-        while name in taken:
-            name, i = f"{base}__resized_{i}", i + 1
-        taken.add(name)
-        out.graph.initializer.append(numpy_helper.from_array(values.astype(np.int64), name))
-        return name
+    consts = _Constants(out)
+    producers, const_value, new_const = consts.producers, consts.value, consts.new
 
     for spec in m._nodes:
         if spec.op_type != "Reshape" or spec.opset < 5:

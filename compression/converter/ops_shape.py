@@ -177,10 +177,22 @@ def _unsqueeze(m, node, xs):
     return x
 
 
+def _traced(m, node, y: torch.Tensor, **facts) -> None:
+    """While the channel planner traces the graph (``m.channel_trace`` is a dict), remember which ONNX node
+    made ``y``'s autograd node and what it did: torch-pruning's DepGraph sees only autograd nodes, and needs
+    the exact sizes and output order of splits and concats (:mod:`compression.channels`)."""
+    trace = getattr(m, "channel_trace", None)
+    if trace is not None and y.grad_fn is not None:
+        trace[y.grad_fn] = {"node": node.name, **facts}
+
+
 @register_op("Concat")
 def _concat(m, node, xs):
     tensors = [x for x in xs if x is not None]
-    return torch.cat(tensors, dim=node.attr("axis", 0))
+    axis = norm_axis(node.attr("axis", 0), tensors[0].dim())  # torch-pruning misreads a negative dim
+    y = torch.cat(tensors, dim=axis)
+    _traced(m, node, y, axis=axis, sizes=[int(t.shape[axis]) for t in tensors])
+    return y
 
 
 @register_op("Split")
@@ -196,7 +208,12 @@ def _split(m, node, xs):
         n = node.attr("num_outputs", len(node.outputs))
         chunk = math.ceil(dim / n)
         sizes = [chunk] * (n - 1) + [dim - chunk * (n - 1)]
-    return torch.split(x, list(sizes), dim=axis)
+    live = node.extra.get("split_live")  # sizes after channel pruning shrank the input
+    if live is not None and sum(live) == dim:
+        sizes = live
+    ys = torch.split(x, list(sizes), dim=axis)
+    _traced(m, node, ys[0], axis=axis, sizes=[int(s) for s in sizes])
+    return ys
 
 
 def _slice_axis(x: torch.Tensor, axis: int, start: int, end: int, step: int) -> torch.Tensor:
@@ -226,8 +243,13 @@ def _slice(m, node, xs):
         steps = ints(xs[4]) if len(xs) > 4 and xs[4] is not None else None
     axes = axes if axes else list(range(len(starts)))
     steps = steps if steps else [1] * len(starts)
+    live = node.extra.get("slice_live", {})  # axis -> (start, end) after channel pruning
+    node.extra["slice_rank"] = x.dim()
     for start, end, axis, step in zip(starts, ends, axes, steps, strict=True):
-        x = _slice_axis(x, norm_axis(axis, x.dim()), start, end, step)
+        axis = norm_axis(axis, x.dim())
+        start, end = live.get(axis, (start, end))
+        x = _slice_axis(x, axis, start, end, step)
+        _traced(m, node, x, axis=axis)
     return x
 
 

@@ -34,7 +34,10 @@ from compression.techniques.pruning.weight import (check_layer_names, prunable_i
 
 # what ``search: auto`` tries for the sparsity, per granularity
 AUTO_SPARSITY = {"weight": [0.5, 0.7, 0.8, 0.9, 0.95], "channel": [0.25, 0.4, 0.5, 0.6]}
-TAYLOR_SAMPLES = 512  # preflight's estimate of the samples taylor importance takes gradients on
+TAYLOR_SAMPLES = 512
+# channel pruning keeps channel counts multiples of this unless the spec says otherwise: ONNX Runtime's conv
+# kernels are much faster at multiples of 8 (a 50% prune of a small BN CNN to 81 channels ran 0.82× as fast)
+ROUND_TO = 8  # preflight's estimate of the samples taylor importance takes gradients on
 
 
 class PruneSpec(StepSpec):
@@ -58,7 +61,7 @@ class PruneSpec(StepSpec):
                                       description="channel: no layer loses more than this fraction of its channels")
     round_to: int | None = Field(
         None, ge=1, le=256, description="channel: keep channel counts multiples of this (ONNX Runtime's blocked "
-                                        "conv kernels run fastest at multiples of 8)"
+                                        "conv kernels run fastest at multiples of 8); default 8, 1 turns it off"
     )
     rewind: Literal["none", "init", "random"] = Field(
         "none", description="lottery ticket (weight granularity): reset survivors to the init model or a fresh "
@@ -89,6 +92,11 @@ class PruneSpec(StepSpec):
         if (self.head_sparsity is not None or self.round_to is not None) and self.granularity != "channel":
             raise ValueError("head_sparsity and round_to apply to granularity 'channel'")
         return self
+
+    @property
+    def channel_round_to(self) -> int:
+        """The multiple channel counts are kept at: ``round_to``, or :data:`ROUND_TO` when not given."""
+        return self.round_to if self.round_to is not None else ROUND_TO
 
     @property
     def trains(self) -> bool:

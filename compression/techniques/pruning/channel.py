@@ -18,8 +18,9 @@ import torch
 from torch import nn
 
 from compression.channels import (AttentionBlock, ChannelPlan, Layer, check_export, group_importance, plan_channels,
-                                  torch_pruning)
+                                  prepare_for_channels, torch_pruning)
 from compression.context import StepContext, StepResult
+from compression.depgraph import fixed_depgraph, sync_live_sizes
 from compression.errors import InvalidSpec
 from compression.spec import FinetuneSpec
 from compression.techniques.pruning.importance import head_scores, neuron_scores
@@ -65,6 +66,7 @@ def prune_channels(model: onnx.ModelProto, spec: PruneSpec, ctx: StepContext) ->
         NotTrainable: the graph has ops the converter cannot turn into torch.
         RuntimeError: the exported graph disagrees with the pruned torch module.
     """
+    model = prepare_for_channels(model)
     module = to_trainable(model, "channel pruning")
     example = ctx.example_inputs(model)
     module.record_shapes(*example)
@@ -101,10 +103,11 @@ def prune_channels(model: onnx.ModelProto, spec: PruneSpec, ctx: StepContext) ->
                               [{"loc": ["importance"], "msg": "no BatchNorm in this model"}])
         pruner = depgraph_pruner(module, example, plan, importance_name=spec.importance, sparsity=spec.sparsity,
                                  scope=spec.scope, layer_sparsity=overrides, iterations=spec.iterations,
-                                 max_layer_sparsity=spec.max_layer_sparsity, round_to=spec.round_to)
+                                 max_layer_sparsity=spec.max_layer_sparsity, round_to=spec.channel_round_to)
 
         def step(i: int) -> None:
             pruner.step()
+            sync_live_sizes(module, pruner.DG)  # splits and slices cut where the channels now are
     for i in range(spec.iterations):
         if spec.importance == "taylor":
             assert tune is not None
@@ -130,12 +133,12 @@ def prune_channels(model: onnx.ModelProto, spec: PruneSpec, ctx: StepContext) ->
     layers = [{"layer": n, "weight": la.weight, "channels_before": before[n], "channels_after": la.channels}
               for n, la in plan.layers.items()]
     odd = [la["layer"] for la in layers if la["channels_after"] != la["channels_before"] and la["channels_after"] % 8]
-    if odd and not spec.round_to:
+    if odd and spec.channel_round_to % 8:
         notes.append(f"{len(odd)} layers keep channel counts that are not multiples of 8; ONNX Runtime's blocked conv "
-                     "kernels can then be slower than the original: set round_to: 8 if latency did not improve")
+                     "kernels can then be slower than the original: leave round_to at 8 if latency did not improve")
     report: dict[str, Any] = {
         "granularity": "channel", "importance": spec.importance, "scope": spec.scope,
-        "iterations": spec.iterations, "target_sparsity": spec.sparsity,
+        "iterations": spec.iterations, "target_sparsity": spec.sparsity, "round_to": spec.channel_round_to,
         "channels_before": sum(before.values()), "channels_after": sum(la.channels for la in plan.layers.values()),
         "layers": layers, "ignored": [{"layer": k, "reason": v} for k, v in plan.ignored.items()],
         "rounds": rounds, "notes": notes, "export_max_abs_error": err,
@@ -171,16 +174,44 @@ def depgraph_pruner(module: OnnxModule, example: tuple[torch.Tensor, ...], plan:
                     importance_name: str, sparsity: float, scope: str, layer_sparsity: dict[str, float] | None,
                     iterations: int, max_layer_sparsity: float, round_to: int | None = None):
     """A torch-pruning ``MetaPruner`` over the plan's prunable layers (``step()`` once per iteration)."""
-    tp = torch_pruning()
     by_name = {spec.name: module.weights[spec.extra["module"][1]] for spec in module._nodes
                if spec.extra.get("module") and spec.extra["module"][0] == "weights"}
     ignored = [by_name[n] for n in plan.ignored if n in by_name]
     ratio_dict = {plan.layers[n].module: r for n, r in (layer_sparsity or {}).items()} or None
-    return tp.pruner.MetaPruner(
-        module, example, importance=group_importance(importance_name), global_pruning=scope == "global",
-        pruning_ratio=sparsity, pruning_ratio_dict=ratio_dict, max_pruning_ratio=max_layer_sparsity,
-        iterative_steps=iterations, ignored_layers=ignored, round_to=round_to,
-    )
+    with fixed_depgraph():
+        return _pruner_class()(
+            module, example, importance=group_importance(importance_name), global_pruning=scope == "global",
+            pruning_ratio=sparsity, pruning_ratio_dict=ratio_dict, max_pruning_ratio=max_layer_sparsity,
+            iterative_steps=iterations, ignored_layers=ignored, round_to=round_to,
+        )
+
+
+def rounded_prune(n_pruned: int, channels: int, round_to: int) -> int:
+    """How many of ``channels`` to remove when ``n_pruned`` were chosen and the rest should be a multiple of
+    ``round_to``: the kept count rounded down to one, never below ``round_to`` itself. A layer that has
+    ``round_to`` channels or fewer is not rounded (rounding would remove it).
+
+    Example:
+        >>> rounded_prune(80, 160, 8), rounded_prune(3, 12, 8), rounded_prune(5, 8, 8), rounded_prune(1, 6, 8)
+        (80, 4, 5, 1)
+    """
+    if round_to <= 1 or channels <= round_to:
+        return n_pruned
+    kept = max(channels - n_pruned, 1)
+    kept = max(kept - kept % round_to, round_to)
+    return channels - kept
+
+
+def _pruner_class() -> type:
+    """torch-pruning's ``MetaPruner`` with :func:`rounded_prune` in place of its rounding (which rounds a
+    layer of 8 channels that loses 3 to 0 channels)."""
+    tp = torch_pruning()
+
+    class Pruner(tp.pruner.MetaPruner):
+        def _round_to(self, n_pruned: int, current_channels: int, round_to: int) -> int:
+            return rounded_prune(int(n_pruned), int(current_channels), int(round_to))
+
+    return Pruner
 
 
 def has_batchnorm(module: OnnxModule) -> bool:
@@ -201,7 +232,7 @@ def _prune_heads_and_neurons(plan: ChannelPlan, spec: PruneSpec, overrides: dict
         prune_heads(b, drop.get(b.o.name, []))
     scores = {up.name: neuron_scores(up, down, spec.importance, rng) for up, down in plan.ffn}
     per = {k: overrides.get(k, spec.sparsity) * frac for k in totals_n}
-    drop = choose(scores, totals_n, per, spec.scope, spec.max_layer_sparsity, round_to=spec.round_to)
+    drop = choose(scores, totals_n, per, spec.scope, spec.max_layer_sparsity, round_to=spec.channel_round_to)
     for up, down in plan.ffn:
         prune_neurons(up, down, drop.get(up.name, []))
 

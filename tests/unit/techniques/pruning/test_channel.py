@@ -10,7 +10,7 @@ import torch
 from compression.analysis import count_params, macs
 from compression.data import Arrays, split
 from compression.errors import InvalidSpec
-from compression.techniques.pruning.channel import choose
+from compression.techniques.pruning.channel import choose, rounded_prune
 from testkit.helpers import accuracy, apply_step, run_ort
 from testkit.zoo import TinyResNet, export_onnx
 
@@ -59,7 +59,7 @@ def test_global_scope_prunes_layers_unevenly_and_overrides_apply(cnn_onnx, cnn_d
     assert max(kept) - min(kept) > 0.05
     first = glob.report["layers"][0]["layer"]
     layer = apply_step({"method": "prune", "granularity": "channel", "sparsity": 0.5, "scope": "layer",
-                        "layers": {first: 0.25}}, model, cnn_data, tmp_path)
+                        "layers": {first: 0.25}, "round_to": 1}, model, cnn_data, tmp_path)
     assert [w[0] for w in _weights(layer.model, "Conv")] == [12, 16]
     with pytest.raises(InvalidSpec, match="unknown layers"):
         apply_step({"method": "prune", "granularity": "channel", "layers": {"nope": 0.3}}, model, cnn_data, tmp_path)
@@ -115,33 +115,47 @@ def test_residual_network_with_batchnorm_bn_scale(resnet_bn, mnist_data, tmp_pat
 
 
 class _SplitNet(torch.nn.Module):
-    """conv1's channels go through a Split with constant sizes: not prunable by rewriting weights alone."""
+    """conv1's channels go through a Split with constant sizes, the halves concatenated the other way round."""
 
-    def __init__(self) -> None:
+    def __init__(self, twice: bool = False) -> None:
         super().__init__()
+        self.twice = twice
         self.conv1 = torch.nn.Conv2d(1, 8, 3, padding=1)
-        self.conv2 = torch.nn.Conv2d(8, 16, 3, padding=1)
+        self.conv2 = torch.nn.Conv2d(16 if twice else 8, 16, 3, padding=1)
         self.head = torch.nn.Linear(16, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a, b = torch.split(torch.relu(self.conv1(x)), [3, 5], dim=1)
-        y = torch.relu(self.conv2(torch.cat([b, a], 1)))
-        return self.head(y.mean((2, 3)))
+        y = torch.cat([b, a, b, a] if self.twice else [b, a], 1)
+        return self.head(torch.relu(self.conv2(y)).mean((2, 3)))
 
 
-def test_layer_that_cannot_be_pruned_safely_is_left_alone_and_reported(mnist_data, tmp_path):
+def test_split_sizes_follow_the_pruned_channels(mnist_data, tmp_path):
     X, y = mnist_data
     torch.manual_seed(0)
-    path = export_onnx(_SplitNet().eval(), torch.zeros(2, 1, 28, 28), tmp_path / "split.onnx", dynamo=False)
-    model = onnx.load(str(path))
-    data = split(Arrays({"input": X[:100]}, y[:100]), holdout=0.5, seed=0, max_eval=50)
-    res = apply_step({"method": "prune", "granularity": "channel", "sparsity": 0.5, "scope": "layer"}, model, data,
+    model = onnx.load(str(export_onnx(_SplitNet().eval(), torch.zeros(2, 1, 28, 28), tmp_path / "s.onnx", dynamo=False)))
+    res = apply_step({"method": "prune", "granularity": "channel", "sparsity": 0.5, "scope": "layer"}, model, None,
                      tmp_path)
-    ignored = {i["layer"]: i["reason"] for i in res.report["ignored"]}
-    conv1 = [n.name for n in model.graph.node if n.op_type == "Conv"][0]
-    assert conv1 in ignored and "feeds a graph output" not in ignored[conv1]
-    assert [w[0] for w in _weights(res.model, "Conv")] == [8, 8]  # conv1 kept, conv2 halved
+    assert [i["layer"] for i in res.report["ignored"]] == ["/head/Gemm"]
+    assert [w[0] for w in _weights(res.model, "Conv")] == [4, 8]  # conv1 (8, not rounded to 8) halved
+    split_node = next(n for n in res.model.graph.node if n.op_type == "Split")
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in res.model.graph.initializer}
+    assert int(inits[split_node.input[1]].sum()) == 4
     assert run_ort(res.model, X[:4]).shape == (4, 10)
+
+
+def test_concat_of_one_split_output_twice_is_pruned(mnist_data, tmp_path):
+    """A Concat that reads each half of a split twice: one dependency carries two channel ranges."""
+    X, y = mnist_data
+    torch.manual_seed(0)
+    path = export_onnx(_SplitNet(twice=True).eval(), torch.zeros(2, 1, 28, 28), tmp_path / "split.onnx", dynamo=False)
+    model = onnx.load(str(path))
+    res = apply_step({"method": "prune", "granularity": "channel", "sparsity": 0.5, "scope": "layer"}, model, None,
+                     tmp_path)
+    assert [i["layer"] for i in res.report["ignored"]] == ["/head/Gemm"]
+    assert [w[0] for w in _weights(res.model, "Conv")] == [4, 8]
+    assert [w[1] for w in _weights(res.model, "Conv")] == [1, 8]  # conv2 reads the 4 kept channels twice
+    assert run_ort(res.model, X[:4]).shape == (4, 10) and res.report["export_max_abs_error"] < 1e-4
 
 
 # ------------------------------------------------------------------------------------ transformers
@@ -211,13 +225,22 @@ def test_depthwise_follows_its_input_and_grouped_conv_is_reported(dynamo, tmp_pa
 
 def test_round_to_keeps_channel_counts_multiples_of_8(cnn_onnx, cnn_data, tmp_path):
     model = onnx.load(str(cnn_onnx["legacy"]))
-    odd = apply_step({"method": "prune", "granularity": "channel", "sparsity": 0.3, "scope": "layer"}, model, None,
-                     tmp_path)
+    odd = apply_step({"method": "prune", "granularity": "channel", "sparsity": 0.3, "scope": "layer", "round_to": 1},
+                     model, None, tmp_path)
     assert [w[0] for w in _weights(odd.model, "Conv")] == [11, 22]
-    assert any("round_to: 8" in n for n in odd.report["notes"])
-    even = apply_step({"method": "prune", "granularity": "channel", "sparsity": 0.3, "scope": "layer", "round_to": 8},
-                      model, None, tmp_path)
-    assert all(w[0] % 8 == 0 for w in _weights(even.model, "Conv")) and not even.report["notes"]
+    assert any("round_to at 8" in n for n in odd.report["notes"])
+    even = apply_step({"method": "prune", "granularity": "channel", "sparsity": 0.3, "scope": "layer"},
+                      model, None, tmp_path)  # the default: multiples of 8
+    assert [w[0] for w in _weights(even.model, "Conv")] == [8, 16] and not even.report["notes"]
+    assert even.report["round_to"] == 8
+
+
+def test_rounding_never_removes_a_small_layer():
+    assert rounded_prune(80, 160, 8) == 80 and rounded_prune(81, 160, 8) == 88  # 79 kept -> 72
+    assert rounded_prune(3, 12, 8) == 4  # 12 is no multiple of 8: 9 kept -> 8
+    assert rounded_prune(5, 8, 8) == 5 and rounded_prune(1, 6, 8) == 1  # at or below 8: not rounded
+    assert rounded_prune(10, 12, 8) == 4  # never below 8 kept
+    assert rounded_prune(7, 20, 1) == 7
 
 
 def test_choose_heads_and_neurons_by_scope():
