@@ -9,6 +9,7 @@ BENCHES = ["bench.service_baseline", "bench.service_load", "bench.pruning_weight
            "bench.early_exit_cnn", "bench.search"]
 BENCHES += ["bench.slimmable_cnn"]
 BENCHES += ["bench.lowrank_lenet", "bench.depthwise_cnn"]
+BENCHES += ["bench.pruning_round_to", "bench.matrix"]
 
 
 def main() -> None:
