@@ -83,13 +83,16 @@ def reshape_groups(src: tuple[int, ...], dst: tuple[int, ...]) -> list[tuple[lis
     return groups
 
 
-def follow_reshape(recorded: tuple[tuple[int, ...], tuple[int, ...]], live_in: tuple[int, ...]) -> list[int] | None:
+def follow_reshape(recorded: tuple[tuple[int, ...], tuple[int, ...]], live_in: tuple[int, ...], *,
+                   pass_through: bool = False) -> list[int] | None:
     """Where a reshape recorded as ``src -> dst`` must go now that its input is ``live_in``.
 
     Channel pruning shrinks dims the graph baked into constants (``Reshape(x, [-1, 1568])``). Each
     aligned group keeps its meaning: a merge is the product of the live dims, a split keeps its inner
     dims (head size) and lets the outer one (head count) absorb the change. None when nothing
-    structural changed (batch and sequence changes are the graph's own business) or it cannot tell.
+    structural changed (batch and sequence changes are the graph's own business) or it cannot tell —
+    unless ``pass_through``: then a dim that maps to itself follows its live size too (running, not
+    exporting: a fixed-batch graph bakes its batch of 1 into the target and fine-tuning feeds 64).
     """
     src, dst = recorded
     if tuple(live_in) == tuple(src) or len(live_in) != len(src):
@@ -102,6 +105,7 @@ def follow_reshape(recorded: tuple[tuple[int, ...], tuple[int, ...]], live_in: t
     for gi, gj in groups:
         live = [live_in[k] for k in gi]
         if len(gi) == 1 and len(gj) == 1:
+            changed = changed or (pass_through and live[0] != dst[gj[0]])  # the zoo's batch-1 YOLOv8 DFL
             out[gj[0]] = live[0]
             continue
         if live == [src[k] for k in gi]:
@@ -128,7 +132,8 @@ def _reshape(m, node, xs):
         shape = [x.shape[i] if d == 0 else d for i, d in enumerate(shape)]
     mode = getattr(m, "_shape_probe", None)
     recorded = node.extra.get("reshape_shapes")
-    followed = follow_reshape(recorded, tuple(x.shape)) if recorded is not None and mode != "record" else None
+    followed = (follow_reshape(recorded, tuple(x.shape), pass_through=True)
+                if recorded is not None and mode != "record" else None)
     if followed is not None and node.extra.get("static_target"):
         shape = followed  # a baked target may still "fit" by regrouping the batch: never trust it here
     try:

@@ -88,3 +88,28 @@ def test_the_gate_stops_a_broken_detector(stack, uploads):
     assert job["status"] == "failed" and job["error"]["code"] == "quality_gate", job["error"]
     assert "cosine" in job["error"]["message"]
     assert "model.onnx" not in {a["name"] for a in job["artifacts"]}
+
+
+def test_channel_prune_of_the_detector_and_the_recogniser(stack, uploads):
+    """A 30% channel prune of the opset-11 batch-1 detector (C2f splits, SPPF, FPN concats, DFL head) and a
+    25% prune of the paddle2onnx-style CRNN: fewer params and MACs, an artifact that runs, and the gate's
+    numbers in the metrics. The recovery is CI-sized (a few epochs on 192 crops), so the detector's budget
+    is set explicitly; ``bench/matrix.py`` and the closing note give the recovered fidelity at full length."""
+    c = stack.client()
+    specs = {"yolov8": {"steps": [{"method": "prune", "granularity": "channel", "sparsity": 0.3,
+                                   "finetune": {"epochs": 3, "lr": 3e-3}}],
+                        "eval": {**EVAL, "min_cosine": 0.0}},
+             "crnn": {"steps": [{"method": "prune", "granularity": "channel", "sparsity": 0.25,
+                                 "finetune": {"epochs": 2}}], "eval": {**EVAL, "min_cosine": 0.0}}}
+    for name, spec in specs.items():
+        job = wait_job(c, _submit(c, uploads, name, spec), timeout=600)
+        assert job["status"] == "succeeded", (name, job["error"])
+        res, orig = job["metrics"]["result"], job["metrics"]["original"]
+        assert res["params"] < 0.9 * orig["params"] and res["macs"] < 0.9 * orig["macs"], (name, res, orig)
+        assert res["centered_cosine"] is not None and res["verdict"]["summary"]
+        built = uploads[name][2]
+        sess = ort.InferenceSession(_model(c, job).SerializeToString(), providers=["CPUExecutionProvider"])
+        feeds = {k: v[:1] for k, v in built.inputs.items()}
+        out = sess.run(None, feeds)[0]
+        ref = ort.InferenceSession(str(built.path), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+        assert out.shape == ref.shape and np.isfinite(out).all()  # the output contract is kept

@@ -613,6 +613,8 @@ def test_reshape_groups_and_follow_rules():
     assert follow_reshape(((2, 16, 384), (2, 16, 12, 32)), (2, 16, 320)) == [2, 16, 10, 32]
     # Batch or sequence changes alone are the graph's own business.
     assert follow_reshape(((2, 16, 384), (2, 16, 12, 32)), (8, 20, 384)) is None
+    # ... except while running: a fixed-batch graph's baked batch follows the batch fed to it.
+    assert follow_reshape(((1, 64, 84), (1, 4, 16, 84)), (64, 64, 84), pass_through=True) == [64, 4, 16, 84]
 
 
 @pytest.mark.parametrize("dynamo", [True, False])
