@@ -217,7 +217,8 @@ def test_200_jobs_4_teams_with_quota(fault, tmp_path):
     teams = {f"quota-{i}": stack.new_key(f"quota-{i}") for i in range(4)}
     with fault["engine"].begin() as conn:
         conn.execute(text("UPDATE teams SET max_running_jobs=1 WHERE name LIKE 'quota-%'"))
-    spec = {"steps": [{"method": "prune", "sparsity": 0.2}], "eval": {"latency_runs": 5}}
+    # quotas are under test, not fidelity: an untrained random MLP flips >5% of its argmaxes at 20% sparsity
+    spec = {"steps": [{"method": "prune", "sparsity": 0.2}], "eval": {"latency_runs": 5, "gate": False}}
     ids: dict[str, list[str]] = defaultdict(list)
 
     def submit(team: str, key: str) -> None:
