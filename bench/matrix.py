@@ -3,6 +3,7 @@ its reason, stopped by the quality gate), size ×, ONNX Runtime latency × at ba
 
     python -m bench.matrix                  # every technique × every model (legacy17), foreign forms for int8/fp16/prune
     python -m bench.matrix resnet18 yolov8  # only these models
+    python -m bench.matrix --rerun crashed  # re-run the cells of var/bench-matrix.json with that status
 
 Each cell is one job through :func:`compression.pipeline.run_pipeline` (what the worker runs), via
 :func:`testkit.matrix.run_cell`; latency here is re-measured on both files with more runs than the job's own.
@@ -28,19 +29,29 @@ def cells_for(names: list[str]) -> list[tuple[str, str, str]]:
     return out
 
 
-def main(names: list[str] | None = None) -> None:
-    names = names or list(real_zoo.ZOO)
-    rows = []
+RESULTS = Path("var/bench-matrix.json")
+
+
+def main(names: list[str] | None = None, rerun: str | None = None) -> None:
+    if rerun:
+        rows = json.loads(RESULTS.read_text())
+        todo = [(r["model"], r["form"], r["technique"]) for r in rows if r["status"] == rerun]
+    else:
+        rows, todo = [], cells_for(names or list(real_zoo.ZOO))
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        for name, form, tech in cells_for(names):
+        for name, form, tech in todo:
             cell = run_cell(name, form, tech, folder, latency_runs=20, batch8=True)
             row = cell.row()
             print(json.dumps({k: row[k] for k in ("model", "form", "technique", "status", "reason", "seconds")}),
                   flush=True)
-            rows.append(row)
+            key = (name, form, tech)
+            rows = [r for r in rows if (r["model"], r["form"], r["technique"]) != key] + [row] if rerun else [*rows, row]
+    order = {c: i for i, c in enumerate(cells_for(list(real_zoo.ZOO)))}
+    rows.sort(key=lambda r: order.get((r["model"], r["form"], r["technique"]), len(order)))
     write_section("matrix", _table(rows))
-    Path("bench-matrix.json").write_text(json.dumps(rows, indent=1))
+    RESULTS.parent.mkdir(exist_ok=True)
+    RESULTS.write_text(json.dumps(rows, indent=1))
 
 
 def _table(rows: list[dict]) -> str:
@@ -74,4 +85,8 @@ def _table(rows: list[dict]) -> str:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:] or None)
+    args = sys.argv[1:]
+    if args[:1] == ["--rerun"]:
+        main(rerun=args[1])
+    else:
+        main(args or None)

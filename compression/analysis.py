@@ -207,6 +207,18 @@ def measured_shapes(model: onnx.ModelProto, sample: dict[str, np.ndarray], *,
         types = {vi.name: vi.type.tensor_type.elem_type for vi in [*inferred.value_info, *inferred.input]}
     except Exception:
         types = {}
+    types.update({t.name: t.data_type for t in g.initializer})
+    types.update({i.name: i.type.tensor_type.elem_type for i in g.input if i.type.tensor_type.elem_type})
+    changed = True
+    while changed:  # what inference left untyped (a float16 graph, whose converter appends its Casts last)
+        changed = False
+        for n in g.node:  # Cast says its type; other ops keep their operands'
+            cast_to = next((a.i for a in n.attribute if a.name == "to"), None) if n.op_type == "Cast" else None
+            for out in n.output:
+                if out and not types.get(out):
+                    typed = cast_to or next((types[i] for i in n.input if types.get(i)), 0)
+                    if typed:
+                        types[out], changed = typed, True
     for name in wanted:
         g.output.append(helper.make_tensor_value_info(name, types.get(name, onnx.TensorProto.UNDEFINED), None))
     sess = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])

@@ -266,7 +266,7 @@ def _train(module: torch.nn.Module, input_names: list[str], arrays: Arrays, *, e
         for s in range(0, len(order), batch_size):
             idx = order[s:s + batch_size]
             batch = arrays.take(idx)
-            out = module(*_to_tensors(batch, input_names, device))
+            out = _forward(module, _to_tensors(batch, input_names, device), first=not history and s == 0)
             out = out[0] if isinstance(out, (tuple, list)) else out
             labels = torch.from_numpy(batch.labels).to(device) if batch.labels is not None else None
             t_out = torch.from_numpy(teacher[idx]).to(device) if teacher is not None else None
@@ -283,6 +283,21 @@ def _train(module: torch.nn.Module, input_names: list[str], arrays: Arrays, *, e
             on_epoch(epoch, history[-1])
     module.eval()
     return history
+
+
+def _forward(module: torch.nn.Module, inputs: list[torch.Tensor], *, first: bool) -> Any:
+    """The module on a training batch. A graph exported with a fixed batch may bake it into ops the
+    converter cannot re-batch (a ViT's class token: ``Expand`` to 1, then ``Concat`` with 64 patches'
+    rows); the first batch then fails, and that is a refusal with its reason, not a crash."""
+    try:
+        return module(*inputs)
+    except RuntimeError as e:
+        fixed = getattr(module, "fixed_batch", None)
+        if not first or not fixed or len(inputs[0]) == fixed:
+            raise
+        raise NotTrainable(f"the graph fixes its batch at {fixed} inside its ops, so it cannot be trained on "
+                           f"batches of {len(inputs[0])} ({str(e).splitlines()[0][:160]}); export the model with a "
+                           "dynamic batch dimension to train it") from None
 
 
 def loss_config(finetune: Any, has_labels: bool) -> tuple[LossConfig, list[str]]:
@@ -309,10 +324,14 @@ def to_trainable(model: onnx.ModelProto, why: str) -> OnnxModule:
     Example:
         >>> module = to_trainable(onnx.load("model.onnx"), "fine-tuning")  # doctest: +SKIP
     """
+    from compression.analysis import fixed_batch, input_specs
+
     try:
-        return to_torch(model)
+        module = to_torch(model)
     except UnsupportedOp as e:
         raise NotTrainable(f"{why} needs a trainable model; unsupported ops: {e.op_types}") from None
+    module.fixed_batch = fixed_batch(s["shape"] for s in input_specs(model))  # read by _train's first batch
+    return module
 
 
 def module_holdout_accuracy(module: torch.nn.Module, ctx: StepContext) -> float | None:

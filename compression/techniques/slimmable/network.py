@@ -35,7 +35,8 @@ import onnx
 import torch
 from torch import nn
 
-from compression.channels import ChannelPlan, Layer, group_importance, out_channel_pruner, torch_pruning
+from compression.depgraph import build_graph, sync_live_sizes
+from compression.channels import ChannelPlan, Layer, group_importance, out_channel_pruner
 
 if TYPE_CHECKING:
     from compression.converter import OnnxModule
@@ -112,8 +113,7 @@ def find_groups(module: OnnxModule, plan: ChannelPlan, example: tuple[torch.Tens
     Returns:
         (groups, skipped: layer name -> why).
     """
-    tp = torch_pruning()
-    dg = tp.DependencyGraph().build_dependency(module, example_inputs=example)
+    dg = build_graph(module, example)
     by_module = {id(la.module): name for name, la in plan.layers.items()}
     groups: list[ChannelGroup] = []
     covered: set[str] = set()
@@ -187,8 +187,7 @@ class SlimmableNet(nn.Module):
     def _build_masks(self, example: tuple[torch.Tensor, ...]) -> None:
         """Per width: which output channels of which layer/BatchNorm are zero. Read from the same
         DepGraph groups that export prunes with, so masks and export cannot disagree."""
-        tp = torch_pruning()
-        dg = tp.DependencyGraph().build_dependency(self.module, example_inputs=example)
+        dg = build_graph(self.module, example)
         where = _locations(self.module)
         for w in self.widths:
             masks: dict[Location, torch.Tensor] = {}
@@ -269,7 +268,6 @@ class SlimmableNet(nn.Module):
     # ------------------------------------------------------------------------------------ export
     def sliced(self, width: float, example: tuple[torch.Tensor, ...]) -> OnnxModule:
         """A copy of the module at ``width`` with the dropped channels physically removed (on the CPU)."""
-        tp = torch_pruning()
         previous = self.width
         self.select(width)
         try:
@@ -279,11 +277,12 @@ class SlimmableNet(nn.Module):
             self.select(previous)
         drops = [(g, sorted(g.order[g.kept[width]:])) for g in self.groups]
         if any(d for _, d in drops):
-            dg = tp.DependencyGraph().build_dependency(clone, example_inputs=example)
+            dg = build_graph(clone, example)
             for g, drop in drops:
                 if drop:
                     root = clone.weights[g.root.key]
                     dg.get_pruning_group(root, out_channel_pruner(root), idxs=drop).prune()
+            sync_live_sizes(clone, dg)  # splits and slices follow the removed channels (YOLOv8's C2f)
         return clone
 
     def export(self, width: float, model: onnx.ModelProto, example: tuple[torch.Tensor, ...]) -> onnx.ModelProto:

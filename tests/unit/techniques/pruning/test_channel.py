@@ -231,12 +231,15 @@ def test_round_to_keeps_channel_counts_multiples_of_8(cnn_onnx, cnn_data, tmp_pa
     assert any("round_to at 8" in n for n in odd.report["notes"])
     even = apply_step({"method": "prune", "granularity": "channel", "sparsity": 0.3, "scope": "layer"},
                       model, None, tmp_path)  # the default: multiples of 8
-    assert [w[0] for w in _weights(even.model, "Conv")] == [8, 16] and not even.report["notes"]
+    # the nearest multiples of 8: 11 kept -> 8, 22 kept -> 24
+    assert [w[0] for w in _weights(even.model, "Conv")] == [8, 24] and not even.report["notes"]
     assert even.report["round_to"] == 8
 
 
 def test_rounding_never_removes_a_small_layer():
-    assert rounded_prune(80, 160, 8) == 80 and rounded_prune(81, 160, 8) == 88  # 79 kept -> 72
+    assert rounded_prune(80, 160, 8) == 80 and rounded_prune(81, 160, 8) == 80  # 79 kept -> 80 (nearest)
+    assert rounded_prune(85, 160, 8) == 88  # 75 kept -> 72
+    assert rounded_prune(2, 16, 8) == 0  # a 10% prune of 16 channels keeps 16, it does not halve them
     assert rounded_prune(3, 12, 8) == 4  # 12 is no multiple of 8: 9 kept -> 8
     assert rounded_prune(5, 8, 8) == 5 and rounded_prune(1, 6, 8) == 1  # at or below 8: not rounded
     assert rounded_prune(10, 12, 8) == 4  # never below 8 kept
