@@ -182,7 +182,7 @@ def lowrank(model: onnx.ModelProto, spec: LowRankSpec, ctx: StepContext) -> Step
     macs_before, macs_after = safe_layer_macs(model, sample), safe_layer_macs(factored, sample)
     acc = {"before": holdout_accuracy(model, ctx), "factored": holdout_accuracy(factored, ctx)}
     out, training = factored, None
-    if spec.finetune is not None and spec.finetune.epochs > 0:
+    if spec.finetune is not None and spec.finetune.enabled:
         out, training = recover(factored, spec.finetune, ctx, "finetuning")
         notes.extend(training.pop("notes"))
         acc["finetuned"] = holdout_accuracy(out, ctx)

@@ -83,7 +83,7 @@ class PruneSpec(StepSpec):
         if self.rewind != "none":
             if self.granularity != "weight":
                 raise ValueError("rewind (lottery ticket) works on granularity 'weight'")
-            if self.finetune is None or self.finetune.epochs < 1:
+            if self.finetune is None or not self.finetune.enabled:
                 raise ValueError("rewind retrains every round: give finetune with epochs >= 1")
             if self.rewind == "init" and not self.rewind_model_id:
                 raise ValueError("rewind 'init' needs rewind_model_id (the uploaded model at initialisation)")

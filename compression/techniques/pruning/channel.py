@@ -24,7 +24,7 @@ from compression.depgraph import fixed_depgraph, sync_live_sizes
 from compression.errors import InvalidSpec
 from compression.spec import FinetuneSpec
 from compression.techniques.pruning.importance import head_scores, neuron_scores
-from compression.training import Finetune, module_holdout_accuracy, to_trainable
+from compression.training import Finetune, TrainLog, module_holdout_accuracy, to_trainable
 
 if TYPE_CHECKING:
     from compression.converter import OnnxModule
@@ -114,10 +114,10 @@ def prune_channels(model: onnx.ModelProto, spec: PruneSpec, ctx: StepContext) ->
             tune.gradients(module)
         step(i)
         module.zero_grad(set_to_none=True)
-        losses: list[float] = []
-        if ft.epochs and tune is not None:
+        losses: TrainLog | list[float] = []
+        if tune is not None and tune.epochs:
             def on_epoch(epoch: int, loss: float, i: int = i) -> None:
-                ctx.progress("finetuning", (i + (epoch + 1) / ft.epochs) / spec.iterations,
+                ctx.progress("finetuning", (i + (epoch + 1) / tune.epochs) / spec.iterations,
                              f"iteration {i + 1}/{spec.iterations}, epoch {epoch + 1}: loss {loss:.4f}")
 
             losses = tune.run(module, seed_offset=i, on_epoch=on_epoch)
@@ -125,7 +125,8 @@ def prune_channels(model: onnx.ModelProto, spec: PruneSpec, ctx: StepContext) ->
         else:
             ctx.progress("pruning", (i + 1) / spec.iterations, f"iteration {i + 1}/{spec.iterations}")
         rounds.append({"iteration": i + 1, "channels": sum(la.channels for la in plan.layers.values()),
-                       "loss": losses[-1] if losses else None, "accuracy": module_holdout_accuracy(module, ctx)})
+                       "loss": losses[-1] if losses else None,
+                       **({"training": losses.summary()} if losses else {}), "accuracy": module_holdout_accuracy(module, ctx)})
     module.cpu().eval()
     ctx.progress("exporting", 1.0, "writing the smaller graph")
     out = module.export_resized(model, *example)

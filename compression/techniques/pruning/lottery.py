@@ -85,14 +85,14 @@ def lottery(model: onnx.ModelProto, spec: PruneSpec, ctx: StepContext, names: di
         rewind(i + 1)
 
         def on_epoch(epoch: int, loss: float, i: int = i) -> None:
-            ctx.progress("finetuning", (i + (epoch + 1) / ft.epochs) / len(targets),
+            ctx.progress("finetuning", (i + (epoch + 1) / tune.epochs) / len(targets),
                          f"round {i + 1}/{len(targets)}, epoch {epoch + 1}: loss {loss:.4f}")
 
         losses = tune.run(module, seed_offset=i, after_step=reapply, on_epoch=on_epoch)
         module.cpu()
         reapply()
         rounds.append({"round": i + 1, "kept": round(1.0 - target, 4), "accuracy": module_holdout_accuracy(module, ctx),
-                       "loss": losses[-1]})
+                       "loss": losses[-1], "training": losses.summary()})
     out = module.write_back(model)
     final = {k: p.detach().cpu().numpy() for k, p in params.items()}
     report = weight_report(final, names, spec)

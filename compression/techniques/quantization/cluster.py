@@ -59,7 +59,7 @@ def cluster(model: onnx.ModelProto, ctx: StepContext, *, bits: int, layers: list
     ft = training
     arrays = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     ctx.progress("quantizing", 0.05, f"k-means, {k} clusters per layer")
-    if ft is not None and ft.epochs > 0:
+    if ft is not None and ft.enabled:
         tr = trainable_layers(model, chosen)
         if tr.untrainable:
             notes.append(f"clustered without fine-tuning (not held by a trainable layer): {tr.untrainable}")
