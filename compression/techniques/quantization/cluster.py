@@ -41,7 +41,8 @@ def entropy_bits(codes: np.ndarray) -> float:
 
 
 def cluster(model: onnx.ModelProto, ctx: StepContext, *, bits: int, layers: list[str] | None,
-            exclude_layers: list[str], training: FinetuneSpec | None) -> StepResult:
+            exclude_layers: list[str], training: FinetuneSpec | None,
+            layer_bits: dict[str, int] | None = None) -> StepResult:
     """k-means each selected layer into ≤ 2**bits shared values (zeros keep their own centroid).
 
     With ``training`` the model is converted to torch, each layer computes ``codebook[codes]`` and only
@@ -49,6 +50,7 @@ def cluster(model: onnx.ModelProto, ctx: StepContext, *, bits: int, layers: list
 
     Args:
         bits: at most ``2**bits`` centroids per layer.
+        layer_bits: weight or node name -> bits for that layer instead of ``bits``.
         layers, exclude_layers: weight or node names to cluster / to leave float32 (None: every layer).
         training: centroid fine-tuning, or None.
     """
@@ -56,6 +58,9 @@ def cluster(model: onnx.ModelProto, ctx: StepContext, *, bits: int, layers: list
     chosen = select_layers(all_layers, layers, exclude_layers)
     if not chosen:
         raise InvalidSpec("no Conv/Gemm/MatMul weights held as initializers: nothing to cluster")
+    if layer_bits:
+        select_layers(all_layers, list(layer_bits), [])  # refuses unknown names
+    per_layer = {x.weight: (layer_bits or {}).get(x.weight, (layer_bits or {}).get(x.node, bits)) for x in chosen}
     k = 2 ** bits
     notes: list[str] = []
     losses: list[float] = []
@@ -67,7 +72,7 @@ def cluster(model: onnx.ModelProto, ctx: StepContext, *, bits: int, layers: list
         if tr.untrainable:
             notes.append(f"clustered without fine-tuning (not held by a trainable layer): {tr.untrainable}")
         for w, layer in tr.layers.items():
-            cb, codes = kmeans_1d(layer.weight.detach().cpu().numpy(), k, keep_zero=True)
+            cb, codes = kmeans_1d(layer.weight.detach().cpu().numpy(), 2 ** per_layer[w], keep_zero=True)
             zero = bool(cb.size and cb[0] == 0.0 and (layer.weight == 0).any())
             parametrize.register_parametrization(
                 layer, "weight", ClusterWeight(torch.from_numpy(cb), torch.from_numpy(codes), zero))
@@ -89,7 +94,7 @@ def cluster(model: onnx.ModelProto, ctx: StepContext, *, bits: int, layers: list
             cb = books[wl.weight].astype(w.dtype)
             codes = _lookup(w, cb, wl.weight)
         else:
-            cb, codes = kmeans_1d(w, k, keep_zero=True)
+            cb, codes = kmeans_1d(w, 2 ** per_layer[wl.weight], keep_zero=True)
             cb = cb.astype(w.dtype)
         cb, codes = _compact(cb, codes)
         bits = index_bits(len(cb))
