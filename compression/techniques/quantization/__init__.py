@@ -31,7 +31,7 @@ The engines that train import torch; they are imported when their scheme runs, s
 """
 from __future__ import annotations
 
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import onnx
 from pydantic import Field, ValidationInfo, field_validator, model_validator
@@ -84,7 +84,7 @@ class QuantizeSpec(StepSpec):
                                      description="int8/fp16: node names left in float32")
     keep_io_types: bool | None = Field(None, description="fp16: keep float32 inputs/outputs (default true)")
     bits: int | None = Field(None, ge=1, le=8, description="cluster: at most 2**bits shared values per layer (default 5)")
-    layer_bits: dict[str, Annotated[int, Field(ge=1, le=8)]] = Field(
+    layer_bits: dict[str, int] = Field(
         default_factory=dict, max_length=10_000,
         description="cluster: bits for these layers (weight or node name -> 1..8), 'bits' for the rest (Deep "
         "Compression gave conv layers 8 bits and fully connected ones 5; a big, mostly-zero layer often keeps "
@@ -113,6 +113,14 @@ class QuantizeSpec(StepSpec):
             raise ValueError(f"'{info.field_name}' applies to int8 modes static and qat, not dynamic")
         if scheme == "int8" and info.field_name == "finetune" and mode != "qat":
             raise ValueError("'finetune' applies to int8 mode 'qat' only")
+        return value
+
+    @field_validator("layer_bits")
+    @classmethod
+    def _bits_range(cls, value: dict[str, int]) -> dict[str, int]:
+        bad = {k: v for k, v in value.items() if not 1 <= v <= 8}
+        if bad:
+            raise ValueError(f"bits must be in 1..8: {bad}")
         return value
 
     @model_validator(mode="after")

@@ -69,3 +69,5 @@ def test_layer_bits_gives_one_layer_fewer_centroids_and_refuses_unknown_names(le
     with pytest.raises(InvalidSpec) as refused:
         parse_spec({"steps": [{"method": "quantize", "scheme": "int8", "layer_bits": {first: 2}}]})
     assert any("layer_bits" in e["loc"] for e in refused.value.errors)
+    with pytest.raises(InvalidSpec, match="invalid spec"):
+        parse_spec({"steps": [{"method": "quantize", "scheme": "cluster", "layer_bits": {first: 9}}]})
