@@ -4,8 +4,9 @@ The exported layer holds packed indices and a codebook (``Gather(codebook, indic
 model computes with are exactly codebook values, and the file holds ``bits`` (rounded up to 1/2/4/8)
 per weight instead of 32 — or, when a pruned layer is mostly zeros, a sparse layout: a 1-bit nonzero mask
 plus the nonzeros' indices, or Deep Compression's relative indices (a gap byte plus an index per nonzero),
-whichever an entropy coder will store in fewer bytes (the download is xz-coded). The report gives bits per weight per layer: as stored, and the
-entropy of the indices (what an ideal entropy coder such as Deep Compression's Huffman stage needs).
+whichever an entropy coder will store in fewer bytes (the download is xz-coded). The report gives bits per
+weight per layer: as stored, and the entropy of the indices (what an ideal entropy coder such as Deep
+Compression's Huffman stage needs).
 """
 from __future__ import annotations
 
@@ -123,7 +124,8 @@ def cluster(model: onnx.ModelProto, ctx: StepContext, *, bits: int, layers: list
         "entropy_bits_per_weight": round(sum(r["entropy_bits_per_weight"] * r["params"] for r in rows) / total, 4),
         "layers_left_float": [x.node for x in all_layers if x not in chosen],
         "storage": "dense: codes packed 1/2/4/8 bits per byte -> BitShift unpack -> Gather(codebook); sparse "
-                   "(mostly-zero layers): 1-bit nonzero mask + nonzero codes -> CumSum rank -> Gather -> Gather(codebook); "
+                   "(mostly-zero layers): 1-bit nonzero mask + nonzero codes -> CumSum rank -> Gather -> "
+                   "Gather(codebook); "
                    "relative (very sparse layers): gap byte + code per nonzero -> CumSum -> ScatterElements -> "
                    "Gather(codebook)",
         "finetune_losses": losses,
