@@ -134,7 +134,7 @@ def lottery(model: onnx.ModelProto, spec: PruneSpec, ctx: StepContext, names: di
         with torch.no_grad():
             if spec.rewind == "random" or (spec.rewind == "sign" and magnitude == "random"):
                 _random_init(module, ctx.seed * 1000 + round_index)
-            fresh = {n: p.detach().abs().clone() for n, p in params.items()} if signs else {}
+            fresh = {n: p.detach().abs().clone() for n, p in params.items()} if magnitude == "random" else {}
             if init_state is not None:
                 for k, p in trainable.items():
                     p.copy_(init_state[k])
