@@ -54,7 +54,12 @@ def _scan_table(scan: dict) -> str:
         lines.append(f"| {r['layer']} | {r['shape'][0]}×{r['shape'][1]} | {tried} | {r['chosen_rank'] or 'dense'} | "
                      f"{r['budget_spent_pt']:.2f} |")
     lines.append(f"\nSummed single-layer drops {scan['summed_drop_pt']:.2f} pt; the chosen ranks together "
-                 f"{scan['joint_drop_pt']:.2f} pt on the slice (budget {scan['max_drop_pt']:g} pt).")
+                 f"{scan['joint_drop_pt']:.2f} pt on the slice (budget {scan['max_drop_pt']:g} pt). The slice is "
+                 "data the dense model was trained on, so it understates the drop on unseen data (compare the "
+                 "no-fine-tuning row's Δ); the budget is spent before fine-tuning, which wins the difference back. "
+                 "The 300→100 layer's cliff between rank 9 and 8 is real (the 10-class head reads a 9-dimensional "
+                 "subspace: rank 8 alone gives 78% on the unseen images, rank 9 92%), and a uniform rank rule "
+                 "cannot see it.")
     return "\n".join(lines)
 
 

@@ -21,9 +21,11 @@ import numpy as np
 import onnx
 from pydantic import Field, model_validator
 
+from compression.analysis import fixed_batch
 from compression.context import StepContext, StepResult
 from compression.errors import InvalidSpec
 from compression.metrics import holdout_accuracy
+from compression.modelio import describe
 from compression.registry import register_technique
 from compression.spec import FinetuneSpec, StrictModel
 from compression.step_spec import StepSpec
@@ -31,7 +33,9 @@ from compression.techniques.factorization.layers import (Layer, conv_auto_pad, f
                                                           name_nodes, output_layers)
 from compression.techniques.factorization.measure import probe_sample, safe_layer_macs
 from compression.techniques.factorization.recovery import recover
-from compression.techniques.factorization.sensitivity import DEFAULT_MAX_DROP, choose, scan_layers, validation_slice
+from compression.techniques.factorization.sensitivity import (DEFAULT_MAX_DROP, VALIDATION_MAX,
+                                                               VALIDATION_MAX_FIXED_BATCH, choose, scan_layers,
+                                                               validation_slice)
 from compression.techniques.factorization.sensitivity import report as scan_report
 from compression.techniques.factorization.surgery import lowrank_rewrite, reconstruct
 from compression.techniques.factorization.svd import choose_rank, relative_error, singular_values
@@ -188,7 +192,8 @@ def _scan(model: onnx.ModelProto, spec: LowRankSpec, ctx: StepContext, layers: l
     nothing when the spec gives a criterion, there is no dataset, or no layer to scan."""
     if not spec.scans or ctx.data is None or not layers:
         return {}, None
-    val, where = validation_slice(ctx.data.train, ctx.seed)
+    fixed = fixed_batch(i["shape"] for i in describe(model)["inputs"])
+    val, where = validation_slice(ctx.data.train, ctx.seed, VALIDATION_MAX_FIXED_BATCH if fixed else VALIDATION_MAX)
     progress = lambda f, msg: ctx.progress("factorizing", 0.1 * f, msg)
     scan = scan_layers(model, layers, val, max_drop=spec.max_drop, min_rank=spec.min_rank, threads=ctx.threads,
                        progress=progress)

@@ -44,12 +44,15 @@ from compression.techniques.factorization.layers import Layer
 SCAN_FRACTIONS = (1 / 2, 1 / 3, 1 / 4, 1 / 6, 1 / 8, 1 / 12, 1 / 16)
 VALIDATION_FRACTION = 0.2  # the tail of the (already shuffled) training split the scan measures on
 VALIDATION_MAX = 1000  # enough for 0.1-pt resolution; more only slows the scan
+# A graph that fixes its batch (a detector exported at batch 1) runs one sample per call: fewer samples keep
+# the scan at minutes, not hours, for a few hundred candidates.
+VALIDATION_MAX_FIXED_BATCH = 128
 DEFAULT_MAX_DROP = 1.0
 
 
-def validation_slice(train: Arrays, seed: int) -> tuple[Arrays, dict[str, int]]:
+def validation_slice(train: Arrays, seed: int, cap: int = VALIDATION_MAX) -> tuple[Arrays, dict[str, int]]:
     """The samples the scan measures on: the last ``VALIDATION_FRACTION`` of the training split (at least one
-    sample), at most ``VALIDATION_MAX`` of them picked by ``seed``. Never the held-out split.
+    sample), at most ``cap`` of them picked by ``seed``. Never the held-out split.
 
     Returns:
         the slice and where it came from (``{"train_samples", "from", "samples"}``, indices into train).
@@ -57,8 +60,8 @@ def validation_slice(train: Arrays, seed: int) -> tuple[Arrays, dict[str, int]]:
     n = train.samples
     start = n - max(1, int(round(n * VALIDATION_FRACTION)))
     idx = np.arange(start, n)
-    if len(idx) > VALIDATION_MAX:
-        idx = np.sort(np.random.default_rng(seed).choice(idx, VALIDATION_MAX, replace=False))
+    if len(idx) > cap:
+        idx = np.sort(np.random.default_rng(seed).choice(idx, cap, replace=False))
     return train.take(idx), {"train_samples": n, "from": int(start), "samples": int(len(idx))}
 
 

@@ -393,3 +393,16 @@ def test_scan_without_labels_or_class_scores_measures_the_cosine(tmp_path):
     assert 100 * (1 - cos) == pytest.approx(scan["joint_drop_pt"], abs=1e-3) and scan["joint_drop_pt"] <= 5.0
     assert [la["rank"] for la in res.report["layers"]] == [r["chosen_rank"] for r in scan["layers"]]
     assert all(la["rank"] >= 6 for la in res.report["layers"])  # not below the weights' true rank
+
+
+def test_a_fixed_batch_graph_is_scanned_on_fewer_samples(lenet, tmp_path):
+    """A batch-1 graph runs one sample per call: the scan caps its slice (128) so that it stays quick."""
+    models, data = lenet
+    model = onnx.ModelProto()
+    model.CopyFrom(models["legacy"])
+    for v in (*model.graph.input, *model.graph.output):
+        v.type.tensor_type.shape.dim[0].dim_value = 1
+    res = apply_step({"method": "lowrank"}, model, data, tmp_path)
+    scan = res.report["sensitivity"]
+    assert scan["validation"] == {"train_samples": 1000, "from": 800, "samples": 128}
+    assert run_ort(res.model, data.holdout.inputs["input"][:1]).shape == (1, 10)
