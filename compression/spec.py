@@ -73,9 +73,11 @@ class RecoveryOptions(StrictModel):
                             "the options")
 
 
-# Optimizer steps "auto" epochs aim for: small datasets get more passes, large ones at least two.
-AUTO_STEPS = 400
-AUTO_EPOCHS = (2, 30)
+# Optimizer steps "auto" epochs aim for: small datasets get more passes (cheap: few samples), large ones at least
+# two. A distilled student from scratch on 315 images needed ~100 epochs to pass labels alone (30: 0.77 vs 0.85;
+# 100: 0.89 vs 0.85), so small datasets may run up to 100.
+AUTO_STEPS = 500
+AUTO_EPOCHS = (2, 100)
 
 
 def auto_epochs(train_n: int | None, batch_size: int) -> int:
@@ -84,7 +86,7 @@ def auto_epochs(train_n: int | None, batch_size: int) -> int:
 
     Example:
         >>> auto_epochs(4000, 64), auto_epochs(100, 64), auto_epochs(60000, 64)
-        (7, 30, 2)
+        (8, 100, 2)
     """
     if not train_n:
         return 10
