@@ -31,7 +31,7 @@ import onnx
 import torch
 import torch.nn.functional as F
 
-from compression.augment import Augmenter, augmenter_for
+from compression.augment import Augmenter, Mix, augmenter_for
 from compression.converter import OnnxModule, UnsupportedOp, to_torch
 from compression.data import Arrays
 from compression.errors import InvalidSpec, NotTrainable
@@ -323,6 +323,41 @@ class Teacher:
                                 and self.kinds[0] != "sigmoid")
 
 
+class BatchTargets:
+    """The teacher's targets for each training batch: a :class:`Teacher` runs on the batch the student sees
+    when it is augmented (consistent teaching); otherwise the targets are computed once for the whole split
+    and indexed (mixed like the inputs under mixup)."""
+
+    def __init__(self, teacher: np.ndarray | Teacher | None, arrays: Arrays, *, augmenting: bool) -> None:
+        self.live = teacher if isinstance(teacher, Teacher) and augmenting else None
+        self.fixed: np.ndarray | None = None
+        # the whole split's targets: what MSE's per-element scale is measured on (see LossConfig)
+        self.reference: np.ndarray | None = None
+        if isinstance(teacher, Teacher):
+            if self.live is None or teacher({k: v[:1] for k, v in arrays.inputs.items()}).ndim != 2:
+                self.reference = teacher(arrays.inputs)
+            self.fixed = self.reference if self.live is None else None
+        else:
+            self.fixed = self.reference = teacher
+
+    def __call__(self, batch: Arrays, idx: np.ndarray, mix: Mix | None) -> np.ndarray | None:
+        if self.live is not None:
+            return self.live(batch.inputs)
+        if self.fixed is None:
+            return None
+        t = self.fixed[idx]
+        if mix is not None:  # the teacher saw the raw samples: mix its targets in the same proportion
+            t = mix.lam * t + (1 - mix.lam) * t[mix.perm]
+        return np.ascontiguousarray(t)
+
+
+def mixed_labels(labels: torch.Tensor | None, mix: Mix | None) -> tuple[torch.Tensor, float] | None:
+    """:func:`loss_fn`'s ``mixed`` for a mixup batch: the partner samples' labels and the weight."""
+    if mix is None or labels is None:
+        return None
+    return labels[torch.from_numpy(mix.perm).to(labels.device)], mix.lam
+
+
 def train(
     module: torch.nn.Module,
     input_names: list[str],
@@ -357,9 +392,11 @@ def train(
                       after_step=after_step, on_epoch=on_epoch, recipe=recipe, validation=validation)
 
 
-def _optimizer(module: torch.nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
+def _optimizer(module: torch.nn.Module, recipe: Recipe,
+               params: list[torch.nn.Parameter] | None = None) -> torch.optim.Optimizer:
     """AdamW; decay only on weight matrices and kernels (a decayed bias, norm or scale only hurts)."""
-    params = [p for p in module.parameters() if p.requires_grad]
+    if params is None:
+        params = list({id(p): p for p in module.parameters() if p.requires_grad}.values())
     if recipe.weight_decay <= 0:
         return torch.optim.Adam(params, lr=recipe.lr)
     decay = [p for p in params if p.dim() >= 2]
@@ -381,65 +418,82 @@ def _train(module: torch.nn.Module, input_names: list[str], arrays: Arrays, *, l
            teacher: np.ndarray | Teacher | None, seed: int, device: str, after_step: Callable[[], None] | None,
            on_epoch: Callable[[int, float], None] | None, recipe: Recipe, validation: Validation | None) -> TrainLog:
     torch.manual_seed(seed)
+    targets = BatchTargets(teacher, arrays, augmenting=recipe.augment is not None)
+    loss = _kd_scaled(loss, targets.reference, device)
+    module.to(device).train()
+
+    def batch_loss(batch: Arrays, idx: np.ndarray, mix: Mix | None, first: bool) -> torch.Tensor:
+        out = _forward(module, _to_tensors(batch, input_names, device), first=first)
+        out = out[0] if isinstance(out, (tuple, list)) else out
+        labels = torch.from_numpy(batch.labels).to(device) if batch.labels is not None else None
+        t = targets(batch, idx, mix)
+        t_out = torch.from_numpy(t).to(device) if t is not None else None
+        return loss_fn(out, labels, t_out, loss, mixed=mixed_labels(labels, mix))
+
+    def validate(log: TrainLog) -> tuple[float, float]:
+        return validate_module(module, input_names, validation, loss, device, log)
+
+    return run_epochs(module, arrays, recipe, seed=seed, batch_loss=batch_loss,
+                      validate=validate if validation is not None else None, after_step=after_step,
+                      on_epoch=on_epoch)
+
+
+BatchLoss = Callable[[Arrays, np.ndarray, "Mix | None", bool], "torch.Tensor | None"]
+
+
+def run_epochs(module: torch.nn.Module, arrays: Arrays, recipe: Recipe, *, seed: int, batch_loss: BatchLoss,
+               validate: Callable[[TrainLog], tuple[float, float]] | None = None,
+               params: list[torch.nn.Parameter] | None = None, after_step: Callable[[], None] | None = None,
+               on_epoch: Callable[[int, float], None] | None = None, train_mode: bool = True) -> TrainLog:
+    """The one training loop of every step that trains (fine-tuning, distillation, early-exit heads,
+    slimmable widths): shuffled batches, augmentation, the learning-rate schedule, AdamW, validation
+    after every epoch, early stopping, the time budget and the best epoch restored.
+
+    Args:
+        batch_loss: ``(batch, indices, mixup draw, first batch?) -> loss`` of one (augmented) batch; it may
+            call ``backward`` itself and return a detached loss (several widths, one step), or return
+            None to skip the batch.
+        validate: scores the module after each epoch (higher is better) and appends to the log; None: no
+            validation, the last epoch is kept.
+        params: what the optimizer updates (default: every parameter that requires grad).
+        train_mode: ``module.train()`` between validations (False: a frozen backbone stays in eval mode).
+
+    Returns:
+        :class:`TrainLog`.
+    """
     rng = np.random.default_rng(seed)
     aug = recipe.augment
-    teach = teacher if isinstance(teacher, Teacher) and aug is not None else None  # per batch, on its view
-    fixed: np.ndarray | None = None
-    if isinstance(teacher, Teacher):
-        if teach is None or teacher({k: v[:1] for k, v in arrays.inputs.items()}).ndim != 2:
-            fixed = teacher(arrays.inputs)  # once: the targets (no augmentation) or the MSE scale's reference
-    else:
-        fixed = teacher
-    loss = _kd_scaled(loss, fixed, device)
-    if teach is not None:
-        fixed = None
-    module.to(device).train()
-    opt = _optimizer(module, recipe)
+    opt = _optimizer(module, recipe, params)
     n = arrays.samples
-    per_epoch = math.ceil(n / recipe.batch_size)
-    total_steps = max(1, recipe.epochs * per_epoch)
+    total_steps = max(1, recipe.epochs * math.ceil(n / recipe.batch_size))
     log = TrainLog()
     log.planned = recipe.epochs
     log.augment = aug.describe() if aug is not None else {}
-    keep_best = validation is not None and recipe.keep == "best"
+    keep_best = validate is not None and recipe.keep == "best"
     best_score, best_epoch, best_state = None, 0, None
-    if validation is not None and recipe.epochs:
-        best_score = _validate(module, input_names, validation, loss, device, log)
+    if validate is not None and recipe.epochs:
+        best_score = validate(log)
         best_state = _snapshot(module) if keep_best else None
-        module.train()
+    module.train(train_mode)
     started = time.monotonic()
-    step = 0
-    since_best = 0
+    step, since_best = 0, 0
     for epoch in range(recipe.epochs):
         t0 = time.monotonic()
         order = rng.permutation(n)
         total, count = 0.0, 0
         for s in range(0, n, recipe.batch_size):
             idx = order[s:s + recipe.batch_size]
-            batch = arrays.take(idx)
-            mix = None
+            batch, mix = arrays.take(idx), None
             if aug is not None:
                 batch, mix = aug(batch, rng)
             for group in opt.param_groups:
                 group["lr"] = recipe.lr * recipe.lr_factor(step, total_steps)
-            out = _forward(module, _to_tensors(batch, input_names, device), first=not log and s == 0)
-            out = out[0] if isinstance(out, (tuple, list)) else out
-            labels = torch.from_numpy(batch.labels).to(device) if batch.labels is not None else None
-            if teach is not None:
-                t_out = torch.from_numpy(teach(batch.inputs)).to(device)
-            elif fixed is not None:
-                t_np = fixed[idx]
-                if mix is not None:  # the teacher saw the raw samples: mix its targets in the same proportion
-                    t_np = mix.lam * t_np + (1 - mix.lam) * t_np[mix.perm]
-                t_out = torch.from_numpy(np.ascontiguousarray(t_np)).to(device)
-            else:
-                t_out = None
-            mixed = None
-            if mix is not None and labels is not None:
-                mixed = (labels[torch.from_numpy(mix.perm).to(device)], mix.lam)
-            l = loss_fn(out, labels, t_out, loss, mixed=mixed)
             opt.zero_grad(set_to_none=True)
-            l.backward()
+            l = batch_loss(batch, idx, mix, not log and s == 0)
+            if l is None:
+                continue
+            if l.requires_grad:
+                l.backward()
             opt.step()
             step += 1
             if after_step is not None:
@@ -447,9 +501,9 @@ def _train(module: torch.nn.Module, input_names: list[str], arrays: Arrays, *, l
             total += float(l.detach()) * len(idx)
             count += len(idx)
         log.append(total / max(count, 1))
-        if validation is not None:
-            score = _validate(module, input_names, validation, loss, device, log)
-            module.train()
+        if validate is not None:
+            score = validate(log)
+            module.train(train_mode)
             if best_score is None or score > best_score:
                 best_score, best_epoch, since_best = score, epoch + 1, 0
                 best_state = _snapshot(module) if keep_best else None
@@ -457,7 +511,7 @@ def _train(module: torch.nn.Module, input_names: list[str], arrays: Arrays, *, l
                 since_best += 1
         if on_epoch is not None:
             on_epoch(epoch, log[-1])
-        if validation is not None and recipe.patience is not None and since_best >= recipe.patience \
+        if validate is not None and recipe.patience is not None and since_best >= recipe.patience \
                 and epoch + 1 < recipe.epochs:
             log.stopped = f"early stopping: no better validation {log.metric} for {recipe.patience} epochs"
             break
@@ -478,10 +532,11 @@ def _snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
-def _validate(module: torch.nn.Module, input_names: list[str], val: Validation, loss: LossConfig, device: str,
+def validate_module(module: torch.nn.Module, input_names: list[str], val: Validation | None, loss: LossConfig, device: str,
               log: TrainLog) -> tuple[float, float]:
     """Score the module on the validation slice (eval mode): ``(accuracy, -loss)`` with labels on class
     scores, else ``(-loss, 0)``; higher is better. Appends the headline number to ``log``."""
+    assert val is not None
     module.eval()
     outs = []
     with torch.no_grad():
@@ -563,8 +618,18 @@ def module_holdout_accuracy(module: torch.nn.Module, ctx: StepContext) -> float 
     return top1_accuracy(out, data.holdout.labels)
 
 
-# The least samples a validation slice holds, and the least left to train on, for one to be carved.
-MIN_VALIDATION, MIN_TRAIN = 8, 32
+# The least samples a validation slice holds, and the least left to train on, for one to be carved: a slice of
+# fewer than 32 scores in steps of 3+ points and cannot tell epochs apart.
+MIN_VALIDATION, MIN_TRAIN = 32, 32
+
+
+def carve_indices(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """(training, validation) indices of :func:`carve_validation`; validation None when too few samples."""
+    k = round(fraction * n)
+    if fraction <= 0 or k < MIN_VALIDATION or n - k < MIN_TRAIN:
+        return np.arange(n), None
+    order = np.random.default_rng(seed + 7919).permutation(n)
+    return np.sort(order[k:]), np.sort(order[:k])
 
 
 def carve_validation(train: Arrays, fraction: float, seed: int) -> tuple[Arrays, Arrays | None]:
@@ -573,16 +638,14 @@ def carve_validation(train: Arrays, fraction: float, seed: int) -> tuple[Arrays,
     metrics a job reports were never used to choose anything. None when too few samples for one.
 
     Example:
-        >>> tr, val = carve_validation(Arrays({"x": np.zeros((100, 2))}), 0.1, 0)
+        >>> tr, val = carve_validation(Arrays({"x": np.zeros((400, 2))}), 0.1, 0)
         >>> tr.samples, val.samples
-        (90, 10)
+        (360, 40)
     """
-    n = train.samples
-    k = round(fraction * n)
-    if fraction <= 0 or k < MIN_VALIDATION or n - k < MIN_TRAIN:
+    keep, val = carve_indices(train.samples, fraction, seed)
+    if val is None:
         return train, None
-    order = np.random.default_rng(seed + 7919).permutation(n)
-    return train.take(np.sort(order[k:])), train.take(np.sort(order[:k]))
+    return train.take(keep), train.take(val)
 
 
 class Finetune:

@@ -25,7 +25,9 @@ from compression.step_spec import StepSpec
 from compression.techniques.slimmable.export import export_checked, width_metrics
 from compression.techniques.slimmable.network import SlimmableNet, find_groups
 from compression.techniques.slimmable.training import calibrate_bn, train_slimmable
-from compression.training import loss_config, teacher_outputs, to_trainable
+from compression.augment import augmenter_for
+from compression.training import (Recipe, Teacher, Validation, carve_validation, loss_config, teacher_outputs,
+                                  to_trainable)
 
 LATENCY_RUNS = 30
 
@@ -137,7 +139,12 @@ def slimmable(model: onnx.ModelProto, spec: SlimmableSpec, ctx: StepContext) -> 
         raise InvalidSpec(f"widths {spec.widths} give the same channel counts twice (round_to {spec.round_to}): "
                           f"{kept}", [{"loc": ["widths"], "msg": "two widths keep the same channels"}])
     cfg, notes = loss_config(spec, data.train.labels is not None)
-    teacher = teacher_outputs(ctx.original, data.train, ctx.threads) if cfg.distill else None
+    inplace = spec.inplace_distill and spec.rule == "sandwich"
+    train_split, val = carve_validation(data.train, spec.validation, ctx.seed)
+    augment = augmenter_for(spec.augment, train_split, distilling=cfg.distill or inplace, epochs=spec.epochs)
+    teacher = Teacher([ctx.original], spec.temperature, ctx.threads) if cfg.distill else None
+    validation = Validation(val, teacher(val.inputs) if teacher is not None else None) if val is not None else None
+    recipe = Recipe.of(spec, epochs=spec.epochs, lr=spec.lr, batch_size=spec.batch_size, augment=augment)
     switchable = len(net.norms_of(1.0))
     if not switchable:
         notes.append("the graph has no BatchNormalization nodes (exporters fold them into Conv in eval mode): "
@@ -149,10 +156,9 @@ def slimmable(model: onnx.ModelProto, spec: SlimmableSpec, ctx: StepContext) -> 
                      f"epoch {epoch + 1}/{spec.epochs}: summed loss {loss:.4f}")
 
     t0 = time.perf_counter()
-    history = train_slimmable(net, names, data.train, epochs=spec.epochs, lr=spec.lr, batch_size=spec.batch_size,
-                              loss=cfg, teacher=teacher, rule=spec.rule, random_widths=spec.random_widths,
-                              inplace_distill=spec.inplace_distill and spec.rule == "sandwich", seed=ctx.seed,
-                              device=ctx.device, on_epoch=on_epoch)
+    history = train_slimmable(net, names, train_split, recipe=recipe, loss=cfg, teacher=teacher, rule=spec.rule,
+                              random_widths=spec.random_widths, inplace_distill=inplace, seed=ctx.seed,
+                              device=ctx.device, validation=validation, on_epoch=on_epoch)
     train_s = time.perf_counter() - t0
     calibrated = calibrate_bn(net, names, data.train, samples=spec.bn_calibration_samples,
                               batch_size=spec.batch_size, seed=ctx.seed, device=ctx.device)
@@ -181,6 +187,7 @@ def slimmable(model: onnx.ModelProto, spec: SlimmableSpec, ctx: StepContext) -> 
         "ignored": [{"layer": k, "reason": v} for k, v in {**plan.ignored, **skipped}.items()],
         "labels_used": cfg.use_labels, "distill": cfg.distill,
         "epochs": spec.epochs, "loss_per_epoch": [round(h, 6) for h in history], "train_seconds": round(train_s, 2),
+        "training": history.summary(),
         "notes": notes,
     }
     return StepResult(extras[spec.artifact(1.0)], report, extras)

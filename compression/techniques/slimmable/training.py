@@ -16,7 +16,9 @@ import torch
 from compression.channels import first_output
 from compression.data import Arrays
 from compression.techniques.slimmable.network import SlimmableNet
-from compression.training import LossConfig, loss_fn
+from compression.augment import Mix
+from compression.training import (BatchTargets, LossConfig, Recipe, Teacher, TrainLog, Validation, loss_fn,
+                                  mixed_labels, run_epochs, validate_module)
 
 
 def step_widths(widths: list[float], rule: str, random_widths: int, rng: np.random.Generator) -> list[float]:
@@ -42,66 +44,75 @@ def _tensors(batch: Arrays, names: list[str], device: str) -> list[torch.Tensor]
     return [torch.from_numpy(np.ascontiguousarray(batch.inputs[n])).to(device) for n in names]
 
 
-def train_slimmable(net: SlimmableNet, input_names: list[str], arrays: Arrays, *, epochs: int, lr: float,
-                    batch_size: int, loss: LossConfig, teacher: np.ndarray | None, rule: str, random_widths: int,
-                    inplace_distill: bool, seed: int, device: str = "cpu",
-                    on_epoch: Callable[[int, float], None] | None = None) -> list[float]:
+def train_slimmable(net: SlimmableNet, input_names: list[str], arrays: Arrays, *, recipe: Recipe, loss: LossConfig,
+                    teacher: np.ndarray | Teacher | None, rule: str, random_widths: int, inplace_distill: bool,
+                    seed: int, device: str = "cpu", validation: Validation | None = None,
+                    on_epoch: Callable[[int, float], None] | None = None) -> TrainLog:
     """Train the shared weights and every width's BatchNorm; returns the mean summed loss per epoch.
 
-    Each step accumulates the gradients of the widths :func:`step_widths` picks and takes one Adam
-    step. The widest learns from ``loss`` (labels and/or the original's outputs); with
-    ``inplace_distill`` the others learn the widest's detached outputs of the same batch (KL at T = 1
-    for class scores, MSE otherwise), weighted ``1 - loss.alpha`` against CE on the labels when there
-    are labels; without ``inplace_distill`` they learn from ``loss`` too.
+    Each step accumulates the gradients of the widths :func:`step_widths` picks and takes one optimizer
+    step (the shared loop, :func:`compression.training.run_epochs`: schedule, validation, best epoch).
+    The widest learns from ``loss`` (labels and/or the original's outputs); with ``inplace_distill`` the
+    others learn the widest's detached outputs of the same batch (KL at T = 1 for class scores, MSE
+    otherwise), weighted ``1 - loss.alpha`` against CE on the labels when there are labels; without
+    ``inplace_distill`` they learn from ``loss`` too. An epoch's validation score is the mean over the
+    widths, so the epoch kept is the best for the family, not for the widest alone.
 
     Args:
-        teacher: the original model's outputs on ``arrays`` (when ``loss.distill``).
+        teacher: the original's outputs on ``arrays`` or the original itself (when ``loss.distill``).
         on_epoch: ``(epoch, mean_loss)`` after each epoch; may raise ``Cancelled``.
     """
     torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
     net.to(device).train()
-    params = list({id(p): p for p in net.parameters() if p.requires_grad}.values())
-    opt = torch.optim.Adam(params, lr=lr)
     # In-place distillation at T = 1 (US-Nets), mixed with the labels when there are any: on the short
     # fine-tunes this service runs, the widest is still moving and labels keep the narrow widths anchored.
     kd = LossConfig(use_labels=loss.use_labels, distill=True, temperature=1.0, alpha=loss.alpha)
     widest = net.widths[-1]
-    history = []
-    for epoch in range(epochs):
-        order = rng.permutation(arrays.samples)
-        total, count = 0.0, 0
-        for s in range(0, len(order), batch_size):
-            idx = order[s:s + batch_size]
-            if len(idx) < 2 and net.norms_of(widest):
-                continue  # BatchNorm cannot train on one sample
-            batch = arrays.take(idx)
-            xs = _tensors(batch, input_names, device)
-            labels = torch.from_numpy(batch.labels).to(device) if batch.labels is not None else None
-            t_out = torch.from_numpy(teacher[idx]).to(device) if teacher is not None else None
-            opt.zero_grad(set_to_none=True)
-            soft = None
-            step_loss = 0.0
-            for w in step_widths(net.widths, rule, random_widths, rng):
-                net.select(w)
-                out = first_output(net(*xs))
-                if w == widest or not inplace_distill:
-                    l = loss_fn(out, labels, t_out, loss)
-                    if w == widest:
-                        soft = out.detach()
-                else:
-                    l = loss_fn(out, labels, soft, kd)
-                l.backward()
-                step_loss += float(l.detach())
-            opt.step()
-            total += step_loss * len(idx)
-            count += len(idx)
-        history.append(total / max(count, 1))
-        if on_epoch is not None:
-            on_epoch(epoch, history[-1])
+    targets = BatchTargets(teacher, arrays, augmenting=recipe.augment is not None)
+    width_rng = np.random.default_rng(seed + 1)
+
+    def batch_loss(batch: Arrays, idx: np.ndarray, mix: Mix | None, first: bool) -> torch.Tensor | None:
+        if len(idx) < 2 and net.norms_of(widest):
+            return None  # BatchNorm cannot train on one sample
+        xs = _tensors(batch, input_names, device)
+        labels = torch.from_numpy(batch.labels).to(device) if batch.labels is not None else None
+        t = targets(batch, idx, mix)
+        t_out = torch.from_numpy(t).to(device) if t is not None else None
+        mixed = mixed_labels(labels, mix)
+        soft = None
+        step_loss = 0.0
+        for w in step_widths(net.widths, rule, random_widths, width_rng):
+            net.select(w)
+            out = first_output(net(*xs))
+            if w == widest or not inplace_distill:
+                l = loss_fn(out, labels, t_out, loss, mixed=mixed)
+                if w == widest:
+                    soft = out.detach()
+            else:
+                l = loss_fn(out, labels, soft, kd, mixed=mixed)
+            l.backward()  # each width's graph freed before the next: one step, summed gradients
+            step_loss += float(l.detach())
+        net.select(widest)
+        return torch.tensor(step_loss)
+
+    def validate(log: TrainLog) -> tuple[float, float]:
+        scores = []
+        for w in net.widths:
+            net.select(w)
+            scratch = TrainLog()
+            scores.append(validate_module(net, input_names, validation, loss, device, scratch))
+            log.metric = scratch.metric
+        net.select(widest)
+        mean = tuple(float(np.mean([sc[i] for sc in scores])) for i in range(2))
+        log.validation.append(mean[0] if log.metric == "accuracy" else -mean[0])
+        return mean
+
+    params = list({id(p): p for p in net.parameters() if p.requires_grad}.values())
+    log = run_epochs(net, arrays, recipe, seed=seed, batch_loss=batch_loss,
+                     validate=validate if validation is not None else None, params=params, on_epoch=on_epoch)
     net.select(widest)
     net.eval()
-    return history
+    return log
 
 
 def calibrate_bn(net: SlimmableNet, input_names: list[str], arrays: Arrays, *, samples: int, batch_size: int,
