@@ -93,6 +93,7 @@ def lottery(model: onnx.ModelProto, spec: PruneSpec, ctx: StepContext, names: di
         reapply()
         rounds.append({"round": i + 1, "kept": round(1.0 - target, 4), "accuracy": module_holdout_accuracy(module, ctx),
                        "loss": losses[-1]})
+    notes.extend(n for n in tune.notes if n not in notes)  # the rounds' training notes (BatchNorm re-inserted)
     out = module.write_back(model)
     final = {k: p.detach().cpu().numpy() for k, p in params.items()}
     report = weight_report(final, names, spec)
