@@ -1,14 +1,20 @@
 """BatchNorm re-inserted after the convs for fine-tuning, folded back into them on exit.
 
 Why: exporters (torch's dynamo exporter, most real ONNX) fold BatchNorm into the convs, so the converted
-graph trains without normalisation, and recovery after surgery suffers (measured: a channel-pruned
-TinyResNet lost 6.5 pt where torch-pruning on the original ``nn.Module``, BatchNorm intact, lost none).
-:func:`reinserted_batchnorm` puts a BatchNorm behind every conv that comes without one, initialised to
-the identity from the conv's output statistics on a sample of training inputs (``running_mean/var`` =
-those statistics, ``weight = sqrt(var + eps)``, ``bias = mean``), so the module computes the same
-function when training starts; it trains with the rest. On exit each BatchNorm is folded into its conv
-with the running statistics (``W' = W·γ/√(σ²+ε)``, ``b' = (b−μ)·γ/√(σ²+ε)+β``) and removed, so
+graph trains without normalisation, and recovery after surgery suffers (measured before this module: a
+channel-pruned TinyResNet lost 6.5 pt; torch-pruning on the original SmallCNN, BatchNorm intact, held out
+0.949 where the service, on the folded graph, reached 0.931). :func:`reinserted_batchnorm` puts a
+BatchNorm behind every conv that comes without one, initialised to the identity from the conv's output
+statistics on a sample of training inputs (:class:`ReinsertedNorm`: running statistics = those, the
+affine part in units of them), so the module computes the same function when training starts; it trains
+with the rest. On exit each BatchNorm is folded into its conv with the running statistics
+(``W' = W·γ/√(σ²+ε)``, ``b' = (b−μ)·γ/√(σ²+ε)+β``) and removed, so
 :meth:`~compression.converter.OnnxModule.write_back` writes the graph it was given, no new nodes.
+
+After a channel-pruning cut the identity would keep the damage: :func:`remember_statistics` (called before
+the cut) lets the next insertion re-standardise each surviving channel to the mean and spread it had, as a
+network's own BatchNorm does (measured on an 8×8 digits ResNet, half the channels in 2 rounds of 3 epochs:
+0.93 re-standardised, 0.43 without BatchNorm, 0.13 with BatchNorm started at the identity).
 
 The BatchNorm runs as a forward hook of the conv: the conv's ``nn.Parameter`` objects stay the ones
 pruning masks, optimizers and DepGraph hold, and folding edits them in place (a pruned weight's zeros
@@ -98,8 +104,11 @@ def _conv_candidates(module: OnnxModule) -> tuple[dict[str, tuple[str, nn.Module
 
 
 def _channel_stats(module: OnnxModule, convs: list[nn.Module], sample: dict[str, np.ndarray], batch_size: int,
-                   device: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per-channel (mean, biased variance) of each conv's output over ``sample``, in eval mode, float64."""
+                   device: str) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    """Per-channel (mean, biased variance) of each conv's output over ``sample``, in eval mode, float64; None
+    when the module fails on the sample (a graph that fixes its batch inside its ops: batches of that size
+    are tried, and a failure is left to the training loop, which refuses such a graph with its reason)."""
+    batch_size = getattr(module, "fixed_batch", None) or batch_size
     sums = [None] * len(convs)
     squares = [None] * len(convs)
     counts = [0] * len(convs)
@@ -120,9 +129,11 @@ def _channel_stats(module: OnnxModule, convs: list[nn.Module], sample: dict[str,
     n = len(sample[names[0]])
     try:
         with torch.no_grad():
-            for s in range(0, n, batch_size):
+            for s in range(0, n - n % batch_size if n >= batch_size else n, batch_size):
                 module(*[torch.from_numpy(np.ascontiguousarray(sample[k][s:s + batch_size])).to(device)
                          for k in names])
+    except RuntimeError:
+        return None
     finally:
         for h in handles:
             h.remove()
@@ -204,6 +215,8 @@ def remember_statistics(module: OnnxModule, sample: Arrays | dict[str, np.ndarra
     convs = [conv for _, conv in found.values()]
     stats = _channel_stats(module, convs, {k: inputs[k][:max_samples] for k in module.input_names}, batch_size,
                            device)
+    if stats is None:
+        return
     setattr(module, _TARGETS, {key: (conv.bias.detach().cpu().clone(), mean, var)
                                for (key, conv), (mean, var) in zip(found.values(), stats, strict=True)})
 
@@ -261,6 +274,11 @@ def reinserted_batchnorm(module: OnnxModule, sample: Arrays | dict[str, np.ndarr
     convs = [conv for _, conv in found.values()]
     stats = _channel_stats(module, convs, sample_in, batch_size, device)
     targets = module.__dict__.pop(_TARGETS, None) or {}
+    if stats is None:  # the graph does not run on these batches: training refuses it with its reason
+        report.skipped.update({name: "the statistics pass failed" for name in report.convs})
+        report.convs = []
+        yield report
+        return
     norms = nn.ModuleDict()
     handles = []
     for (key, conv), (mean, var) in zip(found.values(), stats, strict=True):
