@@ -47,13 +47,15 @@ def session(model: onnx.ModelProto | Path | bytes, threads: int = 0, *, quiet: b
     return ort.InferenceSession(src, sess_options=opts, providers=["CPUExecutionProvider"])
 
 
-def run_batched(sess: ort.InferenceSession, inputs: dict[str, np.ndarray], batch: int = 256) -> list[np.ndarray]:
-    """All outputs over all samples, in batches (a batch size the graph fixes is honoured)."""
+def run_batched(sess: ort.InferenceSession, inputs: dict[str, np.ndarray], batch: int = 256, *,
+                fixed: dict[str, np.ndarray] | None = None) -> list[np.ndarray]:
+    """All outputs over all samples, in batches (a batch size the graph fixes is honoured). ``fixed`` feeds
+    are passed whole to every batch (an overridable initializer: lowrank's sensitivity scan swaps weights)."""
     n = len(next(iter(inputs.values())))
     batch = session_batch(sess) or batch
     outs: list[list[np.ndarray]] = []
     for s in range(0, n, batch):
-        res = sess.run(None, {k: v[s:s + batch] for k, v in inputs.items()})
+        res = sess.run(None, {**{k: v[s:s + batch] for k, v in inputs.items()}, **(fixed or {})})
         outs.append(res)
     return [np.concatenate([o[i] for o in outs]) for i in range(len(outs[0]))]
 

@@ -214,8 +214,9 @@ def _step_cost(step: Any) -> float:
     epochs = 0.0
     ft = getattr(step, "finetune", None)
     if ft is not None:
-        epochs += ft.epochs * getattr(step, "iterations", 1)
-    epochs += getattr(step, "epochs", 0) or 0
+        epochs += ft.planned_epochs(None) * getattr(step, "iterations", 1)
+    own = getattr(step, "epochs", 0) or 0  # a step that trains itself (distill, early exit, slimmable)
+    epochs += step.planned_epochs(None) if own == "auto" else own
     if getattr(step, "mode", None) == "qat":
         epochs += 2
     return 1.0 + epochs

@@ -114,7 +114,7 @@ class StepSpec(StrictModel):
     def recovery(self) -> Any:
         """The step's recovery fine-tune (its ``finetune`` section) when it has epochs to run, else None."""
         ft = getattr(self, "finetune", None)
-        return ft if ft is not None and ft.epochs > 0 else None
+        return ft if ft is not None and ft.enabled else None
 
     @property
     def trains(self) -> bool:
@@ -144,7 +144,7 @@ class StepSpec(StrictModel):
         ft = self.recovery
         if ft is None:
             return Passes()
-        n = ft.epochs * train_n * rounds
+        n = ft.planned_epochs(train_n) * train_n * rounds
         return Passes(train=3 * n, infer=n if ft.distill else 0)
 
     @classmethod

@@ -18,6 +18,8 @@ Every family that trains an ONNX graph goes through here: :func:`to_trainable` (
 """
 from __future__ import annotations
 
+import math
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -29,6 +31,7 @@ import onnx
 import torch
 import torch.nn.functional as F
 
+from compression.augment import Augmenter, augmenter_for
 from compression.converter import OnnxModule, UnsupportedOp, to_torch
 from compression.data import Arrays
 from compression.errors import InvalidSpec, NotTrainable
@@ -123,13 +126,20 @@ def is_class_scores(out: torch.Tensor) -> bool:
 
 
 def loss_fn(student: torch.Tensor, labels: torch.Tensor | None, teacher: torch.Tensor | None,
-            cfg: LossConfig) -> torch.Tensor:
+            cfg: LossConfig, mixed: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:
     """CE and/or KD (KL·T² for class scores, MSE otherwise). ``student`` and ``teacher`` are logits or
-    log-probabilities (:func:`log_prob_outputs`, :func:`as_log_probs`), never probabilities."""
+    log-probabilities (:func:`log_prob_outputs`, :func:`as_log_probs`), never probabilities.
+
+    Args:
+        mixed: a mixup batch's other labels and weight ``(labels_b, lam)``: CE is ``lam·CE(y) + (1−lam)·CE(y_b)``.
+    """
     terms: list[tuple[float, torch.Tensor]] = []
     classes = is_class_scores(student) and cfg.output != "sigmoid"
     if cfg.use_labels and labels is not None and classes:
-        terms.append((cfg.alpha if cfg.distill else 1.0, F.cross_entropy(student, labels)))
+        ce = F.cross_entropy(student, labels)
+        if mixed is not None:
+            ce = mixed[1] * ce + (1.0 - mixed[1]) * F.cross_entropy(student, mixed[0])
+        terms.append((cfg.alpha if cfg.distill else 1.0, ce))
     if cfg.distill and teacher is not None:
         kind = cfg.kd_loss if cfg.kd_loss != "auto" else ("kl" if classes else "mse")
         if kind == "kl":
@@ -219,6 +229,100 @@ def _to_tensors(batch: Arrays, names: list[str], device: str) -> list[torch.Tens
     return [torch.from_numpy(np.ascontiguousarray(batch.inputs[n])).to(device) for n in names]
 
 
+@dataclass
+class Recipe:
+    """How one training run goes, resolved from a spec's :class:`~compression.spec.RecoveryOptions`.
+
+    The defaults are a plain constant-rate Adam run that keeps its last epoch: what callers that pass no
+    recipe (tests, the early-exit heads) always had."""
+
+    epochs: int
+    lr: float
+    batch_size: int
+    schedule: str = "constant"  # or "cosine": linear warm-up, then cosine decay to 0
+    warmup: float = 0.0  # fraction of the optimizer steps
+    weight_decay: float = 0.0  # AdamW, on weight matrices and kernels only
+    patience: int | None = None  # epochs without a better validation score before stopping
+    keep: str = "last"  # or "best" (needs a validation slice)
+    max_minutes: float | None = None
+    augment: Augmenter | None = None
+
+    @classmethod
+    def of(cls, opts: Any, *, epochs: int, lr: float, batch_size: int, augment: Augmenter | None) -> Recipe:
+        """The recipe a spec's recovery options describe (``opts``: a FinetuneSpec or DistillSpec)."""
+        return cls(epochs=epochs, lr=lr, batch_size=batch_size, schedule=opts.schedule, warmup=opts.warmup,
+                   weight_decay=opts.weight_decay, patience=opts.patience_for(epochs), keep=opts.keep,
+                   max_minutes=opts.max_minutes, augment=augment)
+
+    def lr_factor(self, step: int, total: int) -> float:
+        """The learning-rate multiplier at optimizer step ``step`` of ``total``."""
+        if self.schedule == "constant":
+            return 1.0
+        warm = int(self.warmup * total)
+        if step < warm:
+            return (step + 1) / (warm + 1)
+        return 0.5 * (1.0 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+
+
+@dataclass
+class Validation:
+    """The slice of the training split that picks the best epoch: inputs, labels, the teacher's targets."""
+
+    arrays: Arrays
+    teacher: np.ndarray | None
+
+
+class TrainLog(list):
+    """The mean training loss per epoch (a list, as :func:`train` always returned), plus what the
+    validation slice said: its score per epoch, which epoch was kept and why training stopped."""
+
+    def __init__(self, losses: list[float] | None = None) -> None:
+        super().__init__(losses or [])
+        self.metric: str | None = None  # "accuracy" (higher is better) or "loss" (lower is better)
+        self.validation: list[float] = []  # per epoch, the first entry being before any training (epoch 0)
+        self.kept_epoch: int | None = None  # None: the last
+        self.stopped: str | None = None  # "early stopping" / "time budget" / None (ran every epoch)
+        self.planned: int = 0
+        self.augment: dict[str, object] = {}
+
+    def summary(self) -> dict[str, Any]:
+        """What a step report shows about the run."""
+        out: dict[str, Any] = {"epochs_run": len(self), "epochs_planned": self.planned,
+                               "loss_per_epoch": [round(x, 6) for x in self]}
+        if self.metric is not None:
+            out.update(validation_metric=self.metric, validation_per_epoch=[round(v, 6) for v in self.validation],
+                       kept_epoch=self.kept_epoch if self.kept_epoch is not None else len(self))
+        if self.stopped:
+            out["stopped"] = self.stopped
+        if self.augment:
+            out["augment"] = self.augment
+        return out
+
+
+class Teacher:
+    """Targets from one or more ONNX teachers, computed in ONNX Runtime on whatever batch the student sees
+    (the consistent teacher of :mod:`compression.augment`), so any uploaded model can teach. Several
+    teachers: the average of their softened distributions (:func:`ensemble_targets`)."""
+
+    def __init__(self, models: list[onnx.ModelProto], temperature: float, threads: int = 0) -> None:
+        self.sessions = [session(m, threads) for m in models]
+        self.kinds = [output_kind(m) for m in models]
+        self.temperature = temperature
+
+    def outputs(self, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """Each teacher's first output (probabilities as log-probabilities)."""
+        outs = []
+        for sess, kind in zip(self.sessions, self.kinds):
+            names = {i.name for i in sess.get_inputs()}
+            outs.append(as_log_probs(run_batched(sess, {k: v for k, v in inputs.items() if k in names})[0], kind))
+        return outs
+
+    def __call__(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        outs = self.outputs(inputs)
+        return ensemble_targets(outs, self.temperature, outs[0].ndim == 2 and outs[0].shape[1] > 1
+                                and self.kinds[0] != "sigmoid")
+
+
 def train(
     module: torch.nn.Module,
     input_names: list[str],
@@ -228,61 +332,175 @@ def train(
     lr: float,
     batch_size: int,
     loss: LossConfig,
-    teacher: np.ndarray | None,
+    teacher: np.ndarray | Teacher | None,
     seed: int,
     device: str = "cpu",
     after_step: Callable[[], None] | None = None,
     on_epoch: Callable[[int, float], None] | None = None,
-) -> list[float]:
-    """Train ``module`` in place; returns the mean loss per epoch.
+    recipe: Recipe | None = None,
+    validation: Validation | None = None,
+) -> TrainLog:
+    """Train ``module`` in place; returns the mean loss per epoch (:class:`TrainLog`).
 
     Args:
-        teacher: the teacher's outputs as logits or log-probabilities (:func:`teacher_targets`).
+        teacher: the teacher's outputs on ``arrays`` as logits or log-probabilities
+            (:func:`teacher_targets`), or a :class:`Teacher` run on each (augmented) batch.
         after_step: called after every optimizer step (pruning masks re-applied here).
         on_epoch: ``(epoch, mean_loss)`` after each epoch; may raise ``Cancelled``.
+        recipe: schedule, weight decay, early stopping, best-epoch keeping, time budget, augmentation;
+            None: constant-rate Adam for ``epochs``, the last epoch kept.
+        validation: the slice that scores each epoch (needed to keep the best one or stop early).
     """
+    recipe = recipe or Recipe(epochs=epochs, lr=lr, batch_size=batch_size)
     with _loss_outputs(module, loss) as loss:
-        return _train(module, input_names, arrays, epochs=epochs, lr=lr, batch_size=batch_size, loss=loss,
-                      teacher=teacher, seed=seed, device=device, after_step=after_step, on_epoch=on_epoch)
+        return _train(module, input_names, arrays, loss=loss, teacher=teacher, seed=seed, device=device,
+                      after_step=after_step, on_epoch=on_epoch, recipe=recipe, validation=validation)
 
 
-def _train(module: torch.nn.Module, input_names: list[str], arrays: Arrays, *, epochs: int, lr: float,
-           batch_size: int, loss: LossConfig, teacher: np.ndarray | None, seed: int, device: str,
-           after_step: Callable[[], None] | None, on_epoch: Callable[[int, float], None] | None) -> list[float]:
+def _optimizer(module: torch.nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
+    """AdamW; decay only on weight matrices and kernels (a decayed bias, norm or scale only hurts)."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    if recipe.weight_decay <= 0:
+        return torch.optim.Adam(params, lr=recipe.lr)
+    decay = [p for p in params if p.dim() >= 2]
+    rest = [p for p in params if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": recipe.weight_decay},
+                              {"params": rest, "weight_decay": 0.0}], lr=recipe.lr)
+
+
+def _kd_scaled(loss: LossConfig, reference: np.ndarray | None, device: str) -> LossConfig:
+    """MSE distillation weighs each output element by its spread over the training split (see :class:`LossConfig`)."""
+    if reference is not None and reference.ndim != 2 and reference.dtype.kind == "f" and len(reference) > 1:
+        spread = reference.std(0)
+        floor = max(float(spread.mean()) * 0.1, 1e-6)  # elements that never vary must not dominate
+        return replace(loss, kd_scale=torch.from_numpy(np.maximum(spread, floor).astype(np.float32)).to(device))
+    return loss
+
+
+def _train(module: torch.nn.Module, input_names: list[str], arrays: Arrays, *, loss: LossConfig,
+           teacher: np.ndarray | Teacher | None, seed: int, device: str, after_step: Callable[[], None] | None,
+           on_epoch: Callable[[int, float], None] | None, recipe: Recipe, validation: Validation | None) -> TrainLog:
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    if teacher is not None and teacher.ndim != 2 and teacher.dtype.kind == "f" and len(teacher) > 1:
-        spread = teacher.std(0)
-        floor = max(float(spread.mean()) * 0.1, 1e-6)  # elements that never vary must not dominate
-        loss = replace(loss, kd_scale=torch.from_numpy(np.maximum(spread, floor).astype(np.float32)).to(device))
+    aug = recipe.augment
+    teach = teacher if isinstance(teacher, Teacher) and aug is not None else None  # per batch, on its view
+    fixed: np.ndarray | None = None
+    if isinstance(teacher, Teacher):
+        if teach is None or teacher({k: v[:1] for k, v in arrays.inputs.items()}).ndim != 2:
+            fixed = teacher(arrays.inputs)  # once: the targets (no augmentation) or the MSE scale's reference
+    else:
+        fixed = teacher
+    loss = _kd_scaled(loss, fixed, device)
+    if teach is not None:
+        fixed = None
     module.to(device).train()
-    params = [p for p in module.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=lr)
-    idx_all = np.arange(arrays.samples)
-    history = []
-    for epoch in range(epochs):
-        order = rng.permutation(idx_all)
+    opt = _optimizer(module, recipe)
+    n = arrays.samples
+    per_epoch = math.ceil(n / recipe.batch_size)
+    total_steps = max(1, recipe.epochs * per_epoch)
+    log = TrainLog()
+    log.planned = recipe.epochs
+    log.augment = aug.describe() if aug is not None else {}
+    keep_best = validation is not None and recipe.keep == "best"
+    best_score, best_epoch, best_state = None, 0, None
+    if validation is not None and recipe.epochs:
+        best_score = _validate(module, input_names, validation, loss, device, log)
+        best_state = _snapshot(module) if keep_best else None
+        module.train()
+    started = time.monotonic()
+    step = 0
+    since_best = 0
+    for epoch in range(recipe.epochs):
+        t0 = time.monotonic()
+        order = rng.permutation(n)
         total, count = 0.0, 0
-        for s in range(0, len(order), batch_size):
-            idx = order[s:s + batch_size]
+        for s in range(0, n, recipe.batch_size):
+            idx = order[s:s + recipe.batch_size]
             batch = arrays.take(idx)
-            out = _forward(module, _to_tensors(batch, input_names, device), first=not history and s == 0)
+            mix = None
+            if aug is not None:
+                batch, mix = aug(batch, rng)
+            for group in opt.param_groups:
+                group["lr"] = recipe.lr * recipe.lr_factor(step, total_steps)
+            out = _forward(module, _to_tensors(batch, input_names, device), first=not log and s == 0)
             out = out[0] if isinstance(out, (tuple, list)) else out
             labels = torch.from_numpy(batch.labels).to(device) if batch.labels is not None else None
-            t_out = torch.from_numpy(teacher[idx]).to(device) if teacher is not None else None
-            l = loss_fn(out, labels, t_out, loss)
+            if teach is not None:
+                t_out = torch.from_numpy(teach(batch.inputs)).to(device)
+            elif fixed is not None:
+                t_np = fixed[idx]
+                if mix is not None:  # the teacher saw the raw samples: mix its targets in the same proportion
+                    t_np = mix.lam * t_np + (1 - mix.lam) * t_np[mix.perm]
+                t_out = torch.from_numpy(np.ascontiguousarray(t_np)).to(device)
+            else:
+                t_out = None
+            mixed = None
+            if mix is not None and labels is not None:
+                mixed = (labels[torch.from_numpy(mix.perm).to(device)], mix.lam)
+            l = loss_fn(out, labels, t_out, loss, mixed=mixed)
             opt.zero_grad(set_to_none=True)
             l.backward()
             opt.step()
+            step += 1
             if after_step is not None:
                 after_step()
             total += float(l.detach()) * len(idx)
             count += len(idx)
-        history.append(total / max(count, 1))
+        log.append(total / max(count, 1))
+        if validation is not None:
+            score = _validate(module, input_names, validation, loss, device, log)
+            module.train()
+            if best_score is None or score > best_score:
+                best_score, best_epoch, since_best = score, epoch + 1, 0
+                best_state = _snapshot(module) if keep_best else None
+            else:
+                since_best += 1
         if on_epoch is not None:
-            on_epoch(epoch, history[-1])
+            on_epoch(epoch, log[-1])
+        if validation is not None and recipe.patience is not None and since_best >= recipe.patience \
+                and epoch + 1 < recipe.epochs:
+            log.stopped = f"early stopping: no better validation {log.metric} for {recipe.patience} epochs"
+            break
+        took = time.monotonic() - t0
+        if recipe.max_minutes is not None and epoch + 1 < recipe.epochs \
+                and time.monotonic() - started + took > recipe.max_minutes * 60:
+            log.stopped = f"time budget: the next epoch would end past {recipe.max_minutes:g} min"
+            break
+    if keep_best and best_state is not None:
+        log.kept_epoch = best_epoch
+        if best_epoch != len(log):
+            module.load_state_dict(best_state)
     module.eval()
-    return history
+    return log
+
+
+def _snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _validate(module: torch.nn.Module, input_names: list[str], val: Validation, loss: LossConfig, device: str,
+              log: TrainLog) -> tuple[float, float]:
+    """Score the module on the validation slice (eval mode): ``(accuracy, -loss)`` with labels on class
+    scores, else ``(-loss, 0)``; higher is better. Appends the headline number to ``log``."""
+    module.eval()
+    outs = []
+    with torch.no_grad():
+        for s in range(0, val.arrays.samples, 256):
+            b = val.arrays.take(np.arange(s, min(s + 256, val.arrays.samples)))
+            out = module(*_to_tensors(b, input_names, device))
+            outs.append((out[0] if isinstance(out, (tuple, list)) else out).float())
+        out = torch.cat(outs)
+        labels = torch.from_numpy(val.arrays.labels).to(device) if val.arrays.labels is not None else None
+        t = torch.from_numpy(val.teacher).to(device) if val.teacher is not None else None
+        value = float(loss_fn(out, labels, t, loss))
+    if labels is not None and is_class_scores(out) and loss.output != "sigmoid":
+        acc = float((out.argmax(1) == labels).float().mean())
+        log.metric = "accuracy"
+        log.validation.append(acc)
+        return acc, -value
+    log.metric = "loss"
+    log.validation.append(value)
+    return -value, 0.0
 
 
 def _forward(module: torch.nn.Module, inputs: list[torch.Tensor], *, first: bool) -> Any:
@@ -345,10 +563,34 @@ def module_holdout_accuracy(module: torch.nn.Module, ctx: StepContext) -> float 
     return top1_accuracy(out, data.holdout.labels)
 
 
+# The least samples a validation slice holds, and the least left to train on, for one to be carved.
+MIN_VALIDATION, MIN_TRAIN = 8, 32
+
+
+def carve_validation(train: Arrays, fraction: float, seed: int) -> tuple[Arrays, Arrays | None]:
+    """Split a validation slice off the *training* split (a seeded random ``fraction`` of it): the slice
+    that picks the best epoch and stops training early. The held-out split stays untouched, so the
+    metrics a job reports were never used to choose anything. None when too few samples for one.
+
+    Example:
+        >>> tr, val = carve_validation(Arrays({"x": np.zeros((100, 2))}), 0.1, 0)
+        >>> tr.samples, val.samples
+        (90, 10)
+    """
+    n = train.samples
+    k = round(fraction * n)
+    if fraction <= 0 or k < MIN_VALIDATION or n - k < MIN_TRAIN:
+        return train, None
+    order = np.random.default_rng(seed + 7919).permutation(n)
+    return train.take(np.sort(order[k:])), train.take(np.sort(order[:k]))
+
+
 class Finetune:
     """One step's fine-tuning, set up once: the spec's loss resolved against the data (unlabelled data
-    forces distillation, noted) and the original model's outputs on the training split as the teacher,
-    computed on first use. A step that alternates pruning and training calls :meth:`run` once per round.
+    forces distillation, noted), a validation slice carved from the training split, the epoch count and
+    recipe (schedule, early stopping, best epoch, augmentation), and the original as the teacher —
+    run in ONNX Runtime on each augmented batch, or once on the training split when nothing is jittered.
+    A step that alternates pruning and training calls :meth:`run` once per round.
 
     Example:
         >>> tune = Finetune(FinetuneSpec(epochs=2), ctx, why="fine-tuning")  # doctest: +SKIP
@@ -363,22 +605,48 @@ class Finetune:
             raise InvalidSpec(f"{why} needs a dataset", [{"loc": ["finetune"], "msg": "needs a dataset"}])
         self.spec, self.ctx, self.data = spec, ctx, ctx.data
         self.loss, self.notes = loss_config(spec, ctx.data.train.labels is not None)
+        self.train_split, val = carve_validation(ctx.data.train, spec.validation, ctx.seed)
+        self.val_arrays = val
+        if val is None and spec.validation > 0:
+            self.notes.append(f"no validation slice ({ctx.data.train.samples} training samples are too few): "
+                              "the last epoch is kept")
+        self.epochs = spec.planned_epochs(self.train_split.samples)
+        self.augment = augmenter_for(spec.augment, self.train_split, distilling=self.loss.distill, epochs=self.epochs)
+
+    @cached_property
+    def teacher_model(self) -> Teacher | None:
+        """The original in ONNX Runtime (None unless distilling)."""
+        return Teacher([self.ctx.original], self.spec.temperature, self.ctx.threads) if self.loss.distill else None
 
     @cached_property
     def teacher(self) -> np.ndarray | None:
         """The original model's outputs on the training split (None unless distilling), as :func:`teacher_targets`."""
-        return teacher_targets(self.ctx.original, self.data.train, self.ctx.threads) if self.loss.distill else None
+        return self.teacher_model(self.train_split.inputs) if self.teacher_model is not None else None
+
+    @cached_property
+    def validation(self) -> Validation | None:
+        if self.val_arrays is None:
+            return None
+        t = self.teacher_model(self.val_arrays.inputs) if self.teacher_model is not None else None
+        return Validation(self.val_arrays, t)
+
+    def recipe(self) -> Recipe:
+        return Recipe.of(self.spec, epochs=self.epochs, lr=self.spec.lr, batch_size=self.spec.batch_size,
+                         augment=self.augment)
 
     def run(self, module: OnnxModule, *, seed_offset: int = 0, after_step: Callable[[], None] | None = None,
-            on_epoch: Callable[[int, float], None] | None = None) -> list[float]:
-        """:func:`train` ``module`` in place for the spec's epochs (seed: the step's plus ``seed_offset``);
-        returns the mean loss per epoch."""
+            on_epoch: Callable[[int, float], None] | None = None) -> TrainLog:
+        """:func:`train` ``module`` in place (seed: the step's plus ``seed_offset``); returns the loss per
+        epoch with the validation record (:class:`TrainLog`)."""
         ft = self.spec
+        teacher: np.ndarray | Teacher | None = None
+        if self.loss.distill:
+            teacher = self.teacher_model if self.augment is not None else self.teacher
         with self._batchnorm(module):
-            return train(module, list(module.input_names), self.data.train, epochs=ft.epochs, lr=ft.lr,
-                         batch_size=ft.batch_size, loss=self.loss, teacher=self.teacher,
+            return train(module, list(module.input_names), self.train_split, epochs=self.epochs, lr=ft.lr,
+                         batch_size=ft.batch_size, loss=self.loss, teacher=teacher,
                          seed=self.ctx.seed + seed_offset, device=self.ctx.device, after_step=after_step,
-                         on_epoch=on_epoch)
+                         on_epoch=on_epoch, recipe=self.recipe(), validation=self.validation)
 
     @contextmanager
     def _batchnorm(self, module: OnnxModule) -> Iterator[None]:
@@ -388,11 +656,11 @@ class Finetune:
         to :attr:`notes` once."""
         from compression.batchnorm import any_parametrized, reinserted_batchnorm
 
-        if (getattr(self.spec, "batchnorm", "auto") == "off" or not self.spec.epochs
+        if (getattr(self.spec, "batchnorm", "auto") == "off" or not self.epochs
                 or not isinstance(module, OnnxModule) or any_parametrized(module)):
             yield
             return
-        with reinserted_batchnorm(module, self.data.train, device=self.ctx.device) as bn:
+        with reinserted_batchnorm(module, self.train_split, device=self.ctx.device) as bn:
             yield
         note = bn.note()
         if note and note not in self.notes:
@@ -400,7 +668,7 @@ class Finetune:
 
     def gradients(self, module: OnnxModule, batches: int = 8) -> None:
         """Leave the training loss's gradient over a few batches in ``module``'s ``.grad`` (Taylor importance)."""
-        accumulate_grads(module, list(module.input_names), self.data.train, self.loss, self.teacher,
+        accumulate_grads(module, list(module.input_names), self.train_split, self.loss, self.teacher,
                          self.spec.batch_size, batches)
 
 
@@ -410,7 +678,7 @@ class Finetuned:
 
     model: onnx.ModelProto  # the graph it was given, holding the trained values
     module: OnnxModule  # the trained module (on the CPU)
-    losses: list[float]  # mean loss per epoch
+    losses: TrainLog  # mean loss per epoch, with the validation record
     notes: list[str]
     distill: bool  # whether the original taught (asked for, or forced by unlabelled data)
 
@@ -444,9 +712,9 @@ def finetune_onnx(model: onnx.ModelProto, spec: FinetuneSpec, ctx: StepContext, 
     start, width = span
 
     def on_epoch(epoch: int, loss: float) -> None:
-        ctx.progress(phase, start + width * (epoch + 1) / spec.epochs,
-                     f"fine-tune epoch {epoch + 1}/{spec.epochs}: loss {loss:.4f}")
+        ctx.progress(phase, start + width * (epoch + 1) / tune.epochs,
+                     f"fine-tune epoch {epoch + 1}/{tune.epochs}: loss {loss:.4f}")
 
-    losses = tune.run(module, after_step=after_step, on_epoch=on_epoch) if spec.epochs else []
+    losses = tune.run(module, after_step=after_step, on_epoch=on_epoch) if tune.epochs else TrainLog()
     module.cpu()
     return Finetuned(module.write_back(model), module, losses, tune.notes, tune.loss.distill)

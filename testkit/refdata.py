@@ -40,18 +40,29 @@ def torch_threads(n: int) -> Iterator[None]:
 
 
 def fit(module: torch.nn.Module, X: np.ndarray, y: np.ndarray, *, epochs: int = 3, lr: float = 1e-3,
-        batch_size: int = 64, seed: int = 0) -> torch.nn.Module:
-    """Plain supervised training (Adam + cross-entropy); returns the module in eval mode."""
+        batch_size: int = 64, seed: int = 0, shift: float = 0.0) -> torch.nn.Module:
+    """Plain supervised training (Adam + cross-entropy); returns the module in eval mode.
+
+    Args:
+        shift: image inputs ``[N, C, H, W]`` are jittered by random translations up to this fraction of
+            their size (the service's own augmenter, :mod:`compression.augment`); 0: none.
+    """
+    from compression.augment import Augmenter
+    from compression.data import Arrays
+    from compression.spec import AugmentSpec
+
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     opt = torch.optim.Adam(module.parameters(), lr=lr)
-    Xt, yt = torch.from_numpy(X), torch.from_numpy(y)
+    aug = Augmenter.build(AugmentSpec(shift=shift), Arrays({"x": X[:2]})) if shift else None
+    yt = torch.from_numpy(y)
     module.train()
     for _ in range(epochs):
-        order = torch.from_numpy(rng.permutation(len(X)))
+        order = rng.permutation(len(X))
         for s in range(0, len(X), batch_size):
             idx = order[s:s + batch_size]
-            loss = F.cross_entropy(module(Xt[idx]), yt[idx])
+            xb = X[idx] if aug is None else aug(Arrays({"x": X[idx]}), rng)[0].inputs["x"]
+            loss = F.cross_entropy(module(torch.from_numpy(xb)), yt[torch.from_numpy(idx)])
             opt.zero_grad()
             loss.backward()
             opt.step()

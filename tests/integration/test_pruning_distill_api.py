@@ -85,6 +85,8 @@ def test_model_ids_in_a_spec_are_checked_at_submit(stack, cnn_onnx, mnist_npz):
         ([{"method": "distill", "student_model_id": "no-such-model"}], "$.spec.steps[0].student_model_id"),
         ([{"method": "prune", "rewind": "init", "rewind_model_id": theirs["id"], "finetune": {"epochs": 1}}],
          "$.spec.steps[0].rewind_model_id"),
+        ([{"method": "prune", "rewind": "sign", "rewind_model_id": theirs["id"], "finetune": {"epochs": 1}}],
+         "$.spec.steps[0].rewind_model_id"),  # sign rewind reads the init model's signs: same ownership check
     ):
         r = a.post("/v1/jobs", json={"model_id": mine["id"], "dataset_id": ds["id"], "spec": {"steps": steps}})
         assert r.status_code == 404, r.text

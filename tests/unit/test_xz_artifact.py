@@ -36,3 +36,13 @@ def test_loader_refuses_bombs_and_garbage(tmp_path):
     cut.write_bytes(lzma.compress(np.random.default_rng(0).bytes(100_000))[:5000])
     with pytest.raises(ValueError, match="truncated"):
         load_compressed(cut)
+
+
+def test_memoryless_codes_get_the_context_free_literal_coder():
+    """A pruned layer's nonzero bitmap is near-memoryless bytes: lc=0 stores it smaller than pb=0 alone."""
+    mask = np.random.default_rng(1).random(200_000) < 0.07
+    blob = np.packbits(mask, bitorder="little").tobytes()
+    pb0 = lzma.compress(blob, format=lzma.FORMAT_XZ, check=lzma.CHECK_CRC64,
+                        filters=[{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME, "pb": 0}])
+    assert len(compress(blob)) < len(pb0)
+    assert lzma.decompress(compress(blob)) == blob

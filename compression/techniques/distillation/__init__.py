@@ -17,7 +17,7 @@ from typing import ClassVar, Literal
 
 import numpy as np
 import onnx
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from compression.batchnorm import Reinserted, reinserted_batchnorm
 from compression.context import StepContext, StepResult
@@ -26,14 +26,17 @@ from compression.data import Arrays
 from compression.errors import InvalidSpec
 from compression.metrics import top1_accuracy
 from compression.registry import register_technique
+from compression.spec import AUTO_EPOCHS, AUTO_STEPS, RecoveryOptions, auto_epochs
 from compression.step_spec import Passes, StepSpec
 from compression.techniques.distillation.teachers import resolve_model, run_teachers
-from compression.training import LossConfig, as_log_probs, ensemble_targets, output_kind, predict, to_trainable, train
+from compression.augment import augmenter_for
+from compression.training import (LossConfig, Recipe, Teacher, Validation, as_log_probs, carve_validation,
+                                  ensemble_targets, output_kind, predict, to_trainable, train)
 
 ORIGINAL = "original"
 
 
-class DistillSpec(StepSpec):
+class DistillSpec(RecoveryOptions, StepSpec):
     model_ref_fields: ClassVar[dict[str, frozenset[str]]] = {"teachers": frozenset({ORIGINAL}),
                                                               "student_model_id": frozenset()}
     method: Literal["distill"] = "distill"
@@ -42,7 +45,20 @@ class DistillSpec(StepSpec):
     student_model_id: str | None = Field(None, description="an uploaded student; default: the pipeline's current model")
     temperature: float = Field(4.0, gt=0, le=100)
     alpha: float = Field(0.5, ge=0, le=1, description="weight of CE on labels (when the dataset has labels)")
-    epochs: int = Field(5, ge=1, le=1000)
+    epochs: int | Literal["auto"] = Field("auto", description="the most epochs (early stopping on the validation "
+                                          f"slice may end sooner); auto: about {AUTO_STEPS} optimizer steps, "
+                                          f"{AUTO_EPOCHS[0]}–{AUTO_EPOCHS[1]} epochs by the dataset's size")
+
+    @field_validator("epochs")
+    @classmethod
+    def _epochs(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and not 1 <= v <= 1000:
+            raise ValueError("epochs must be between 1 and 1000, or 'auto'")
+        return v
+
+    def planned_epochs(self, train_n: int | None) -> int:
+        """The epoch count for a training split of ``train_n`` samples (:func:`~compression.spec.auto_epochs`)."""
+        return auto_epochs(train_n, self.batch_size) if self.epochs == "auto" else int(self.epochs)
     lr: float = Field(1e-3, gt=0, le=10)
     batch_size: int = Field(64, ge=1, le=65536)
     loss: Literal["auto", "kl", "mse", "cosine"] = Field(
@@ -69,7 +85,8 @@ class DistillSpec(StepSpec):
         return True  # inputs to run the teachers on; labels are optional
 
     def forward_passes(self, train_n: int) -> Passes:
-        return Passes(train=3 * self.epochs * train_n, infer=self.epochs * train_n * len(self.teachers))
+        epochs = self.planned_epochs(train_n)
+        return Passes(train=3 * epochs * train_n, infer=epochs * train_n * len(self.teachers))
 
 
 @register_technique("distill", DistillSpec, phase="distilling")
@@ -117,23 +134,31 @@ def distill(model: onnx.ModelProto, spec: DistillSpec, ctx: StepContext) -> Step
     if before.shape[1:] != train_outs[0].shape[1:]:
         raise InvalidSpec(f"student output shape {list(before.shape[1:])} differs from the teachers' "
                           f"{list(train_outs[0].shape[1:])}", [{"loc": ["student_model_id"], "msg": "output shape differs"}])
-    target = ensemble_targets(train_outs, spec.temperature, class_scores)
     hold_target = ensemble_targets(hold_outs, spec.temperature, class_scores)
     labels = data.train.labels if class_scores else None
     cfg = LossConfig(use_labels=labels is not None, distill=True, temperature=spec.temperature, alpha=spec.alpha,
                      kd_loss=spec.loss, output=kind)
+    train_split, val = carve_validation(data.train, spec.validation, ctx.seed)
+    teacher = Teacher(teachers, spec.temperature, ctx.threads)
+    epochs = spec.planned_epochs(train_split.samples)
+    augment = augmenter_for(spec.augment, train_split, distilling=True, epochs=epochs)
+    recipe = Recipe.of(spec, epochs=epochs, lr=spec.lr, batch_size=spec.batch_size, augment=augment)
+    validation = Validation(val, teacher(val.inputs)) if val is not None else None
 
     def on_epoch(epoch: int, loss: float) -> None:
-        ctx.progress("distilling", (epoch + 1) / spec.epochs, f"epoch {epoch + 1}/{spec.epochs}: loss {loss:.4f}")
+        ctx.progress("distilling", (epoch + 1) / epochs, f"epoch {epoch + 1}/{epochs}: loss {loss:.4f}")
 
-    with _batchnorm(student, data.train, spec.batchnorm, ctx.device) as bn:  # folded back on exit
-        history = train(student, names, data.train, epochs=spec.epochs, lr=spec.lr, batch_size=spec.batch_size,
-                        loss=cfg, teacher=target, seed=ctx.seed, device=ctx.device, on_epoch=on_epoch)
+    with _batchnorm(student, train_split, spec.batchnorm, ctx.device) as bn:  # folded back on exit
+        history = train(student, names, train_split, epochs=epochs, lr=spec.lr, batch_size=spec.batch_size,
+                        loss=cfg, teacher=teacher, seed=ctx.seed, device=ctx.device, on_epoch=on_epoch,
+                        recipe=recipe, validation=validation)
     student.cpu()
     after = predict(student, names, data.holdout)
     out = student.write_back(student_model)
     hl = data.holdout.labels
     notes = [bn.note()] if bn.note() else []
+    if val is None and spec.validation > 0:
+        notes.append(f"no validation slice ({data.train.samples} training samples are too few): the last epoch is kept")
     if data.train.labels is None:
         notes.append("dataset has no labels: the student learned from the teachers alone")
     elif not class_scores:
@@ -148,7 +173,8 @@ def distill(model: onnx.ModelProto, spec: DistillSpec, ctx: StepContext) -> Step
         "loss": ("kl" if class_scores else "mse") if spec.loss == "auto" else spec.loss,
         "class_scores": class_scores, "labels_used": cfg.use_labels, "output": kind,
         "temperature": spec.temperature, "alpha": spec.alpha if cfg.use_labels else 0.0,
-        "epochs": spec.epochs, "loss_per_epoch": [round(h, 6) for h in history], "notes": notes,
+        "epochs": epochs, "loss_per_epoch": [round(h, 6) for h in history], "notes": notes,
+        "training": history.summary(),
     }
     if not class_scores:  # the teachers' probabilities are log-probabilities here: compare like with like
         a, b = as_log_probs(after, kind).reshape(len(after), -1), hold_target.reshape(len(hold_target), -1)

@@ -5,7 +5,8 @@
 - :mod:`.depthwise` — ``DepthwiseSpec`` and ``method: depthwise_separable``: MobileNet's block from a dense
   conv, rank-1 initialised, recovered by distillation.
 - :mod:`.svd` the factor math, :mod:`.layers` which nodes can be factored, :mod:`.surgery` the graph rewrites,
-  :mod:`.measure` per-layer MACs and held-out accuracy, :mod:`.recovery` the fine-tune of a factored graph.
+  :mod:`.measure` per-layer MACs and held-out accuracy, :mod:`.recovery` the fine-tune of a factored graph,
+  :mod:`.sensitivity` ``lowrank``'s default ranks (a per-layer scan on a slice of the training split).
 
 Importing the package registers both techniques.
 """

@@ -126,7 +126,7 @@ def depthwise_separable(model: onnx.ModelProto, spec: DepthwiseSpec, ctx: StepCo
     macs_before, macs_after = safe_layer_macs(model, sample), safe_layer_macs(replaced, sample)
     acc = {"before": holdout_accuracy(model, ctx), "init": holdout_accuracy(replaced, ctx)}
     out, notes, training = replaced, [], None
-    if spec.finetune is not None and spec.finetune.epochs > 0:
+    if spec.finetune is not None and spec.finetune.enabled:
         out, training = recover(replaced, spec.finetune, ctx, "distilling")
         notes.extend(training.pop("notes"))
         acc["recovered"] = holdout_accuracy(out, ctx)

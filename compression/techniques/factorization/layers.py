@@ -42,6 +42,16 @@ class Layer:
             return w.T
         return w
 
+    def weight_from_matrix(self, matrix: np.ndarray) -> np.ndarray:
+        """The inverse of :meth:`matrix`: a (truncated) matrix back in the weight's ONNX layout, so a rank can
+        be tried by swapping the weight's values without rewriting the graph (the sensitivity scan)."""
+        if self.op_type == "Conv":
+            cout, cin, kh, kw = self.shape
+            return np.ascontiguousarray(matrix.reshape(cin, kh, cout, kw).transpose(2, 0, 1, 3))
+        if self.op_type == "Gemm" and node_attribute(self.node_ref, "transB", 0):
+            return np.ascontiguousarray(matrix.T)
+        return matrix
+
 
 def node_attribute(node: onnx.NodeProto | None, name: str, default: Any) -> Any:
     """The value of ``node``'s attribute ``name`` (``default`` when absent or when there is no node)."""

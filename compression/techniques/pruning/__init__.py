@@ -2,8 +2,8 @@
 
 - ``granularity: weight`` — unstructured magnitude pruning with exact zeros kept in the ONNX
   (:mod:`.weight`). Dense ONNX Runtime kernels do not skip zeros: it shrinks ``nonzero_params`` and
-  ``zip_bytes``, not latency, and the metrics say so. With ``rewind: init | random`` it is the
-  lottery-ticket procedure (:mod:`.lottery`).
+  ``zip_bytes``, not latency, and the metrics say so. With ``rewind: init | random | sign`` it is the
+  lottery-ticket procedure (:mod:`.lottery`), optionally beside a Scratch-B baseline (``baseline: scratch``).
 - ``granularity: channel`` — filters, neurons, attention heads and FFN neurons removed physically
   (:mod:`.channel`, through the shared planner :mod:`compression.channels`): a smaller graph, fewer MACs,
   faster.
@@ -63,11 +63,25 @@ class PruneSpec(StepSpec):
         None, ge=1, le=256, description="channel: keep channel counts multiples of this (ONNX Runtime's blocked "
                                         "conv kernels run fastest at multiples of 8); default 8, 1 turns it off"
     )
-    rewind: Literal["none", "init", "random"] = Field(
-        "none", description="lottery ticket (weight granularity): reset survivors to the init model or a fresh "
-                            "random init each round, then retrain"
+    rewind: Literal["none", "init", "random", "sign"] = Field(
+        "none", description="lottery ticket (weight granularity): reset survivors each round to the init model "
+                            "(init), a fresh random init (random) or the init's signs with new magnitudes (sign), "
+                            "then retrain"
     )
-    rewind_model_id: str | None = Field(None, description="rewind: init — an uploaded model, same graph, at initialisation")
+    rewind_model_id: str | None = Field(
+        None, description="rewind: init | sign — an uploaded model, same graph, at initialisation")
+    sign_magnitude: Literal["constant", "random"] | None = Field(
+        None, description="rewind: sign — magnitudes of the rewound weights: constant (per layer, the std of the "
+                          "init's weights) or random (a fresh random init's |w|); default constant"
+    )
+    baseline: Literal["none", "scratch"] = Field(
+        "none", description="lottery ticket: also train each round's mask from a fresh random init for the "
+                            "Scratch-B budget, (round + 1) × finetune.epochs, and report its accuracy beside the "
+                            "ticket's; the result is still the ticket"
+    )
+    baseline_rounds: list[int] | None = Field(
+        None, description="baseline: scratch — the rounds (1 = first) that get the scratch baseline; default all"
+    )
     finetune: FinetuneSpec | None = None
 
     @model_validator(mode="after")
@@ -83,12 +97,22 @@ class PruneSpec(StepSpec):
         if self.rewind != "none":
             if self.granularity != "weight":
                 raise ValueError("rewind (lottery ticket) works on granularity 'weight'")
-            if self.finetune is None or self.finetune.epochs < 1:
+            if self.finetune is None or not self.finetune.enabled:
                 raise ValueError("rewind retrains every round: give finetune with epochs >= 1")
-            if self.rewind == "init" and not self.rewind_model_id:
-                raise ValueError("rewind 'init' needs rewind_model_id (the uploaded model at initialisation)")
-        if self.rewind_model_id and self.rewind != "init":
-            raise ValueError("rewind_model_id is only used with rewind 'init'")
+            if self.rewind in ("init", "sign") and not self.rewind_model_id:
+                raise ValueError(f"rewind '{self.rewind}' needs rewind_model_id (the uploaded model at initialisation)")
+        if self.rewind_model_id and self.rewind not in ("init", "sign"):
+            raise ValueError("rewind_model_id is only used with rewind 'init' or 'sign'")
+        if self.sign_magnitude is not None and self.rewind != "sign":
+            raise ValueError("sign_magnitude applies to rewind 'sign'")
+        if self.baseline != "none" and self.rewind == "none":
+            raise ValueError("baseline 'scratch' is a control of the lottery ticket: give rewind (init, sign or random)")
+        if self.baseline_rounds is not None:
+            if self.baseline == "none":
+                raise ValueError("baseline_rounds applies to baseline 'scratch'")
+            bad = [r for r in self.baseline_rounds if not 1 <= r <= self.iterations]
+            if bad or not self.baseline_rounds:
+                raise ValueError(f"baseline_rounds: rounds run from 1 to iterations ({self.iterations}); got {bad or []}")
         if (self.head_sparsity is not None or self.round_to is not None) and self.granularity != "channel":
             raise ValueError("head_sparsity and round_to apply to granularity 'channel'")
         return self
@@ -118,9 +142,18 @@ class PruneSpec(StepSpec):
                          "not lower latency")
         return StepCheck.acting_on(facts.prunable, notes)
 
+    @property
+    def scratch_rounds(self) -> list[int]:
+        """The rounds (1 = first) that train the Scratch-B baseline: none without ``baseline: scratch``."""
+        if self.baseline == "none":
+            return []
+        return sorted(set(self.baseline_rounds)) if self.baseline_rounds else list(range(1, self.iterations + 1))
+
     def forward_passes(self, train_n: int) -> Passes:
         taylor = Passes(train=2 * min(train_n, TAYLOR_SAMPLES)) if self.importance == "taylor" else Passes()
-        return self.recovery_passes(train_n, rounds=self.iterations) + taylor
+        # Scratch-B at round r trains (r + 1) rounds' worth of epochs (lottery.scratch_epochs)
+        scratch = sum(r + 1 for r in self.scratch_rounds)
+        return self.recovery_passes(train_n, rounds=self.iterations + scratch) + taylor
 
     @classmethod
     def auto_grid(cls, raw_step: dict[str, Any]) -> dict[str, list[Any]]:

@@ -25,7 +25,7 @@ from compression.errors import InvalidSpec
 from compression.spec import FinetuneSpec
 from compression.batchnorm import remember_statistics
 from compression.techniques.pruning.importance import head_scores, neuron_scores
-from compression.training import Finetune, module_holdout_accuracy, to_trainable
+from compression.training import Finetune, TrainLog, module_holdout_accuracy, to_trainable
 
 if TYPE_CHECKING:
     from compression.converter import OnnxModule
@@ -113,14 +113,14 @@ def prune_channels(model: onnx.ModelProto, spec: PruneSpec, ctx: StepContext) ->
         if spec.importance == "taylor":
             assert tune is not None
             tune.gradients(module)
-        if ft.epochs and tune is not None and ft.batchnorm != "off":  # the re-inserted BatchNorm restores them
-            remember_statistics(module, tune.data.train, device=ctx.device)
+        if tune is not None and tune.epochs and ft.batchnorm != "off":  # the re-inserted BatchNorm restores them
+            remember_statistics(module, tune.train_split, device=ctx.device)
         step(i)
         module.zero_grad(set_to_none=True)
-        losses: list[float] = []
-        if ft.epochs and tune is not None:
+        losses: TrainLog | list[float] = []
+        if tune is not None and tune.epochs:
             def on_epoch(epoch: int, loss: float, i: int = i) -> None:
-                ctx.progress("finetuning", (i + (epoch + 1) / ft.epochs) / spec.iterations,
+                ctx.progress("finetuning", (i + (epoch + 1) / tune.epochs) / spec.iterations,
                              f"iteration {i + 1}/{spec.iterations}, epoch {epoch + 1}: loss {loss:.4f}")
 
             losses = tune.run(module, seed_offset=i, on_epoch=on_epoch)
@@ -128,7 +128,8 @@ def prune_channels(model: onnx.ModelProto, spec: PruneSpec, ctx: StepContext) ->
         else:
             ctx.progress("pruning", (i + 1) / spec.iterations, f"iteration {i + 1}/{spec.iterations}")
         rounds.append({"iteration": i + 1, "channels": sum(la.channels for la in plan.layers.values()),
-                       "loss": losses[-1] if losses else None, "accuracy": module_holdout_accuracy(module, ctx)})
+                       "loss": losses[-1] if losses else None,
+                       **({"training": losses.summary()} if losses else {}), "accuracy": module_holdout_accuracy(module, ctx)})
     if tune is not None:  # notes of the rounds' training (BatchNorm re-inserted)
         notes.extend(n for n in tune.notes if n not in notes)
     module.cpu().eval()

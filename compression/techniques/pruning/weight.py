@@ -17,7 +17,7 @@ from onnx import numpy_helper
 from compression.context import StepContext, StepResult
 from compression.errors import InvalidSpec, NotTrainable
 from compression.techniques.pruning.importance import IMPORTANCE, masks_for
-from compression.training import Finetune, to_trainable
+from compression.training import Finetune, TrainLog, to_trainable
 
 if TYPE_CHECKING:
     from compression.converter import OnnxModule
@@ -125,17 +125,18 @@ def prune_with_training(model: onnx.ModelProto, spec: PruneSpec, ctx: StepContex
         scores = IMPORTANCE[spec.importance](weights, grads, rng)
         masks.set(masks_for(scores, weights, layer_sparsity(spec, names, target, spec.sparsity), spec.scope))
         reapply()
-        losses: list[float] = []
-        if ft.epochs:
+        losses: TrainLog | list[float] = []
+        if tune.epochs:
             def on_epoch(epoch: int, loss: float, i: int = i) -> None:
-                frac = (i + (epoch + 1) / ft.epochs) / len(targets)
+                frac = (i + (epoch + 1) / tune.epochs) / len(targets)
                 ctx.progress("finetuning", frac,
                              f"iteration {i + 1}/{len(targets)}, epoch {epoch + 1}: loss {loss:.4f}")
 
             losses = tune.run(module, seed_offset=i, after_step=reapply, on_epoch=on_epoch)
         else:
             ctx.progress("pruning", (i + 1) / len(targets), f"iteration {i + 1}/{len(targets)}")
-        rounds.append({"iteration": i + 1, "sparsity": round(target, 4), "loss": losses[-1] if losses else None})
+        rounds.append({"iteration": i + 1, "sparsity": round(target, 4), "loss": losses[-1] if losses else None,
+                       **({"training": losses.summary()} if losses else {})})
     module.cpu()
     reapply()
     out = module.write_back(model)

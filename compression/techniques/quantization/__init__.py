@@ -63,6 +63,7 @@ class QuantizeSpec(StepSpec):
         "exclude_nodes": ("int8", "fp16"),
         "keep_io_types": ("fp16",),
         "bits": ("cluster",),
+        "layer_bits": ("cluster",),
         "finetune": ("int8", "cluster", "binary", "ternary"),
         "threshold": ("ternary",),
         "layers": ("cluster", "binary", "ternary"),
@@ -83,6 +84,11 @@ class QuantizeSpec(StepSpec):
                                      description="int8/fp16: node names left in float32")
     keep_io_types: bool | None = Field(None, description="fp16: keep float32 inputs/outputs (default true)")
     bits: int | None = Field(None, ge=1, le=8, description="cluster: at most 2**bits shared values per layer (default 5)")
+    layer_bits: dict[str, int] = Field(
+        default_factory=dict, max_length=10_000,
+        description="cluster: bits for these layers (weight or node name -> 1..8), 'bits' for the rest (Deep "
+        "Compression gave conv layers 8 bits and fully connected ones 5; a big, mostly-zero layer often keeps "
+        "its accuracy with fewer)")
     finetune: FinetuneSpec | None = Field(
         None, description="training: int8 qat (default 2 epochs, lr 1e-4), cluster centroid fine-tuning "
         "(default none), binary/ternary STE training (default 6 epochs, lr 1e-3)")
@@ -97,7 +103,7 @@ class QuantizeSpec(StepSpec):
     def _applies(cls, value, info: ValidationInfo):
         """Refuse an option the chosen scheme (or int8 mode) does not use, at that option's JSON path."""
         scheme, mode = info.data.get("scheme"), info.data.get("mode")
-        if value in (None, []) or scheme is None:
+        if value in (None, [], {}) or scheme is None:
             return value
         schemes = cls.OPTION_SCHEMES[info.field_name]
         if scheme not in schemes:
@@ -107,6 +113,14 @@ class QuantizeSpec(StepSpec):
             raise ValueError(f"'{info.field_name}' applies to int8 modes static and qat, not dynamic")
         if scheme == "int8" and info.field_name == "finetune" and mode != "qat":
             raise ValueError("'finetune' applies to int8 mode 'qat' only")
+        return value
+
+    @field_validator("layer_bits")
+    @classmethod
+    def _bits_range(cls, value: dict[str, int]) -> dict[str, int]:
+        bad = {k: v for k, v in value.items() if not 1 <= v <= 8}
+        if bad:
+            raise ValueError(f"bits must be in 1..8: {bad}")
         return value
 
     @model_validator(mode="after")
@@ -211,7 +225,7 @@ def quantize(model: onnx.ModelProto, spec: QuantizeSpec, ctx: StepContext) -> St
         from compression.techniques.quantization.cluster import cluster
 
         result = cluster(model, ctx, bits=spec.bits, layers=spec.layers, exclude_layers=spec.exclude_layers,
-                         training=spec.finetune)
+                         training=spec.finetune, layer_bits=spec.layer_bits)
     else:
         from compression.techniques.quantization.lowbit import lowbit
 

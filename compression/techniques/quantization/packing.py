@@ -9,7 +9,11 @@ consumers are untouched:
   8-bit codes are stored as ``uint8`` in the weight's shape;
 - ``codebook`` decoding: ``Gather(codebook, Cast(codes, int32))`` (k-means clusters);
 - ``sparse`` layout for mostly-zero clustered layers (:func:`encode_sparse_codebook`): a 1-bit nonzero mask
-  plus the codes of the nonzeros only, ranked in-graph with ``CumSum`` (Deep Compression's sparse storage);
+  plus the codes of the nonzeros only, ranked in-graph with ``CumSum``;
+- ``relative`` layout (:func:`encode_relative_codebook`), Deep Compression's own sparse storage: the gap
+  before each nonzero in one byte (a filler entry when a gap overflows 255) plus its code, scattered in-graph
+  with ``CumSum`` + ``ScatterElements``; for very sparse layers an entropy coder squeezes the gaps further
+  than the bitmap (gaps are symbols whose skewed distribution xz or Huffman models directly);
 - ``affine`` decoding: ``(Cast(codes, float) - offset) * scale`` with a per-channel ``scale``
   (binary: offset 0.5 and scale 2α gives exactly ±α; ternary: offset 1 and scale α gives {−α, 0, +α}).
 
@@ -84,7 +88,7 @@ class Encoded:
     params: int
     nonzero: int
     tensors: list[str]
-    layout: str = "dense"  # dense | sparse (bitmap of nonzeros + their codes)
+    layout: str = "dense"  # dense | sparse (bitmap of nonzeros + their codes) | relative (gaps + codes)
 
 
 class _Names:
@@ -280,6 +284,71 @@ def encode_sparse_codebook(model: onnx.ModelProto, weight: str, codes: np.ndarra
     enc = Encoded(weight, width, stored, codes.size, int(mask.sum()), b.tensor_names(), "sparse")
     b.install(model, weight)
     _record(model, mask_name, enc)
+    return enc
+
+
+MAX_GAP = 255  # one byte per gap; Deep Compression used 4-5 bits, but xz codes whole bytes best
+
+
+def relative_entries(codes: np.ndarray, zero_code: int, max_gap: int = MAX_GAP) -> tuple[np.ndarray, np.ndarray]:
+    """Deep Compression's relative indices: per entry the number of zeros skipped before it, and its code.
+
+    A gap longer than ``max_gap`` gets filler entries (gap ``max_gap``, code ``zero_code``) that land on a
+    zero weight, so every entry is one gap byte and one code, whatever the spacing.
+
+    Example:
+        >>> g, c = relative_entries(np.array([0, 3, 0, 0, 0, 0, 1]), 0, max_gap=2)
+        >>> g.tolist(), c.tolist()
+        ([1, 2, 1], [3, 0, 1])
+    """
+    flat = np.asarray(codes).ravel()
+    pos = np.flatnonzero(flat != zero_code)
+    gaps = np.diff(pos, prepend=-1) - 1  # zeros before each nonzero
+    fillers = gaps // (max_gap + 1)  # entries of gap max_gap (each skips max_gap zeros and one filler slot)
+    n = pos.size + int(fillers.sum())
+    is_real = np.zeros(n, bool)
+    is_real[np.cumsum(fillers + 1) - 1] = True
+    out_gaps = np.full(n, max_gap, np.int64)
+    out_gaps[is_real] = gaps % (max_gap + 1)
+    out_codes = np.full(n, zero_code, np.int64)
+    out_codes[is_real] = flat[pos]
+    return out_gaps.astype(np.uint8), out_codes
+
+
+def encode_relative_codebook(model: onnx.ModelProto, weight: str, codes: np.ndarray, codebook: np.ndarray,
+                             zero_code: int) -> Encoded:
+    """Like :func:`encode_sparse_codebook`, with the positions as relative indices (:func:`relative_entries`).
+
+    In the graph: ``pos = CumSum(gap + 1) - 1`` gives each entry's flat position, and
+    ``ScatterElements(ConstantOfShape(zero_code), pos, codes)`` rebuilds every code before the codebook
+    ``Gather``. ONNX Runtime folds it all at session start, as it does the other layouts.
+    """
+    _check_opset(model, 11, "relative-index weights (CumSum, ScatterElements)")
+    shape, dtype = _weight_info(model, weight)
+    codes = np.asarray(codes).astype(np.int64).reshape(shape)
+    nonzero = int((codes != zero_code).sum())
+    if nonzero == 0:
+        raise ValueError("no nonzero weight: use the dense layout")
+    gaps, entry_codes = relative_entries(codes, zero_code)
+    width = container_bits(max(1, int(np.ceil(np.log2(max(int(entry_codes.max()) + 1, 2))))))
+    b = _Builder(model.graph, weight)
+    gaps_name = b.init(gaps, "gaps")
+    codes_name, c = b.codes(entry_codes, width, [entry_codes.size], "relcodes")
+    step = b.node("Add", [b.node("Cast", [gaps_name], "gaps64", to=TensorProto.INT64),
+                          b.const(np.array(1, np.int64))], "step")
+    pos = b.node("Sub", [b.node("CumSum", [step, b.const(np.array(0, np.int64))], "end"),
+                         b.const(np.array(1, np.int64))], "pos")
+    base = b.node("ConstantOfShape", [b.const(np.array([codes.size], np.int64))], "zeros",
+                  value=numpy_helper.from_array(np.array([zero_code], np.int32)))
+    c32 = b.node("Cast", [c], "rel32", to=TensorProto.INT32)
+    idx = b.node("ScatterElements", [base, pos, c32], "codes", axis=0)
+    cb = b.init(np.asarray(codebook, dtype), "codebook")
+    flat = b.node("Gather", [cb, idx], "values", axis=0)
+    b.node("Reshape", [flat, b.const(np.array(shape, np.int64))], "reshape", out=weight)
+    stored = gaps.size + b.nbytes(codes_name) + np.asarray(codebook).size * dtype.itemsize
+    enc = Encoded(weight, width, stored, codes.size, nonzero, b.tensor_names(), "relative")
+    b.install(model, weight)
+    _record(model, gaps_name, enc)
     return enc
 
 

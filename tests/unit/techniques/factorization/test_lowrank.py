@@ -285,3 +285,124 @@ def test_defaults_keep_the_classifier_dense_and_ranks_above_the_floor(lenet, tmp
     low = apply_step({"method": "lowrank", "rank_ratio": 0.01, "min_rank": 1,
                       "layers": {head["layer"]: {"rank": 2}}}, model, data, tmp_path)
     assert [la["rank"] for la in low.report["layers"]] == [3, 1, 2] and low.report["skipped"] == []
+
+
+# ---------------------------------------------------------------- default ranks: the sensitivity scan
+def _slice_predictions(model: onnx.ModelProto, data: DataSplit, rows: slice) -> np.ndarray:
+    return run_ort(model, data.train.inputs["input"][rows]).argmax(1)
+
+
+def test_default_ranks_come_from_the_scan_within_the_budget(lenet, tmp_path):
+    """No rank_ratio/energy: each layer alone is tried at its candidate ranks on the last 20% of the training
+    split, and the budget (max_drop) is spent over the layers; the chosen ranks, measured together on that
+    slice in ONNX Runtime, disagree with the original on no more than max_drop % of it (so its accuracy
+    falls by no more than that either)."""
+    models, data = lenet
+    model = models["dynamo"]
+    res = apply_step({"method": "lowrank", "max_drop": 1.0}, model, data, tmp_path)
+    scan = res.report["sensitivity"]
+    assert res.report["criterion"] == {"sensitivity": {"max_drop": 1.0, "metric": "agreement"}}
+    assert scan["validation"] == {"train_samples": 1000, "from": 800, "samples": 200}
+    rows = {r["layer"]: r for r in scan["layers"]}
+    assert len(rows) == 2  # the classifier stays dense (keep_classifier), so it is not scanned
+    for la in res.report["layers"]:
+        row = rows[la["layer"]]
+        m, n = la["shape"]
+        assert la["rank"] == row["chosen_rank"] and la["rank"] in row["ranks_tried"]
+        assert all(k * (m + n) < m * n and k >= 8 for k in row["ranks_tried"])  # only ranks that save, ≥ min_rank
+        assert row["ranks_tried"] == sorted(row["ranks_tried"], reverse=True)
+        single = row["drop_pt"][row["ranks_tried"].index(la["rank"])]
+        assert single <= row["budget_spent_pt"] + 1e-9 <= 1.0 + 1e-9  # the layer's share of the budget
+    assert sum(r["budget_spent_pt"] for r in rows.values()) <= 1.0 + 1e-9
+    # the joint drop, re-measured here on the same slice with the factored graph: within the budget
+    rows_ = slice(800, 1000)
+    ref, got, y = _slice_predictions(model, data, rows_), _slice_predictions(res.model, data, rows_), data.train.labels[rows_]
+    assert 100 * (1 - (ref == got).mean()) == pytest.approx(scan["joint_drop_pt"], abs=1e-6)
+    assert 100 * ((ref == y).mean() - (got == y).mean()) <= scan["joint_drop_pt"] <= 1.0
+    assert scan["base"] == pytest.approx((ref == y).mean(), abs=1e-6)
+    assert res.report["totals"]["params_ratio"] > 4
+    # a zero budget keeps only the truncations that cost nothing on the slice, never a cheaper total
+    tight = apply_step({"method": "lowrank", "max_drop": 0.0}, model, data, tmp_path)
+    assert tight.report["sensitivity"]["joint_drop_pt"] <= 0.0
+    assert all(r["budget_spent_pt"] == 0.0 for r in tight.report["sensitivity"]["layers"])
+    assert np.array_equal(_slice_predictions(tight.model, data, rows_), ref)
+
+
+def test_the_scan_never_reads_the_holdout(lenet, tmp_path):
+    models, data = lenet
+    rng = np.random.default_rng(0)
+    garbage = Arrays({"input": rng.normal(size=(50, 784)).astype(np.float32)}, rng.integers(0, 10, 50))
+    a = apply_step({"method": "lowrank"}, models["dynamo"], data, tmp_path).report["sensitivity"]
+    b = apply_step({"method": "lowrank"}, models["dynamo"], DataSplit(data.train, garbage), tmp_path).report
+    assert b["sensitivity"] == a
+    # the slice is the training split's tail, capped and drawn by the seed
+    from compression.techniques.factorization.sensitivity import VALIDATION_MAX, validation_slice
+    big = Arrays({"input": np.arange(8000, dtype=np.float32)[:, None]}, np.zeros(8000, dtype=np.int64))
+    s0, where = validation_slice(big, seed=0)
+    s1, _ = validation_slice(big, seed=1)
+    assert where == {"train_samples": 8000, "from": 6400, "samples": VALIDATION_MAX}
+    assert s0.inputs["input"].min() >= 6400 and len(np.unique(s0.inputs["input"])) == VALIDATION_MAX
+    assert not np.array_equal(s0.inputs["input"], s1.inputs["input"])
+    assert np.array_equal(s0.inputs["input"], validation_slice(big, seed=0)[0].inputs["input"])
+
+
+def test_rank_ratio_energy_and_layers_override_the_scan(lenet, tmp_path):
+    models, data = lenet
+    model = models["dynamo"]
+    energy = apply_step({"method": "lowrank", "energy": 0.8}, model, data, tmp_path).report
+    assert energy["sensitivity"] is None and energy["criterion"] == {"energy": 0.8}
+    ratio = apply_step({"method": "lowrank", "rank_ratio": 0.1}, model, data, tmp_path).report
+    assert ratio["sensitivity"] is None and [la["rank"] for la in ratio["layers"]] == [30, 10]
+    # a layer named in layers keeps its rank; the others are scanned
+    named = apply_step({"method": "lowrank", "layers": {"node_linear": {"rank": 40}}}, model, data, tmp_path).report
+    assert [r["layer"] for r in named["sensitivity"]["layers"]] == ["node_linear_1"]
+    assert named["layers"][0]["rank"] == 40 and named["layers"][0]["criterion"] == {"rank": 40}
+
+
+def test_without_data_the_default_is_energy_09_with_a_note(lenet, tmp_path):
+    models, _ = lenet
+    model = models["dynamo"]
+    res = apply_step({"method": "lowrank"}, model, None, tmp_path).report
+    explicit = apply_step({"method": "lowrank", "energy": 0.9}, model, None, tmp_path).report
+    assert res["sensitivity"] is None and res["criterion"] == {"energy": 0.9}
+    assert [la["rank"] for la in res["layers"]] == [la["rank"] for la in explicit["layers"]]
+    assert any(n.startswith("no dataset: ranks from energy 0.9") for n in res["notes"])
+    assert not any("no dataset" in n for n in explicit["notes"])
+
+
+def test_scan_without_labels_or_class_scores_measures_the_cosine(tmp_path):
+    """An FFN block (outputs are features, no labels): the drop is 100·(1 − centred cosine) to the original."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 32)).eval()
+    with torch.no_grad():  # weights of rank ~6 plus a little noise: a trained layer's fast-decaying spectrum
+        for lin in (net[0], net[2]):
+            o, i = lin.weight.shape
+            lin.weight.copy_(torch.randn(o, 6) @ torch.randn(6, i) / 3 + 0.01 * torch.randn(o, i))
+    model = onnx.load(str(export_onnx(net, torch.zeros(2, 5, 32), tmp_path / "ffn.onnx", dynamo=True)))
+    x = np.random.default_rng(1).normal(size=(100, 5, 32)).astype(np.float32)
+    data = DataSplit(Arrays({"input": x}), Arrays({"input": x[:4]}))
+    res = apply_step({"method": "lowrank", "keep_classifier": False, "min_rank": 2, "max_drop": 5.0}, model, data,
+                     tmp_path)
+    scan = res.report["sensitivity"]
+    assert scan["metric"] == "centered_cosine" and scan["base"] is None
+    assert [r["ranks_tried"][0] for r in scan["layers"]] == [16, 16]  # ⌈32/2⌉
+    ref, out = run_ort(model, x[80:]), run_ort(res.model, x[80:])
+    mu = ref.reshape(20, -1).mean(0)
+    da, db = out.reshape(20, -1) - mu, ref.reshape(20, -1) - mu
+    cos = float((da * db).sum() / np.linalg.norm(da) / np.linalg.norm(db))
+    assert 100 * (1 - cos) == pytest.approx(scan["joint_drop_pt"], abs=1e-3) and scan["joint_drop_pt"] <= 5.0
+    assert [la["rank"] for la in res.report["layers"]] == [r["chosen_rank"] for r in scan["layers"]]
+    assert all(la["rank"] >= 6 for la in res.report["layers"])  # not below the weights' true rank
+
+
+def test_a_fixed_batch_graph_is_scanned_on_fewer_samples(lenet, tmp_path):
+    """A batch-1 graph runs one sample per call: the scan caps its slice (128) so that it stays quick."""
+    models, data = lenet
+    model = onnx.ModelProto()
+    model.CopyFrom(models["legacy"])
+    for v in (*model.graph.input, *model.graph.output):
+        v.type.tensor_type.shape.dim[0].dim_value = 1
+    res = apply_step({"method": "lowrank"}, model, data, tmp_path)
+    scan = res.report["sensitivity"]
+    assert scan["validation"] == {"train_samples": 1000, "from": 800, "samples": 128}
+    assert run_ort(res.model, data.holdout.inputs["input"][:1]).shape == (1, 10)

@@ -7,6 +7,8 @@ import pytest
 from onnx import numpy_helper
 
 from compression.analysis import count_params, packed_param_counts
+from compression.errors import InvalidSpec
+from compression.spec import parse_spec
 from compression.techniques.quantization.layers import weight_layers
 from compression.techniques.quantization.packing import computed_weights
 from testkit.helpers import accuracy, apply_step
@@ -53,3 +55,19 @@ def test_cluster_finetune_trains_centroids_and_keeps_pruned_zeros(lenet, tmp_pat
         assert all(r["zero_centroid"] for r in res.report["layers"])
     assert accuracy(tuned.model, data) > accuracy(plain.model, data)
     assert tuned.report["finetune_losses"][-1] < tuned.report["finetune_losses"][0]
+
+
+def test_layer_bits_gives_one_layer_fewer_centroids_and_refuses_unknown_names(lenet, tmp_path):
+    model, data = lenet
+    first = weight_layers(model)[0].weight
+    res = apply_step({"method": "quantize", "scheme": "cluster", "bits": 4, "layer_bits": {first: 2}},
+                     model, data, tmp_path)
+    centroids = [r["centroids"] for r in res.report["layers"]]
+    assert centroids[0] <= 4 < min(centroids[1:]) and max(centroids) <= 16
+    with pytest.raises(InvalidSpec, match="unknown layers"):
+        apply_step({"method": "quantize", "scheme": "cluster", "layer_bits": {"nope": 2}}, model, data, tmp_path)
+    with pytest.raises(InvalidSpec) as refused:
+        parse_spec({"steps": [{"method": "quantize", "scheme": "int8", "layer_bits": {first: 2}}]})
+    assert any("layer_bits" in e["loc"] for e in refused.value.errors)
+    with pytest.raises(InvalidSpec, match="invalid spec"):
+        parse_spec({"steps": [{"method": "quantize", "scheme": "cluster", "layer_bits": {first: 9}}]})

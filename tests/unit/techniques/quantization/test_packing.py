@@ -11,7 +11,8 @@ from compression.analysis import count_params, packed_param_counts
 from compression.errors import CompressionError
 from compression.metrics import EvalData, measure, ratios
 from compression.techniques.quantization.packing import (
-    computed_weights, container_bits, encode_sparse_codebook, encode_weight, pack_codes, unpack_codes,
+    computed_weights, container_bits, encode_relative_codebook, encode_sparse_codebook, encode_weight, pack_codes,
+    relative_entries, unpack_codes,
 )
 from compression.xz_artifact import compress
 from testkit.helpers import apply_step, run_ort
@@ -88,6 +89,30 @@ def test_sparse_codebook_layout_decodes_and_is_smaller():
     params, nonzero = count_params(model)
     dp, dn = packed_param_counts(model)
     assert (params + dp, nonzero + dn) == (codes.size, enc.nonzero)
+
+
+def test_relative_index_layout_decodes_exactly_and_beats_the_bitmap_under_xz():
+    rng = np.random.default_rng(3)
+    codebook = np.array([-0.7, -0.2, 0.0, 0.3, 0.9], np.float32)
+    keep = (rng.random((784, 30)) < 0.07) & (rng.random((784, 1)) < 0.6)  # dead input rows: gaps over 255
+    codes = np.where(keep, rng.integers(0, 5, keep.shape), 2)
+    codes[-1, -1] = 4  # a nonzero in the very last slot
+    gaps, entry_codes = relative_entries(codes, 2)
+    assert gaps.max() == 255 and gaps.size > int((codes != 2).sum())  # fillers were needed
+    model = _matmul_model(codebook[codes])
+    enc = encode_relative_codebook(model, "W", codes, codebook, zero_code=2)
+    onnx.checker.check_model(model)
+    assert {"CumSum", "ScatterElements", "Gather"} <= {n.op_type for n in model.graph.node}
+    np.testing.assert_array_equal(computed_weights(model, ["W"])["W"], codebook[codes])
+    x = rng.normal(size=(2, 784)).astype(np.float32)
+    np.testing.assert_allclose(run_ort(model, {"x": x}), x @ codebook[codes], rtol=1e-5, atol=1e-5)
+    assert enc.layout == "relative" and enc.nonzero == int((codes != 2).sum())
+    params, nonzero = count_params(model)
+    dp, dn = packed_param_counts(model)
+    assert (params + dp, nonzero + dn) == (codes.size, enc.nonzero)
+    bitmap = _matmul_model(codebook[codes])
+    encode_sparse_codebook(bitmap, "W", codes, codebook, zero_code=2)
+    assert len(compress(model.SerializeToString())) < 0.95 * len(compress(bitmap.SerializeToString()))
 
 
 def test_low_opset_is_refused_for_sub_byte_codes():
