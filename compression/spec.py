@@ -105,6 +105,11 @@ class FinetuneSpec(RecoveryOptions):
     distill: bool = Field(False, description="add KD loss from the original model's outputs")
     temperature: float = Field(4.0, gt=0, le=100)
     alpha: float = Field(0.5, ge=0, le=1, description="weight of the label loss when distilling")
+    batchnorm: Literal["auto", "off"] = Field(
+        "auto", description="re-insert BatchNorm after convs that come without it (exporters fold it into them), "
+                            "for training only, folded back on export: the graph keeps its nodes; after a channel-pruning "
+                            "cut it re-standardises the kept channels to their statistics before the cut. auto: on, "
+                            "except where the step constrains the weights (QAT, clusters, binary/ternary)")
 
     @field_validator("epochs")
     @classmethod

@@ -705,10 +705,29 @@ class Finetune:
         teacher: np.ndarray | Teacher | None = None
         if self.loss.distill:
             teacher = self.teacher_model if self.augment is not None else self.teacher
-        return train(module, list(module.input_names), self.train_split, epochs=self.epochs, lr=ft.lr,
-                     batch_size=ft.batch_size, loss=self.loss, teacher=teacher,
-                     seed=self.ctx.seed + seed_offset, device=self.ctx.device, after_step=after_step,
-                     on_epoch=on_epoch, recipe=self.recipe(), validation=self.validation)
+        with self._batchnorm(module):
+            return train(module, list(module.input_names), self.train_split, epochs=self.epochs, lr=ft.lr,
+                         batch_size=ft.batch_size, loss=self.loss, teacher=teacher,
+                         seed=self.ctx.seed + seed_offset, device=self.ctx.device, after_step=after_step,
+                         on_epoch=on_epoch, recipe=self.recipe(), validation=self.validation)
+
+    @contextmanager
+    def _batchnorm(self, module: OnnxModule) -> Iterator[None]:
+        """BatchNorm re-inserted after the convs for one :meth:`run` (:mod:`compression.batchnorm`), folded
+        back when it ends, so what follows a round (a pruning step, the export) sees the graph's own convs.
+        ``auto`` leaves a module with parametrized (quantized, clustered) weights alone; the note is added
+        to :attr:`notes` once."""
+        from compression.batchnorm import any_parametrized, reinserted_batchnorm
+
+        if (getattr(self.spec, "batchnorm", "auto") == "off" or not self.epochs
+                or not isinstance(module, OnnxModule) or any_parametrized(module)):
+            yield
+            return
+        with reinserted_batchnorm(module, self.train_split, device=self.ctx.device) as bn:
+            yield
+        note = bn.note()
+        if note and note not in self.notes:
+            self.notes.append(note)
 
     def gradients(self, module: OnnxModule, batches: int = 8) -> None:
         """Leave the training loss's gradient over a few batches in ``module``'s ``.grad`` (Taylor importance)."""

@@ -46,6 +46,11 @@ def test_channel_prune_then_distill_is_smaller_faster_and_accurate(stack, cnn_on
     assert prune_r["granularity"] == "channel" and prune_r["ignored"][0]["reason"].startswith("feeds a graph output")
     assert distill_r["student"] == "pipeline model" and distill_r["teachers"][0]["teacher"] == "original"
     assert pruned["params"] == result["params"]  # distillation trains the pruned graph, it does not regrow it
+    # issue 14: the exporter folded BatchNorm into the convs; both steps trained with it re-inserted, and folded
+    # it back (the graphs have no BatchNormalization node)
+    note = "re-inserted BatchNorm after 2 convs for fine-tuning, folded back"
+    assert note in prune_r["notes"] and note in distill_r["notes"]
+    assert "BatchNormalization" not in {n.op_type for n in onnx.load_from_string(blob).graph.node}
 
 
 def _tiny_cnn(path) -> object:

@@ -113,7 +113,8 @@ def test_deep_compression_spec_and_xz_download(stack, jobs, lenet_upload, tmp_pa
     assert layers[0]["bits_per_weight"] < 4.01 and layers[0]["entropy_bits_per_weight"] < 2  # 80% one code
     assert report["steps"][1]["report"]["settings"] == {
         "scheme": "cluster", "bits": 4, "finetune": {**DEEP_COMPRESSION["steps"][1]["finetune"], "batch_size": 64,
-                                                    "distill": False, "temperature": 4.0, "alpha": 0.5},
+                                                    "distill": False, "temperature": 4.0, "alpha": 0.5,
+                                                    "batchnorm": "auto"},
         "layers": None, "exclude_layers": []}
 
 

@@ -12,13 +12,17 @@ training of other families shares.
 """
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from typing import ClassVar, Literal
 
 import numpy as np
 import onnx
 from pydantic import Field, field_validator, model_validator
 
+from compression.batchnorm import Reinserted, reinserted_batchnorm
 from compression.context import StepContext, StepResult
+from compression.converter import OnnxModule
+from compression.data import Arrays
 from compression.errors import InvalidSpec
 from compression.metrics import top1_accuracy
 from compression.registry import register_technique
@@ -60,6 +64,9 @@ class DistillSpec(RecoveryOptions, StepSpec):
     loss: Literal["auto", "kl", "mse", "cosine"] = Field(
         "auto", description="distillation term: auto = KL·T² for class scores, MSE for other outputs"
     )
+    batchnorm: Literal["auto", "off"] = Field(
+        "auto", description="re-insert BatchNorm after the student's convs that come without it, for training only, "
+                            "folded back on export (the student's graph keeps its nodes)")
 
     @model_validator(mode="after")
     def _check(self) -> "DistillSpec":
@@ -141,14 +148,15 @@ def distill(model: onnx.ModelProto, spec: DistillSpec, ctx: StepContext) -> Step
     def on_epoch(epoch: int, loss: float) -> None:
         ctx.progress("distilling", (epoch + 1) / epochs, f"epoch {epoch + 1}/{epochs}: loss {loss:.4f}")
 
-    history = train(student, names, train_split, epochs=epochs, lr=spec.lr, batch_size=spec.batch_size, loss=cfg,
-                    teacher=teacher, seed=ctx.seed, device=ctx.device, on_epoch=on_epoch, recipe=recipe,
-                    validation=validation)
+    with _batchnorm(student, train_split, spec.batchnorm, ctx.device) as bn:  # folded back on exit
+        history = train(student, names, train_split, epochs=epochs, lr=spec.lr, batch_size=spec.batch_size,
+                        loss=cfg, teacher=teacher, seed=ctx.seed, device=ctx.device, on_epoch=on_epoch,
+                        recipe=recipe, validation=validation)
     student.cpu()
     after = predict(student, names, data.holdout)
     out = student.write_back(student_model)
     hl = data.holdout.labels
-    notes = []
+    notes = [bn.note()] if bn.note() else []
     if val is None and spec.validation > 0:
         notes.append(f"no validation slice ({data.train.samples} training samples are too few): the last epoch is kept")
     if data.train.labels is None:
@@ -173,3 +181,8 @@ def distill(model: onnx.ModelProto, spec: DistillSpec, ctx: StepContext) -> Step
         cos = (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
         report["student_teacher_cosine"] = round(float(cos.mean()), 6)
     return StepResult(out, report)
+
+
+def _batchnorm(student: OnnxModule, train_split: Arrays, mode: str, device: str) -> AbstractContextManager[Reinserted]:
+    """:func:`compression.batchnorm.reinserted_batchnorm` for ``auto``; an empty report for ``off``."""
+    return reinserted_batchnorm(student, train_split, device=device) if mode == "auto" else nullcontext(Reinserted())

@@ -23,6 +23,7 @@ from compression.context import StepContext, StepResult
 from compression.depgraph import fixed_depgraph, sync_live_sizes
 from compression.errors import InvalidSpec
 from compression.spec import FinetuneSpec
+from compression.batchnorm import remember_statistics
 from compression.techniques.pruning.importance import head_scores, neuron_scores
 from compression.training import Finetune, TrainLog, module_holdout_accuracy, to_trainable
 
@@ -112,6 +113,8 @@ def prune_channels(model: onnx.ModelProto, spec: PruneSpec, ctx: StepContext) ->
         if spec.importance == "taylor":
             assert tune is not None
             tune.gradients(module)
+        if tune is not None and tune.epochs and ft.batchnorm != "off":  # the re-inserted BatchNorm restores them
+            remember_statistics(module, tune.train_split, device=ctx.device)
         step(i)
         module.zero_grad(set_to_none=True)
         losses: TrainLog | list[float] = []
@@ -127,6 +130,8 @@ def prune_channels(model: onnx.ModelProto, spec: PruneSpec, ctx: StepContext) ->
         rounds.append({"iteration": i + 1, "channels": sum(la.channels for la in plan.layers.values()),
                        "loss": losses[-1] if losses else None,
                        **({"training": losses.summary()} if losses else {}), "accuracy": module_holdout_accuracy(module, ctx)})
+    if tune is not None:  # notes of the rounds' training (BatchNorm re-inserted)
+        notes.extend(n for n in tune.notes if n not in notes)
     module.cpu().eval()
     ctx.progress("exporting", 1.0, "writing the smaller graph")
     out = module.export_resized(model, *example)

@@ -175,6 +175,7 @@ def lottery(model: onnx.ModelProto, spec: PruneSpec, ctx: StepContext, names: di
         if i + 1 in scratch_rounds:
             rounds[-1].update(_scratch_b(model, names, mask, ft, ctx, i + 1,
                                          progress(f"round {i + 1}/{len(targets)}, scratch baseline")))
+    notes.extend(n for n in tune.notes if n not in notes)  # the rounds' training notes (BatchNorm re-inserted)
     out = module.write_back(model)
     final = {k: p.detach().cpu().numpy() for k, p in params.items()}
     report = weight_report(final, names, spec)

@@ -37,6 +37,8 @@ class SlimmableSpec(FinetuneSpec, StepSpec):
     (CE on labels and/or KD from the original model for the widest width)."""
 
     method: Literal["slimmable"] = "slimmable"
+    batchnorm: Literal["off"] = Field("off", description="not re-inserted: slimmable training keeps the graph's own "
+                                                         "normalisation and recalibrates BatchNorm per width")
     widths: list[float] = Field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0], min_length=2, max_length=16,
                                 description="fractions of each channel group kept; sorted, unique, in (0, 1], with 1.0")
     rule: Literal["sandwich", "sum"] = Field(
