@@ -10,6 +10,7 @@ BENCHES = ["bench.service_baseline", "bench.service_load", "bench.pruning_weight
 BENCHES += ["bench.slimmable_cnn"]
 BENCHES += ["bench.lowrank_lenet", "bench.depthwise_cnn"]
 BENCHES += ["bench.pruning_round_to", "bench.matrix"]
+BENCHES += ["bench.recovery_service"]
 
 
 def main() -> None:
