@@ -42,8 +42,10 @@ class RecoveryOptions(StrictModel):
     """The one set of recovery-training options, shared by every step that trains (``finetune`` sections and
     ``distill``): schedule, validation slice, best-epoch keeping, time budget, augmentation."""
 
-    schedule: Literal["cosine", "constant"] = Field(
-        "cosine", description="learning rate: linear warm-up then cosine decay to 0, or constant")
+    schedule: Literal["auto", "cosine", "constant"] = Field(
+        "auto", description="learning rate: linear warm-up then cosine decay to 0, or constant; auto: cosine for runs "
+                            "of at least 300 optimizer steps, constant for shorter ones (a decaying rate only slows a "
+                            "short recovery)")
     warmup: float = Field(0.05, ge=0, lt=1, description="fraction of the optimizer steps spent warming up")
     weight_decay: float = Field(0.0, ge=0, le=1, description="AdamW decoupled weight decay on weight matrices and "
                                 "kernels (never biases, norms or scales)")

@@ -229,6 +229,12 @@ def _to_tensors(batch: Arrays, names: list[str], device: str) -> list[torch.Tens
     return [torch.from_numpy(np.ascontiguousarray(batch.inputs[n])).to(device) for n in names]
 
 
+# ``schedule: auto`` decays the rate only in runs at least this long. Measured on short runs: distilling a
+# from-scratch MNIST student for 4 epochs (84 steps) reached 0.74 with cosine vs 0.85 constant; a 3-epoch
+# depthwise recovery (33 steps) 0.923 vs 0.933; from 12 epochs (250 steps) on cosine was ahead (0.872 vs 0.864).
+COSINE_MIN_STEPS = 300
+
+
 @dataclass
 class Recipe:
     """How one training run goes, resolved from a spec's :class:`~compression.spec.RecoveryOptions`.
@@ -239,7 +245,7 @@ class Recipe:
     epochs: int
     lr: float
     batch_size: int
-    schedule: str = "constant"  # or "cosine": linear warm-up, then cosine decay to 0
+    schedule: str = "constant"  # "cosine": linear warm-up, then cosine decay to 0; "auto": cosine for long runs
     warmup: float = 0.0  # fraction of the optimizer steps
     weight_decay: float = 0.0  # AdamW, on weight matrices and kernels only
     patience: int | None = None  # epochs without a better validation score before stopping
@@ -255,8 +261,9 @@ class Recipe:
                    max_minutes=opts.max_minutes, augment=augment)
 
     def lr_factor(self, step: int, total: int) -> float:
-        """The learning-rate multiplier at optimizer step ``step`` of ``total``."""
-        if self.schedule == "constant":
+        """The learning-rate multiplier at optimizer step ``step`` of ``total`` (``auto``: cosine from
+        :data:`COSINE_MIN_STEPS` steps on, constant below)."""
+        if self.schedule == "constant" or (self.schedule == "auto" and total < COSINE_MIN_STEPS):
             return 1.0
         warm = int(self.warmup * total)
         if step < warm:

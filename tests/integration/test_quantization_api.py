@@ -11,6 +11,7 @@ import pytest
 import torch
 from onnx import TensorProto
 
+from compression.spec import FinetuneSpec
 from compression.techniques.quantization.layers import channel_view, weight_layers
 from compression.techniques.quantization.packing import computed_weights
 from compression.xz_artifact import load_compressed
@@ -111,11 +112,11 @@ def test_deep_compression_spec_and_xz_download(stack, jobs, lenet_upload, tmp_pa
     layers = report["steps"][1]["report"]["layers"]
     assert len(layers) == 3 and all(r["stored_bits"] == 4 and r["zero_centroid"] for r in layers)
     assert layers[0]["bits_per_weight"] < 4.01 and layers[0]["entropy_bits_per_weight"] < 2  # 80% one code
+    # the step's settings as parsed: what was given, every other recovery option at its default
+    finetune = FinetuneSpec(**DEEP_COMPRESSION["steps"][1]["finetune"]).model_dump(mode="json")
+    assert finetune["epochs"] == 1 and finetune["lr"] == 1e-4
     assert report["steps"][1]["report"]["settings"] == {
-        "scheme": "cluster", "bits": 4, "finetune": {**DEEP_COMPRESSION["steps"][1]["finetune"], "batch_size": 64,
-                                                    "distill": False, "temperature": 4.0, "alpha": 0.5,
-                                                    "batchnorm": "auto"},
-        "layers": None, "exclude_layers": []}
+        "scheme": "cluster", "bits": 4, "finetune": finetune, "layers": None, "exclude_layers": [], "layer_bits": {}}
 
 
 def test_binary_job_weights_take_two_values(stack, jobs, lenet_upload):

@@ -58,9 +58,6 @@ class EarlyExitSpec(RecoveryOptions, StepSpec):
     hidden: int = Field(0, ge=0, le=4096, description="hidden ReLU layer width in each head (0: one linear layer)")
     freeze_backbone: bool = Field(True, description="train the heads only: the final head stays the original's")
     epochs: int = Field(5, ge=1, le=1000)
-    schedule: Literal["cosine", "constant"] = Field(
-        "constant", description="learning rate: constant (fresh heads in a few epochs: a decaying rate left the exits "
-                                "less sure, 1.9× fewer MACs at the lowest threshold instead of 2.5×), or cosine")
     validation: float = Field(0.0, ge=0, lt=1, description="fraction of the training split carved off to keep the "
                               "best epoch; 0 (default): the last epoch (fresh heads in a few epochs improve every epoch, "
                               "and the thresholds are calibrated on the held-out split anyway)")
