@@ -91,6 +91,33 @@ class TinyResNet(nn.Module):
         return self.head(self.blocks(self.stem(x)).mean((2, 3)))
 
 
+class _DigitsBlock(nn.Module):
+    def __init__(self, w: int) -> None:
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(w, w, 3, padding=1, bias=False), nn.BatchNorm2d(w)
+        self.c2, self.b2 = nn.Conv2d(w, w, 3, padding=1, bias=False), nn.BatchNorm2d(w)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x + self.b2(self.c2(torch.relu(self.b1(self.c1(x))))))
+
+
+class DigitsResNet(nn.Module):
+    """A BatchNorm CNN for scikit-learn's 8×8 digits, cheap enough for CI to prune and fine-tune: a BN stem,
+    one residual block, a strided conv and a depthwise conv (each with BN), a head."""
+
+    def __init__(self, w: int = 16) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU())
+        self.block = _DigitsBlock(w)
+        self.down = nn.Sequential(nn.Conv2d(w, 2 * w, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(2 * w),
+                                  nn.ReLU(), nn.Conv2d(2 * w, 2 * w, 3, padding=1, groups=2 * w, bias=False),
+                                  nn.BatchNorm2d(2 * w), nn.ReLU())
+        self.head = nn.Linear(2 * w, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.down(self.block(self.stem(x))).mean((2, 3)))
+
+
 class LeNet300100(nn.Module):
     """Classic LeNet-300-100 MLP on flattened MNIST (input ``[N, 784]``)."""
 

@@ -18,35 +18,9 @@ from compression.spec import parse_spec
 from compression.training import LossConfig, to_trainable, train
 from testkit.helpers import accuracy, apply_step, run_ort
 from testkit.refdata import fit
-from testkit.zoo import export_onnx
+from testkit.zoo import DigitsResNet, export_onnx
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-class _Block(nn.Module):
-    def __init__(self, w: int) -> None:
-        super().__init__()
-        self.c1, self.b1 = nn.Conv2d(w, w, 3, padding=1, bias=False), nn.BatchNorm2d(w)
-        self.c2, self.b2 = nn.Conv2d(w, w, 3, padding=1, bias=False), nn.BatchNorm2d(w)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.relu(x + self.b2(self.c2(torch.relu(self.b1(self.c1(x))))))
-
-
-class _DigitsResNet(nn.Module):
-    """8×8 digits: a BN stem, one residual block, a strided conv and a depthwise conv (each with BN), a head."""
-
-    def __init__(self, w: int = 16) -> None:
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(1, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU())
-        self.block = _Block(w)
-        self.down = nn.Sequential(nn.Conv2d(w, 2 * w, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(2 * w),
-                                  nn.ReLU(), nn.Conv2d(2 * w, 2 * w, 3, padding=1, groups=2 * w, bias=False),
-                                  nn.BatchNorm2d(2 * w), nn.ReLU())
-        self.head = nn.Linear(2 * w, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.down(self.block(self.stem(x))).mean((2, 3)))
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +33,7 @@ def digits(one_torch_thread, tmp_path_factory):
     order = np.random.default_rng(0).permutation(len(X))
     X, y = X[order], y[order]
     torch.manual_seed(0)
-    net = fit(_DigitsResNet(), X[:1200], y[:1200], epochs=8, lr=3e-3)
+    net = fit(DigitsResNet(), X[:1200], y[:1200], epochs=8, lr=3e-3)
     d = tmp_path_factory.mktemp("bn")
     folded = onnx.load(str(export_onnx(net, torch.zeros(2, 1, 8, 8), d / "folded.onnx", dynamo=True)))
     kept = onnx.load(str(export_onnx(net, torch.zeros(2, 1, 8, 8), d / "kept.onnx", dynamo=True, optimize=False)))
