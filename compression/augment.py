@@ -24,8 +24,29 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pydantic import Field
+
 from compression.data import Arrays
-from compression.spec import AugmentSpec
+from compression.step_spec import StrictModel
+
+
+class AugmentSpec(StrictModel):
+    """What the training batches are jittered with (each sample on its own draw). The teacher sees the same
+    jittered batch as the student (consistent teaching), so a target always matches its input."""
+
+    shift: float = Field(0.0, ge=0, le=0.5, description="images [N, C, H, W]: random translation up to this fraction "
+                         "of the height/width, edges padded by replication")
+    flip: bool = Field(False, description="images: random horizontal flips (off by default: digits and text are not "
+                                          "mirror-symmetric)")
+    noise: float = Field(0.0, ge=0, le=10, description="float inputs: Gaussian noise, as a fraction of each input "
+                                                       "element's standard deviation over the training split")
+    mixup: float = Field(0.0, ge=0, le=10, description="float inputs: mixup with Beta(m, m) weights (0: off); labels "
+                                                       "are mixed in the same proportion")
+    token_dropout: float = Field(0.0, ge=0, lt=1, description="integer id inputs: fraction of ids replaced by 0 "
+                                                              "(the usual padding id); position 0 kept")
+    image_shape: list[int] | None = Field(None, min_length=2, max_length=3, description="[H, W] or [C, H, W]: "
+                                          "treat flat float inputs of that many elements as images (shifts and flips "
+                                          "apply), e.g. [28, 28] for flattened MNIST")
 
 # What ``augment: auto`` uses when a teacher distils (the kinds above pick which apply).
 AUTO = AugmentSpec(shift=1 / 14, noise=0.05, mixup=0.2, token_dropout=0.05)

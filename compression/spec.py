@@ -13,29 +13,11 @@ from pydantic import BaseModel, Field, PrivateAttr, ValidationError, field_valid
 from compression.errors import InvalidSpec
 from compression.registry import get_technique, list_techniques
 from compression.search_space import BudgetSpec, TargetSpec
+from compression.augment import AugmentSpec
 from compression.step_spec import StepSpec, StrictModel
 
 __all__ = ["AugmentSpec", "BudgetSpec", "EvalSpec", "FinetuneSpec", "JobSpec", "ParsedSpec", "RecoveryOptions", "StepSpec", "StrictModel", "TargetSpec",
            "parse_spec"]
-
-
-class AugmentSpec(StrictModel):
-    """What the training batches are jittered with (each sample on its own draw). The teacher sees the same
-    jittered batch as the student (consistent teaching), so a target always matches its input."""
-
-    shift: float = Field(0.0, ge=0, le=0.5, description="images [N, C, H, W]: random translation up to this fraction "
-                         "of the height/width, edges padded by replication")
-    flip: bool = Field(False, description="images: random horizontal flips (off by default: digits and text are not "
-                                          "mirror-symmetric)")
-    noise: float = Field(0.0, ge=0, le=10, description="float inputs: Gaussian noise, as a fraction of each input "
-                                                       "element's standard deviation over the training split")
-    mixup: float = Field(0.0, ge=0, le=10, description="float inputs: mixup with Beta(m, m) weights (0: off); labels "
-                                                       "are mixed in the same proportion")
-    token_dropout: float = Field(0.0, ge=0, lt=1, description="integer id inputs: fraction of ids replaced by 0 "
-                                                              "(the usual padding id); position 0 kept")
-    image_shape: list[int] | None = Field(None, min_length=2, max_length=3, description="[H, W] or [C, H, W]: "
-                                          "treat flat float inputs of that many elements as images (shifts and flips "
-                                          "apply), e.g. [28, 28] for flattened MNIST")
 
 
 class RecoveryOptions(StrictModel):

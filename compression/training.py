@@ -555,7 +555,8 @@ def validate_module(module: torch.nn.Module, input_names: list[str], val: Valida
     with torch.no_grad():
         for s in range(0, val.arrays.samples, 256):
             b = val.arrays.take(np.arange(s, min(s + 256, val.arrays.samples)))
-            out = module(*_to_tensors(b, input_names, device))
+            # the first thing a run does with the module: a graph that cannot take the batch is refused here
+            out = _forward(module, _to_tensors(b, input_names, device), first=not log.validation)
             outs.append((out[0] if isinstance(out, (tuple, list)) else out).float())
         out = torch.cat(outs)
         labels = torch.from_numpy(val.arrays.labels).to(device) if val.arrays.labels is not None else None
