@@ -83,7 +83,8 @@ def text_lines(n: int = SAMPLES, digits: int = 4, seed: int = 0) -> tuple[np.nda
     return np.ascontiguousarray(lines), labels[pick] + 1
 
 
-def _text_corpus() -> list[bytes]:
+@functools.cache
+def text_corpus() -> list[bytes]:
     """Four sources of English: Python's help topics and three of Debian's license texts."""
     import pydoc_data.topics as topics
 
@@ -98,7 +99,7 @@ def _text_corpus() -> list[bytes]:
 def text_windows(n: int = SAMPLES, length: int = 32, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """``n`` byte windows (int64 ids) from the four sources, and which source each came from."""
     rng = np.random.default_rng(seed)
-    corpus = _text_corpus()
+    corpus = text_corpus()
     ids = np.empty((n, length), np.int64)
     source = np.arange(n) % len(corpus)
     for i, s in enumerate(source):
