@@ -132,7 +132,7 @@ class QuantizeSpec(StepSpec):
         "scale along K, a power of two; 128 halves the scales' bytes but pads every K that is not a multiple "
         "(a 64-wide model's layers grow)")
     symmetric: bool | None = Field(None, description="int4/int8 weight_only: symmetric codes, no zero points "
-                                   "(default true; hqq is asymmetric only)")
+                                   "(default true; hqq is asymmetric only and always runs with false)")
     accuracy_level: int | None = Field(
         None, ge=0, le=4, description="int4/int8 weight_only: MatMulNBits compute type (0 unset = float, the "
         "default; 4 = int8 activations, reported to pick wrong tokens on small language models)")
@@ -198,9 +198,8 @@ class QuantizeSpec(StepSpec):
             raise ValueError(f"int8 weight_only supports algorithm rtn only, not {self.algorithm} (ONNX Runtime's "
                              "hqq and gptq write 4-bit weights; use scheme int4)")
         if self.algorithm == "hqq":
-            if self.symmetric:
-                raise ValueError("algorithm hqq is asymmetric only (a float zero point per block): leave "
-                                 "'symmetric' unset or false")
+            # asymmetric only (a float zero point per block); a stored spec re-parsed with symmetric filled in,
+            # or a search switching the algorithm, must still validate: the settings say what ran
             self.symmetric = False
         elif self.symmetric is None:
             self.symmetric = True
@@ -271,7 +270,10 @@ class QuantizeSpec(StepSpec):
     @classmethod
     def auto_grid(cls, raw_step: dict[str, Any]) -> dict[str, list[Any]]:
         if raw_step.get("scheme", "int8") == "int4":
-            return {k: list(v) for k, v in INT4_AUTO_GRID.items() if k not in raw_step}
+            grid = {k: list(v) for k, v in INT4_AUTO_GRID.items()}
+            if raw_step.get("format") == "qdq":
+                grid["algorithm"] = ["rtn"]  # the one algorithm that writes QDQ
+            return grid
         if raw_step.get("scheme", "int8") not in ("int8", "cluster") or raw_step.get("mode") == "weight_only":
             return {}  # the user chose fp16/binary/ternary/int8 weight-only: keep it
         return {k: list(v) for k, v in AUTO_GRID.items()}
