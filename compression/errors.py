@@ -70,6 +70,13 @@ class UnsupportedOp(CompressionError):
         self.op_types = op_types or []
 
 
+class QuantizerFailed(CompressionError):
+    """ONNX Runtime's quantizer failed on the model, or what it wrote does not load and run; the message says
+    why in one line, without server paths."""
+
+    code = "quantizer_failed"
+
+
 class QualityGateFailed(CompressionError):
     """A step's model fell past the job's fidelity budget (``eval.max_drop``, ``eval.min_cosine``, or its output
     changed shape): a deterministic failure, never retried. ``details`` holds the step and the numbers

@@ -49,6 +49,7 @@ def model_structure(model: Any, prunable_ops: frozenset[str] = PRUNABLE_OPS,
     from compression.analysis import graph_io, op_histogram
     from compression.converter import unsupported_ops
     from compression.graph_prep import lift_constants
+    from compression.techniques.quantization.weight_only import weight_summary
 
     model, _ = lift_constants(model)
     inits = {t.name for t in model.graph.initializer}
@@ -56,7 +57,7 @@ def model_structure(model: Any, prunable_ops: frozenset[str] = PRUNABLE_OPS,
     weighted = sum(1 for n in model.graph.node if n.op_type in prunable_ops and any(i in inits for i in n.input[:2]))
     return {"op_types": hist, "unsupported_ops": unsupported_ops(model), "prunable": weighted,
             "quantizable": sum(hist.get(op, 0) for op in quantizable_ops),
-            "outputs": [o["shape"] for o in graph_io(model)["outputs"]]}
+            "outputs": [o["shape"] for o in graph_io(model)["outputs"]], "weight_only": weight_summary(model)}
 
 
 def zero_sample(model: Any) -> dict[str, Any]:

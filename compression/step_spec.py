@@ -67,7 +67,9 @@ class ModelFacts:
     """What preflight's sandboxed probe measured on the uploaded model.
 
     ``prunable``: Conv/Gemm/MatMul/ConvTranspose nodes whose weight is an initializer; ``quantizable``: nodes
-    of the op types quantization acts on; ``macs``: per sample at batch 1 (None: not measured).
+    of the op types quantization acts on; ``macs``: per sample at batch 1 (None: not measured);
+    ``weight_only``: the weights blockwise weight-only quantization can take (``[[op, K, N, is_lm_head], ...]``
+    under ``"weights"``; see ``quantization.weight_only.weight_summary``), None when not probed.
     """
 
     op_types: dict[str, int]
@@ -76,6 +78,7 @@ class ModelFacts:
     quantizable: int
     macs: int | None = None
     outputs: list[list] | None = None  # the graph outputs' shapes (a dim: size, symbolic name or None)
+    weight_only: dict | None = None
 
 
 @dataclass
