@@ -202,6 +202,26 @@ def print_job(job: Job) -> None:
     if job.artifacts:
         c.print("artifacts " + ", ".join(f"{a['name']} ({_fmt_bytes(a['size_bytes'])})" for a in job.artifacts))
     print_metrics(job, verdict=False)
+    for line in layer_bits_lines(job.report() if job.artifacts else None):
+        c.print(line)
+
+
+def layer_bits_lines(report: dict[str, Any] | None) -> list[str]:
+    """One line per step whose report gives bits per layer (int4, cluster, binary...): how many layers at
+    each width, e.g. ``step 1 quantize int4: 12 layers at 4 bits, 1 at 8 bits, 2 left float (block 32)``."""
+    out = []
+    for i, step in enumerate((report or {}).get("steps") or []):
+        layers = (step.get("report") or {}).get("layers") or []
+        widths = [layer["bits"] for layer in layers if isinstance(layer.get("bits"), int)]
+        if not widths:
+            continue
+        counts = {b: widths.count(b) for b in sorted(set(widths))}
+        parts = [f"{n} at {b} bits" if b < 32 else f"{n} left float" for b, n in counts.items()]
+        blocks = sorted({layer["block_size"] for layer in layers if layer.get("block_size")})
+        label = f"{step.get('method')} {(step.get('spec') or {}).get('scheme') or ''}".strip()
+        out.append(f"layers   step {i + 1} {label}: " + ", ".join(parts)
+                   + (f" (block {', '.join(map(str, blocks))})" if blocks else ""))
+    return out
 
 
 def _step_label(step: dict[str, Any]) -> str:
@@ -359,8 +379,9 @@ def _submit_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--prune", type=float, default=None, metavar="SPARSITY", help="prune this fraction")
     g.add_argument("--granularity", default="weight", choices=["weight", "channel"])
     g.add_argument("--distill", action="store_true", help="distill from the original after pruning")
-    g.add_argument("--quantize", default=None, choices=["int8", "fp16", "cluster", "binary", "ternary"],
-                   help="int8 is static with --data (calibrated), dynamic without")
+    g.add_argument("--quantize", default=None, choices=["int8", "int4", "fp16", "cluster", "binary", "ternary"],
+                   help="int8 is static with --data (calibrated), dynamic without; int4 is weight-only "
+                        "(MatMulNBits, for transformers and language models)")
     g.add_argument("--bits", type=int, default=None, help="cluster: bits per weight")
     g.add_argument("--finetune-epochs", type=int, default=None, help="fine-tune pruning for N epochs (needs --data)")
     _common(p)

@@ -209,6 +209,13 @@ class Job:
                                   "detail": ", ".join(sorted(missing))})
         return [self.client.download_artifact(self.id, n, folder / n) for n in wanted]
 
+    def report(self) -> dict[str, Any] | None:
+        """The job's ``report.json`` (settings used and per-layer facts of every step, the manifest), or None
+        while the job has not written one."""
+        if not any(a["name"] == "report.json" for a in self.artifacts):
+            return None
+        return self.client._json("GET", f"/v1/jobs/{self.id}/artifacts/report.json")
+
 
 class Client:
     """A connection to a netcompress API.

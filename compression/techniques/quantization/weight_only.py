@@ -311,7 +311,9 @@ def quantize_weight_only(model: onnx.ModelProto, ctx: StepContext, *, options: W
     rows = [{"name": w.node, "weight": w.weight, "op": w.op, "shape": list(w.shape), "bits": bits.get(w.node, 32),
              "block_size": options.block_size if w.node in bits else None,
              "algorithm": (options.algorithm if bits.get(w.node) == 4 and w.op == "MatMul" else "rtn")
-             if w.node in bits else None} for w in found]
+             if w.node in bits else None,
+             "params": int(np.prod(w.shape)), "bits_per_weight": _bits_per_weight(bits.get(w.node, 32), options)}
+            for w in found]
     before_names = {t.name for t in prepared.graph.initializer}
     quantized = {w.weight for w in found if w.node in bits}
     before = sum(_nbytes(t) for t in prepared.graph.initializer if t.name in quantized)
@@ -321,6 +323,15 @@ def quantize_weight_only(model: onnx.ModelProto, ctx: StepContext, *, options: W
               "lm_head": head.node if head else None,
               "opset": {"original": original_opset, "quantized": opset(out)}, "notes": notes}
     return StepResult(out, report)
+
+
+def _bits_per_weight(bits: int, options: WeightOnlyOptions) -> float:
+    """Stored bits per weight with the block's scale (float32) and zero point (hqq: float32; other asymmetric
+    codes: one code) spread over the block — what the dashboard's per-layer table shows."""
+    if bits == 32:
+        return 32.0
+    zero = 0 if options.symmetric and options.algorithm != "hqq" else (32 if options.algorithm == "hqq" else bits)
+    return round(bits + (32 + zero) / options.block_size, 3)
 
 
 def _four_bit_pass(model: onnx.ModelProto, targets: list[Weight], options: WeightOnlyOptions,
