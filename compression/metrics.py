@@ -133,7 +133,8 @@ def lm_ids_input(first_output: np.ndarray, inputs: dict[str, np.ndarray]) -> str
     """The name of the token-id input when the model is a language model here, else None.
 
     A language model's first output is float ``[N, T, V]`` (``V >= 2``) and the dataset has an integer
-    ``[N, T]`` input: ``input_ids`` by name, else the only 2-D integer input, with the same ``N`` and ``T``.
+    ``[N, T]`` input: ``input_ids`` by name, else the only 2-D integer input, with the same ``N`` and ``T``,
+    and ids inside ``[0, V)``: a per-token classifier (``V`` tags over a larger vocabulary) is not one.
 
     Example:
         >>> lm_ids_input(np.zeros((2, 5, 7), np.float32), {"input_ids": np.zeros((2, 5), np.int64)})
@@ -145,6 +146,9 @@ def lm_ids_input(first_output: np.ndarray, inputs: dict[str, np.ndarray]) -> str
     ints = {k: v for k, v in inputs.items() if v.ndim == 2 and v.dtype.kind in "iu"}
     name = IDS_INPUT if IDS_INPUT in ints else next(iter(ints)) if len(ints) == 1 else None
     if name is None or ints[name].shape != out.shape[:2]:
+        return None
+    ids = ints[name]
+    if ids.size and (ids.min() < 0 or ids.max() >= out.shape[2]):  # ids past the "vocabulary": a token tagger
         return None
     return name
 
@@ -200,7 +204,7 @@ def lm_metrics(logits: np.ndarray, ids: np.ndarray, mask: np.ndarray | None = No
                            "sequence_length": int(t)}
     if reference is not None and positions:
         res["token_agreement"] = round(agree / positions, 6)
-        res["kl"] = round(max(kl / positions, 0.0), 8)
+        res["kl"] = float(f"{max(kl / positions, 0.0):.6g}")  # 6 significant digits: fp16's is ~5e-8
     return res
 
 

@@ -179,5 +179,6 @@ def test_measure_adds_lm_metrics_and_ratios(tmp_path):
     assert lm_ids_input(table[x], {"attention_mask": m, "ids": x}) is None  # two 2-D integer inputs, neither named
     assert lm_ids_input(table[x], {"ids": x}) == "ids"
     assert lm_ids_input(table[x][:, :4], {"input_ids": x}) is None  # T differs
+    assert lm_ids_input(table[x][..., :3], {"input_ids": x}) is None  # ids past V: a per-token tagger
     worse = ratios({"perplexity": 6.0}, {"perplexity": 5.0})
     assert worse == {"perplexity_ratio": 1.2}
