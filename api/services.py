@@ -74,8 +74,9 @@ def ingest_dataset(*, upload: Upload, settings: Settings, store: ArtifactStore) 
     return {"id": ds_id, "storage_key": key, "arrays": arrays, "samples": samples}
 
 
-def _search_needs(spec: ParsedSpec, dataset: DatasetRecord | None) -> list[dict]:
-    """A search's own data needs: an accuracy target needs labels; a searched value may add training."""
+def _search_needs(spec: ParsedSpec, dataset: DatasetRecord | None, model: ModelRecord) -> list[dict]:
+    """A search's own data needs: an accuracy target needs labels, a perplexity target a language model's
+    ``[N, T, vocab]`` first output; a searched value may add training."""
     from compression.data import LABELS
     from compression.search_space import TargetSpec
 
@@ -84,7 +85,13 @@ def _search_needs(spec: ParsedSpec, dataset: DatasetRecord | None) -> list[dict]
     has_labels = dataset is not None and LABELS in (dataset.arrays or {})
     if target.metric == "accuracy" and not has_labels:
         errors.append({"loc": ["target", "metric"],
-                       "msg": "accuracy needs a dataset with labels: upload one, or use agreement or output_cosine"})
+                       "msg": "accuracy needs a dataset with labels: upload one, or use agreement or output_cosine "
+                              "(perplexity for a language model)"})
+    first = (model.outputs or [{}])[0]
+    if target.metric == "perplexity" and len(first.get("shape") or []) != 3:
+        errors.append({"loc": ["target", "metric"],
+                       "msg": f"perplexity needs a language model (first output [N, T, vocab]); this model's first "
+                              f"output has shape {first.get('shape')}"})
     if dataset is None:
         cand = next((c for c in spec.candidates() if c.data_steps), None)
         if cand is not None:
@@ -121,7 +128,7 @@ def validate_job(*, session: Session, team: Team, body: JobCreate) -> tuple[Mode
         if getattr(step, "needs_data", False) and dataset is None:
             errors.append({"loc": ["steps", i], "msg": f"{step.method} with these settings needs a dataset"})
     if spec.is_search and not errors:
-        errors.extend(_search_needs(spec, dataset))
+        errors.extend(_search_needs(spec, dataset, model))
     if errors:
         raise Problem(422, "invalid_spec", "invalid spec", "a step needs a dataset", validation_errors(["spec"], errors))
     return model, dataset, spec.to_json()

@@ -112,6 +112,9 @@ ROWS: list[tuple[str, Any, Any, str | None]] = [
     ("accuracy", lambda m: m.get("accuracy"), _fmt, None),
     ("agreement", lambda m: m.get("agreement"), _fmt, None),
     ("output cosine", lambda m: m.get("output_cosine"), _fmt, None),
+    ("perplexity", lambda m: m.get("perplexity"), _fmt, None),
+    ("token agreement", lambda m: m.get("token_agreement"), _fmt, None),
+    ("KL to original (nats)", lambda m: m.get("kl"), lambda v: _fmt(v, ".5f"), None),
 ]
 
 
@@ -128,6 +131,8 @@ def metrics_rows(metrics: dict[str, Any]) -> list[tuple[str, str, str, str]]:
             ratio = f"{ratios[rkey]:.2f}×"
         elif label == "accuracy" and ratios.get("accuracy_delta") is not None:
             ratio = f"{ratios['accuracy_delta']:+.4f}"
+        elif label == "perplexity" and ratios.get("perplexity_ratio") is not None:
+            ratio = f"×{ratios['perplexity_ratio']:.3f} (result/original)"  # > 1 is worse, unlike the rest
         else:
             ratio = ""
         rows.append((label, fmt(o), fmt(r), ratio))
@@ -165,9 +170,12 @@ def print_search(s: dict[str, Any]) -> None:
     from rich.table import Table
 
     t = s["target"]
+    bar = (f"perplexity ≤ ×{t['max_perplexity_ratio']:.2f} the original's" if t["metric"] == "perplexity"
+           else f"{t['metric']} drop ≤ {t['max_accuracy_drop']}")
     table = Table(title=f"search · {s['finished']}/{s['grid_size']} candidates · stopped by {s['stopped_by']}"
-                        + (" · partial" if s["partial"] else "") + f" · target {t['metric']} drop ≤ {t['max_accuracy_drop']}")
-    for col in ("candidate", f"{t['metric']} drop", t["optimize"], "meets", "front"):
+                        + (" · partial" if s["partial"] else "") + f" · target {bar}")
+    drop = "perplexity rise" if t["metric"] == "perplexity" else f"{t['metric']} drop"
+    for col in ("candidate", drop, t["optimize"], "meets", "front"):
         table.add_column(col)
     front = set(s["front"])
     for c in s["candidates"]:
@@ -235,19 +243,65 @@ def _step_label(step: dict[str, Any]) -> str:
 
 # -- commands --------------------------------------------------------------------------------------------
 
+def _text_tokens(args: argparse.Namespace) -> tuple[Any, int] | None:
+    """``--texts``: the file's token ids and pad id, every mistake a UsageError before anything is uploaded
+    (the windows are cut here too, to check ``--seq-len``/``--stride``/``--limit``); None without it."""
+    from client.datasets import TextDataError, read_tokens, windows
+
+    if args.texts is None:
+        if args.tokenizer or args.bytes:
+            raise UsageError("--tokenizer and --bytes go with --texts FILE")
+        return None
+    if args.data is not None:
+        raise UsageError("give --data or --texts, not both")
+    if not args.tokenizer and not args.bytes:
+        raise UsageError("--texts needs --tokenizer tokenizer.json or --bytes (byte-level ids 0-255)")
+    if args.tokenizer and args.bytes:
+        raise UsageError("give --tokenizer or --bytes, not both")
+    try:
+        ids, pad = read_tokens(args.texts, tokenizer=args.tokenizer, byte_level=args.bytes)
+        windows(ids, seq_len=args.seq_len, stride=args.stride, limit=args.limit, pad_id=pad, source=args.texts,
+                attention_mask=args.attention_mask != "no")
+    except TextDataError as e:
+        raise UsageError(f"--texts: {e}") from None
+    return ids, pad
+
+
+def _text_dataset(nc: Client, model: Any, tokens: tuple[Any, int], args: argparse.Namespace) -> Any:
+    """The ``--texts`` windows uploaded for ``model`` (a Model): the ids named after its token input, the
+    attention mask included when it takes one (``--attention-mask auto``, from the inputs the API lists)."""
+    from client.datasets import TextDataError, lm_inputs, windows
+
+    ids_name, takes_mask = lm_inputs(model.inputs)
+    mask = takes_mask if args.attention_mask == "auto" else args.attention_mask == "yes"
+    try:
+        arrays = windows(tokens[0], seq_len=args.seq_len, stride=args.stride, limit=args.limit, pad_id=tokens[1],
+                         source=args.texts, attention_mask=mask)
+    except TextDataError as e:
+        raise UsageError(f"--texts: {e}") from None
+    arrays[ids_name] = arrays.pop("input_ids")
+    print(f"{args.texts}: {len(arrays[ids_name])} windows of {args.seq_len} tokens as {ids_name!r}"
+          + (" + attention_mask" if mask else ""), file=sys.stderr)
+    return nc.upload_dataset(arrays, name=f"{Path(args.texts).name} ({args.seq_len}-token windows)")
+
+
 def cmd_submit(args: argparse.Namespace) -> int:
-    spec = _spec(args, has_data=args.data is not None)
+    spec = _spec(args, has_data=args.data is not None or args.texts is not None)
+    tokens = _text_tokens(args)
     nc = _client(args)
-    model = args.model
+    model, data = args.model, args.data
     if not Path(model).is_file() and (os.sep in model or model.endswith((".onnx", ".zip", ".pt2"))):
         raise UsageError(f"no such model file: {model}")
     if args.data is not None and not Path(args.data).is_file() and args.data.endswith(".npz"):
         raise UsageError(f"no such dataset file: {args.data}")
+    if tokens is not None:  # the windows are named after the model's inputs: the model first
+        model = nc.upload_model(model) if Path(model).is_file() else nc.model(model)
+        data = _text_dataset(nc, model, tokens, args)
     if args.dry_run:
-        report = nc.preflight(model, spec, args.data)
+        report = nc.preflight(model, spec, data)
         print_preflight(report) if not args.json else _print_json(report)
         return 0
-    job = nc.submit(model, spec, args.data, name=args.name)
+    job = nc.submit(model, spec, data, name=args.name)
     print(f"job {job.id} queued", file=sys.stderr)
     if not (args.wait or args.out):
         _print_json(job.data) if args.json else print(job.id)
@@ -375,6 +429,16 @@ def _submit_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="model file (.onnx, .zip, .pt2) to upload, or an uploaded model's id")
     p.add_argument("--data", default=None, help=".npz dataset to upload, or an uploaded dataset's id")
     p.add_argument("--spec", default=None, help="spec file, YAML or JSON ({steps: [...], eval: {...}})")
+    t = p.add_argument_group("text dataset (instead of --data): a text file cut into windows of token ids")
+    t.add_argument("--texts", default=None, metavar="FILE", help="text file to tokenize and upload")
+    t.add_argument("--tokenizer", default=None, metavar="JSON", help="a local tokenizer.json (needs 'tokenizers')")
+    t.add_argument("--bytes", action="store_true", help="byte-level ids 0-255 (no tokenizer)")
+    t.add_argument("--seq-len", type=int, default=128, help="tokens per window (default 128)")
+    t.add_argument("--stride", type=int, default=None, help="tokens between window starts (default: --seq-len)")
+    t.add_argument("--limit", type=int, default=None, help="at most this many windows")
+    t.add_argument("--attention-mask", default="auto", choices=["auto", "yes", "no"],
+                   help="include attention_mask (0 on a short last window's padding); auto: when the model has "
+                        "that input (read from the uploaded model's inputs)")
     g = p.add_argument_group("shorthand recipe (instead of --spec): prune → distill → quantize")
     g.add_argument("--prune", type=float, default=None, metavar="SPARSITY", help="prune this fraction")
     g.add_argument("--granularity", default="weight", choices=["weight", "channel"])

@@ -323,6 +323,36 @@ class Client:
                 return Dataset(self._upload("/v1/datasets", p, name or "arrays.npz"))
         return Dataset(self._upload("/v1/datasets", Path(data), name))
 
+    def upload_texts(self, path: str | os.PathLike, *, seq_len: int = 128, tokenizer: str | os.PathLike | None = None,
+                     byte_level: bool = False, limit: int | None = None, attention_mask: bool | None = None,
+                     stride: int | None = None, model: Model | str | None = None,
+                     name: str | None = None) -> Dataset:
+        """Upload a text file as a language-model dataset: windows of ``seq_len`` token ids
+        (:func:`client.datasets.text_windows`), tokenized by a local ``tokenizer.json`` or byte-level.
+
+        Args:
+            model: the model (or its id) the data is for: the ids array is named after its token input and,
+                with ``attention_mask=None``, the mask is included exactly when the model takes one. Without a
+                model the ids are ``input_ids`` and ``None`` includes the mask.
+            attention_mask: True: ``attention_mask`` (ones; 0 on a short last window's padding); False: none
+                (the last window then ends where the text does); None: as the model takes it.
+            stride: tokens between window starts (default ``seq_len``); limit: at most this many windows.
+
+        Raises:
+            client.datasets.TextDataError: a mistake in the arguments or the text, before anything is uploaded.
+        """
+        from client.datasets import IDS, lm_inputs, read_tokens, windows
+
+        ids, pad = read_tokens(path, tokenizer=tokenizer, byte_level=byte_level)
+        ids_name, takes_mask = IDS, True
+        if model is not None:
+            record = model if isinstance(model, Model) else self.model(str(model))
+            ids_name, takes_mask = lm_inputs(record.inputs)
+        arrays = windows(ids, seq_len=seq_len, stride=stride, limit=limit, pad_id=pad, source=str(path),
+                         attention_mask=takes_mask if attention_mask is None else attention_mask)
+        arrays[ids_name] = arrays.pop(IDS)
+        return self.upload_dataset(arrays, name=name or f"{Path(path).name} ({seq_len}-token windows)")
+
     def model(self, model_id: str) -> Model:
         return Model(self._json("GET", f"/v1/models/{model_id}"))
 

@@ -7,6 +7,10 @@ budget, so a broken model is never published as ``succeeded``. The budget depend
 - with labels: accuracy may fall at most ``eval.max_drop`` percentage points below the original's;
 - without labels, class scores (``[N, C]`` first output): top-1 agreement with the original at least
   ``100 − eval.max_drop`` %;
+- a language model (:func:`compression.metrics.lm_ids_input`: logits ``[N, T, vocab]`` on ids ``[N, T]``,
+  ``perplexity`` measured): perplexity at most ``eval.max_perplexity_ratio`` times the original's, and
+  nothing else (a per-token cosine or top-1 over a vocabulary says less about a language model than its
+  perplexity does, and a second bar would fail models whose text is as good);
 - otherwise (detector maps, embeddings, anything else): output cosine at least ``eval.min_cosine`` —
   the *centred* cosine (:func:`compression.metrics.fidelity`: deviations from the original's mean output)
   where several samples allow it, because a decoded detector output carries its anchor grid and a plain
@@ -41,12 +45,14 @@ def budget(eval_spec: Any, original: dict[str, Any], *, target: dict[str, Any] |
         eval_spec: the job's :class:`~compression.spec.EvalSpec` (``gate``, ``max_drop``, ``min_cosine``).
         original: the original's measured metrics (``accuracy`` is set with labels, ``agreement`` for class
             scores).
-        target: a search's target (``metric``, ``max_accuracy_drop``), asked for explicitly: where it allows
-            more than the gate, it wins. An agreement target widens an accuracy gate too: accuracy cannot fall
-            by more than agreement does (a sample the original got right and the model agrees on stays right).
+        target: a search's target (``metric``, ``max_accuracy_drop``, ``max_perplexity_ratio``), asked for
+            explicitly: where it allows more than the gate, it wins. An agreement target widens an accuracy gate
+            too: accuracy cannot fall by more than agreement does (a sample the original got right and the model
+            agrees on stays right).
 
     Returns:
-        ``{"metric": "accuracy"|"agreement"|"output_cosine", "max_drop_pt"|"min_cosine": …, "enabled": bool}``.
+        ``{"metric": "accuracy"|"agreement"|"perplexity"|"output_cosine",
+        "max_drop_pt"|"max_ratio"|"min_cosine": …, "enabled": bool}``.
 
     Example:
         >>> from compression.spec import EvalSpec
@@ -55,8 +61,13 @@ def budget(eval_spec: Any, original: dict[str, Any], *, target: dict[str, Any] |
     """
     t_metric, t_drop = (target or {}).get("metric"), float((target or {}).get("max_accuracy_drop") or 0.0)
     drop = max(eval_spec.max_drop, t_drop * 100 if t_metric in ("accuracy", "agreement") else 0.0)
-    if original.get("accuracy") is not None:
-        out: dict[str, Any] = {"metric": "accuracy", "max_drop_pt": drop}
+    if original.get("perplexity") is not None:
+        ratio = float(eval_spec.max_perplexity_ratio)
+        if t_metric == "perplexity":
+            ratio = max(ratio, float((target or {}).get("max_perplexity_ratio") or 0.0))
+        out: dict[str, Any] = {"metric": "perplexity", "max_ratio": ratio}
+    elif original.get("accuracy") is not None:
+        out = {"metric": "accuracy", "max_drop_pt": drop}
     elif original.get("agreement") is not None:
         out = {"metric": "agreement", "max_drop_pt": drop}
     else:
@@ -75,9 +86,10 @@ def describe_budget(eval_spec: Any, *, labels: bool | None) -> str:
     acc = f"accuracy may fall at most {eval_spec.max_drop:g} pt below the original's"
     agree = f"top-1 agreement with the original at least {100 - eval_spec.max_drop:g}%"
     cos = f"output cosine at least {eval_spec.min_cosine:g} for outputs that are not class scores"
+    lm = (f"language models: perplexity at most ×{eval_spec.max_perplexity_ratio:.2f} the original's")
     rule = acc if labels else agree if labels is False else f"{acc} (with labels; else {agree})"
-    return (f"quality gate: {rule}; {cos}; a step past it fails the job (quality_gate) — "
-            "eval.max_drop / eval.min_cosine / eval.gate: false change it")
+    return (f"quality gate: {rule}; {cos}; {lm}; a step past it fails the job (quality_gate) — "
+            "eval.max_drop / eval.min_cosine / eval.max_perplexity_ratio / eval.gate: false change it")
 
 
 def _measured(m: dict[str, Any], original: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
@@ -93,6 +105,11 @@ def _measured(m: dict[str, Any], original: dict[str, Any], b: dict[str, Any]) ->
         within = value is not None and value >= b["min_cosine"] - 1e-9
         return {"metric": metric, "value": value, "min_cosine": b["min_cosine"], "within": within}
     ref = original[metric]
+    if metric == "perplexity":
+        ratio = None if value is None else round(float(value) / float(ref), 6)
+        within = ratio is not None and ratio <= b["max_ratio"] + 1e-9
+        return {"metric": metric, "value": value, "original": ref, "ratio": ratio, "max_ratio": b["max_ratio"],
+                "within": within}
     drop = None if value is None else round((float(ref) - float(value)) * 100, 4)
     within = drop is not None and drop <= b["max_drop_pt"] + 1e-9
     return {"metric": metric, "value": value, "original": ref, "drop_pt": drop, "max_drop_pt": b["max_drop_pt"],
@@ -111,7 +128,8 @@ def check_gate(step: int, method: str, m: dict[str, Any], original: dict[str, An
         target: a search's target, see :func:`budget`.
 
     Returns:
-        The gated numbers (``metric, value, original, drop_pt, max_drop_pt | min_cosine, within``).
+        The gated numbers (``metric, value, original, drop_pt, max_drop_pt | ratio, max_ratio | min_cosine,
+        within``).
 
     Raises:
         QualityGateFailed: the model is past the budget (and the gate is on); ``details`` = the numbers plus
@@ -135,6 +153,13 @@ def check_gate(step: int, method: str, m: dict[str, Any], original: dict[str, An
         what = "output cosine" if res["metric"] == "output_cosine" else "output cosine (centred on the original's mean)"
         text = f"{where}: {what} to the original {value} < min_cosine {res['min_cosine']:g}"
         how = "set eval.min_cosine or eval.gate: false to publish anyway"
+    elif res["metric"] == "perplexity":
+        if res["value"] is None:
+            text = f"{where}: perplexity is not measurable on its output (the original's: {res['original']:.4g})"
+        else:
+            text = (f"{where}: perplexity {res['value']:.4g} vs {res['original']:.4g} original "
+                    f"(×{res['ratio']:.3f} > max_perplexity_ratio ×{res['max_ratio']:.2f})")
+        how = "set eval.max_perplexity_ratio or eval.gate: false to publish anyway"
     else:
         name = "accuracy" if res["metric"] == "accuracy" else "top-1 agreement with the original"
         if res["value"] is None:
@@ -199,6 +224,9 @@ def verdict(m: dict[str, Any], original: dict[str, Any], eval_spec: Any, *,
         within = None
     elif gated["metric"] in ("output_cosine", "centered_cosine"):
         parts.append(f"output cosine {gated['value']:.3f} (min {gated['min_cosine']:g})")
+    elif gated["metric"] == "perplexity":
+        bound = f"within ×{gated['max_ratio']:.2f}" if gated["within"] else f"over budget ×{gated['max_ratio']:.2f}"
+        parts.append(f"perplexity {gated['value']:.2f} vs {gated['original']:.2f} (×{gated['ratio']:.3f}, {bound})")
     else:
         name = "accuracy" if gated["metric"] == "accuracy" else "agreement"
         delta = -gated["drop_pt"]

@@ -122,6 +122,92 @@ def fidelity(outputs: list[np.ndarray], reference: list[np.ndarray], labels: np.
     return res
 
 
+# Float64 bytes of one chunk of [samples, T, V] logits the language-model metrics work on at a time (the
+# held-out logits are float32 already; their float64 log-softmax for a 50k vocabulary would be 400 KB a token).
+LM_CHUNK_BYTES = 64 << 20
+IDS_INPUT = "input_ids"
+MASK_INPUT = "attention_mask"
+
+
+def lm_ids_input(first_output: np.ndarray, inputs: dict[str, np.ndarray]) -> str | None:
+    """The name of the token-id input when the model is a language model here, else None.
+
+    A language model's first output is float ``[N, T, V]`` (``V >= 2``) and the dataset has an integer
+    ``[N, T]`` input: ``input_ids`` by name, else the only 2-D integer input, with the same ``N`` and ``T``,
+    and ids inside ``[0, V)``: a per-token classifier (``V`` tags over a larger vocabulary) is not one.
+
+    Example:
+        >>> lm_ids_input(np.zeros((2, 5, 7), np.float32), {"input_ids": np.zeros((2, 5), np.int64)})
+        'input_ids'
+    """
+    out = first_output
+    if out.ndim != 3 or out.shape[2] < 2 or out.dtype.kind != "f":
+        return None
+    ints = {k: v for k, v in inputs.items() if v.ndim == 2 and v.dtype.kind in "iu"}
+    name = IDS_INPUT if IDS_INPUT in ints else next(iter(ints)) if len(ints) == 1 else None
+    if name is None or ints[name].shape != out.shape[:2]:
+        return None
+    ids = ints[name]
+    if ids.size and (ids.min() < 0 or ids.max() >= out.shape[2]):  # ids past the "vocabulary": a token tagger
+        return None
+    return name
+
+
+def _log_softmax64(x: np.ndarray) -> np.ndarray:
+    """log-softmax over the last axis in float64, shifted by the maximum (no overflow for any float32 logit)."""
+    x = x.astype(np.float64)
+    x -= x.max(-1, keepdims=True)
+    x -= np.log(np.exp(x).sum(-1, keepdims=True))
+    return x
+
+
+def lm_metrics(logits: np.ndarray, ids: np.ndarray, mask: np.ndarray | None = None,
+               reference: np.ndarray | None = None, *, chunk_bytes: int = LM_CHUNK_BYTES) -> dict[str, Any]:
+    """Language-model metrics of logits ``[N, T, V]`` on token ids ``[N, T]`` (DESIGN §5).
+
+    - ``perplexity``: ``exp`` of the mean next-token cross-entropy of ``logits[:, :-1]`` against
+      ``ids[:, 1:]``, in nats, over the pairs whose input and target positions are both real
+      (``mask[:, t] and mask[:, t + 1]``: padding neither predicts nor is predicted);
+    - with ``reference`` (the original's logits), over the real positions (``mask[:, t]``; the last position
+      predicts a token too): ``token_agreement``, the fraction where the argmax equals the original's, and
+      ``kl``, the mean ``KL(original ‖ model)`` per position in nats;
+    - ``sequence_length``: ``T``, what one sequence is in the latency (batch 1 = one sequence of ``T`` tokens).
+
+    Computed over chunks of samples (about ``chunk_bytes`` of float64 each): the sums are the same, the memory
+    is bounded.
+
+    Example:
+        >>> lm_metrics(np.zeros((1, 3, 4), np.float32), np.array([[0, 1, 2]]))["perplexity"]  # uniform over 4
+        4.0
+    """
+    n, t, v = logits.shape
+    if t < 2:
+        raise ValueError("perplexity needs sequences of at least 2 tokens")
+    real = np.ones((n, t), bool) if mask is None else np.asarray(mask) != 0
+    per = max(1, int(chunk_bytes // max(1, t * v * 8)))
+    nll, pairs, agree, kl, positions = 0.0, 0, 0, 0.0, 0
+    for s in range(0, n, per):
+        lp = _log_softmax64(logits[s:s + per])
+        r = real[s:s + per]
+        tgt = ids[s:s + per, 1:].astype(np.int64)
+        pair = r[:, :-1] & r[:, 1:]
+        picked = np.take_along_axis(lp[:, :-1], tgt[..., None], axis=-1)[..., 0]
+        nll -= float(picked[pair].sum())
+        pairs += int(pair.sum())
+        if reference is not None:
+            lq = _log_softmax64(reference[s:s + per])
+            agree += int(((lp.argmax(-1) == lq.argmax(-1)) & r).sum())
+            kl += float((np.exp(lq) * (lq - lp)).sum(-1)[r].sum())
+            positions += int(r.sum())
+        del lp
+    res: dict[str, Any] = {"perplexity": round(float(np.exp(nll / pairs)), 6) if pairs else None,
+                           "sequence_length": int(t)}
+    if reference is not None and positions:
+        res["token_agreement"] = round(agree / positions, 6)
+        res["kl"] = float(f"{max(kl / positions, 0.0):.6g}")  # 6 significant digits: fp16's is ~5e-8
+    return res
+
+
 def top1_accuracy(scores: np.ndarray, labels: np.ndarray | None) -> float | None:
     """Top-1 accuracy of class scores ``[N, C]`` (``C >= 2``) against ``labels``, to 6 decimals; None without
     labels, for outputs that are not class scores, or when the counts differ. Every held-out accuracy a
@@ -162,7 +248,10 @@ def measure(model: onnx.ModelProto, files: list[Path], data: EvalData, *, latenc
 
     Returns:
         ``file_bytes, zip_bytes, compressed_bytes, params, nonzero_params, macs, latency_ms{p50,p90}, throughput``
-        and, with data, ``accuracy, agreement, output_cosine, max_abs_error``.
+        and, with data, ``accuracy, agreement, output_cosine, max_abs_error``; a language model
+        (:func:`lm_ids_input`) adds :func:`lm_metrics`' ``perplexity, sequence_length`` and, against the
+        original, ``token_agreement, kl``. ``latency_ms`` runs one sample: for a language model, one sequence
+        of ``sequence_length`` tokens.
     """
     from compression.xz_artifact import compressed_size
 
@@ -184,6 +273,11 @@ def measure(model: onnx.ModelProto, files: list[Path], data: EvalData, *, latenc
     res["accuracy"] = accuracy(outputs, data.labels)
     if data.reference is not None:
         res.update(fidelity(outputs, data.reference, data.labels))
+    ids = lm_ids_input(outputs[0], data.inputs)
+    if ids is not None:
+        ref = data.reference[0] if data.reference is not None else None
+        res.update(lm_metrics(outputs[0], data.inputs[ids], data.inputs.get(MASK_INPUT),
+                              ref if ref is not None and ref.shape == outputs[0].shape else None))
     return res
 
 
@@ -191,7 +285,8 @@ _RATIO_KEYS = ("file_bytes", "zip_bytes", "compressed_bytes", "params", "nonzero
 
 
 def ratios(metrics: dict[str, Any], original: dict[str, Any]) -> dict[str, Any]:
-    """How many times smaller/faster than the original (>1 is better), and the accuracy change."""
+    """How many times smaller/faster than the original (>1 is better), the accuracy change, and for a language
+    model ``perplexity_ratio``: the model's perplexity over the original's (>1 is worse)."""
     r: dict[str, Any] = {}
     for k in _RATIO_KEYS:
         if metrics.get(k) and original.get(k):
@@ -206,4 +301,8 @@ def ratios(metrics: dict[str, Any], original: dict[str, Any]) -> dict[str, Any]:
         r["throughput"] = round(metrics["throughput"] / original["throughput"], 4)
     if metrics.get("accuracy") is not None and original.get("accuracy") is not None:
         r["accuracy_delta"] = round(metrics["accuracy"] - original["accuracy"], 6)
+    if metrics.get("perplexity") and original.get("perplexity"):
+        # the other way round: the model's over the original's, so > 1 is WORSE (the sense of
+        # eval.max_perplexity_ratio, which bounds it)
+        r["perplexity_ratio"] = round(metrics["perplexity"] / original["perplexity"], 6)
     return r

@@ -18,20 +18,23 @@ def pareto_svg(summary: dict[str, Any]) -> str:
     """Every finished candidate as (metric drop, objective); the Pareto front joined; the best ringed;
     the target's bound as a dashed line; the original as a square."""
     target = summary["target"]
+    limit = summary.get("allowed_drop", target["max_accuracy_drop"])  # a summary written before perplexity
     done = [c for c in summary["candidates"] if c.get("status") == "done"]
-    xs = [c["drop"] for c in done] + [0.0, target["max_accuracy_drop"]]
+    xs = [c["drop"] for c in done] + [0.0, limit]
     ys = [c["objective"] for c in done] + [summary["original"]["objective"]]
     sx = _scale(min(xs), max(xs), _PAD, _W - 20)
     sy = _scale(min(ys), max(ys), _H - _PAD, 20)
     front = {pid: i for i, pid in enumerate(summary["front"])}
+    xlabel = ("perplexity rise vs original (model / original − 1)" if target["metric"] == "perplexity"
+              else f'{target["metric"]} drop vs original')
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{_W}" height="{_H}" font-family="sans-serif" font-size="12">',
              '<rect width="100%" height="100%" fill="white"/>',
              f'<line x1="{_PAD}" y1="{_H - _PAD}" x2="{_W - 20}" y2="{_H - _PAD}" stroke="#333"/>',
              f'<line x1="{_PAD}" y1="20" x2="{_PAD}" y2="{_H - _PAD}" stroke="#333"/>',
-             f'<text x="{(_W + _PAD) / 2}" y="{_H - 20}" text-anchor="middle">{escape(target["metric"])} drop vs original</text>',
+             f'<text x="{(_W + _PAD) / 2}" y="{_H - 20}" text-anchor="middle">{escape(xlabel)}</text>',
              f'<text x="16" y="{_H / 2}" transform="rotate(-90 16 {_H / 2})" text-anchor="middle">'
              f'{escape(_LABELS.get(target["optimize"], target["optimize"]))}</text>']
-    bound = sx(target["max_accuracy_drop"])
+    bound = sx(limit)
     parts.append(f'<line x1="{bound:.1f}" y1="20" x2="{bound:.1f}" y2="{_H - _PAD}" stroke="#c00" stroke-dasharray="4 3"/>')
     for v, anchor in ((min(xs), "start"), (max(xs), "end")):
         parts.append(f'<text x="{sx(v):.1f}" y="{_H - _PAD + 16}" text-anchor="{anchor}">{v:.4g}</text>')

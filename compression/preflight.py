@@ -101,7 +101,8 @@ def analyse(spec: Any, facts: ModelFacts, model_params: int, dataset_samples: in
         ``model`` (params, macs, macs_source, op_types, unsupported_ops), ``dataset_samples``, ``steps``
         (one dict per step: index, method, phase, applies, trains, needs_torch, needs_data, blocking_ops,
         targets, forward_passes, notes), ``runnable`` (every step applies), ``cost`` and ``quality_gate``
-        (``enabled, max_drop_pt, min_cosine, summary``: the budget every step's model is held to).
+        (``enabled, max_drop_pt, min_cosine, max_perplexity_ratio, summary``: the budget every step's model is
+        held to).
 
     Example:
         >>> analyse(spec, facts, model_params=5000, dataset_samples=1000)["cost"]["seconds_cpu"]  # doctest: +SKIP
@@ -139,7 +140,8 @@ def analyse(spec: Any, facts: ModelFacts, model_params: int, dataset_samples: in
         "steps": steps,
         "runnable": all(s["applies"] for s in steps),
         "quality_gate": {"enabled": spec.eval.gate, "max_drop_pt": spec.eval.max_drop,
-                         "min_cosine": spec.eval.min_cosine, "summary": describe_budget(spec.eval, labels=labels)},
+                         "min_cosine": spec.eval.min_cosine, "max_perplexity_ratio": spec.eval.max_perplexity_ratio,
+                         "summary": describe_budget(spec.eval, labels=labels)},
         "cost": {"macs_total": int(macs * (train_passes + infer_passes)), "seconds_cpu": round(cpu_s, 1),
                  "seconds_gpu": round(gpu_s, 1),
                  "size": "small" if cpu_s < 60 else "medium" if cpu_s < 600 else "large",

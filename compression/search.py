@@ -68,12 +68,18 @@ def _objective(m: dict[str, Any], optimize: str) -> float:
     return float(value) if value is not None else float("inf")
 
 
+_NOT_MEASURABLE = {"accuracy": " (the dataset has no labels: use agreement or output_cosine)",
+                   "perplexity": " (it needs a language model: a first output [N, T, vocab] on integer ids [N, T])"}
+
+
 def metric_drop(m: dict[str, Any], original: dict[str, Any], metric: str) -> float:
-    """How far the candidate's metric fell below the original's (negative: it rose)."""
+    """How far the candidate's metric fell below the original's (negative: it rose); for ``perplexity``, which
+    is better lower, its relative rise ``model / original − 1`` (see :class:`TargetSpec`)."""
     if m.get(metric) is None or original.get(metric) is None:
-        raise InvalidSpec(f"target metric {metric!r} is not measurable here"
-                          + (" (the dataset has no labels: use agreement or output_cosine)" if metric == "accuracy" else ""),
+        raise InvalidSpec(f"target metric {metric!r} is not measurable here" + _NOT_MEASURABLE.get(metric, ""),
                           [{"loc": ["target", "metric"], "msg": "not measurable for this model/dataset"}])
+    if metric == "perplexity":
+        return round(float(m[metric]) / float(original[metric]) - 1.0, 6)
     return round(float(original[metric]) - float(m[metric]), 6)
 
 
@@ -170,7 +176,7 @@ class _Search:
             "id": cand.id, "values": cand.values, "status": "done", "resumed": False,
             "steps": [s.model_dump(mode="json") for s in steps],
             "drop": drop, "objective": _objective(m, self.target.optimize),
-            "meets_target": drop <= self.target.max_accuracy_drop + 1e-9,
+            "meets_target": drop <= self.target.allowed_drop() + 1e-9,
             "metrics": m, "reports": reports, "seconds": None,
         }
         return row, current
@@ -241,7 +247,8 @@ class _Search:
         # a planned stop (grid done, trials used) is complete; a time-out or a cancel leaves it partial
         partial = stopped_by not in ("grid exhausted", "trials budget")
         summary = {
-            "target": self.target.model_dump(mode="json"), "budget": self.budget.model_dump(mode="json"),
+            "target": self.target.model_dump(mode="json"), "allowed_drop": round(self.target.allowed_drop(), 6),
+            "budget": self.budget.model_dump(mode="json"),
             "grid_size": len(candidates), "tried": len(rows), "finished": len(done), "resumed": resumed,
             "failed": len(rows) - len(done), "stopped_by": stopped_by, "partial": partial,
             "elapsed_s": round(self.elapsed_s(), 3), "target_met": bool(meeting),
@@ -263,8 +270,9 @@ def _compact(row: dict[str, Any], optimize: str) -> dict[str, Any]:
                                    "seconds", "error") if k in row}
     m = row.get("metrics")
     if m:
-        out["metrics"] = {k: m.get(k) for k in ("accuracy", "agreement", "output_cosine", "file_bytes",
-                                                 "compressed_bytes", "macs", "params", "nonzero_params")}
+        out["metrics"] = {k: m.get(k) for k in ("accuracy", "agreement", "output_cosine", "perplexity",
+                                                 "token_agreement", "kl", "file_bytes", "compressed_bytes", "macs",
+                                                 "params", "nonzero_params")}
         out["metrics"]["latency_p50_ms"] = m["latency_ms"]["p50"]
     return out
 

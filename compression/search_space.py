@@ -37,14 +37,30 @@ MAX_VALUES = 32
 _KEY = re.compile(r"^(?:(?P<method>[a-z_][a-z0-9_]*)|steps\[(?P<index>\d+)\])\.(?P<field>[a-z_][a-z0-9_.]*)$")
 
 class TargetSpec(StrictModel):
-    """What "good enough" and "better" mean for a search."""
+    """What "good enough" and "better" mean for a search.
+
+    ``accuracy``, ``agreement`` and ``output_cosine`` fall by a difference (``max_accuracy_drop``); a language
+    model's ``perplexity`` rises by a factor (``max_perplexity_ratio``, the sense of the gate's
+    ``eval.max_perplexity_ratio``). A candidate's ``drop`` is one number either way, smaller is better, so the
+    front and the ranking need no second case: the metric's fall, or the perplexity's relative rise
+    ``model / original − 1`` (:meth:`allowed_drop` is the target's bound on it).
+    """
 
     max_accuracy_drop: float = Field(0.01, ge=0.0, le=1.0,
-                                     description="the most the metric may fall below the original's (absolute)")
-    metric: Literal["accuracy", "agreement", "output_cosine"] = Field(
-        "accuracy", description="accuracy needs labels; agreement (top-1 vs the original) and output_cosine do not")
+                                     description="the most the metric may fall below the original's (absolute); "
+                                                 "not for perplexity")
+    max_perplexity_ratio: float = Field(1.10, ge=1.0, le=1000.0,
+                                        description="metric perplexity: the most a candidate's perplexity may be, as a "
+                                                    "multiple of the original's")
+    metric: Literal["accuracy", "agreement", "output_cosine", "perplexity"] = Field(
+        "accuracy", description="accuracy needs labels; agreement (top-1 vs the original) and output_cosine do not; "
+                                "perplexity needs a language model (logits [N, T, vocab] on ids [N, T])")
     optimize: Literal["latency", "file_bytes", "compressed_bytes", "macs", "params"] = Field(
         "file_bytes", description="what the best candidate minimises among those meeting the target")
+
+    def allowed_drop(self) -> float:
+        """The most a candidate's ``drop`` may be: ``max_accuracy_drop``, or ``max_perplexity_ratio − 1``."""
+        return self.max_perplexity_ratio - 1.0 if self.metric == "perplexity" else self.max_accuracy_drop
 
 
 class BudgetSpec(StrictModel):

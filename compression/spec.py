@@ -125,6 +125,10 @@ class EvalSpec(StrictModel):
     min_cosine: float = Field(0.9, ge=-1, le=1, description="quality gate for outputs that are not class scores "
                               "(detector maps, masks, embeddings): the least output cosine to the original's, centred on the "
                               "original's mean output (a detector's anchor grid would keep a plain cosine near 1)")
+    max_perplexity_ratio: float = Field(1.10, ge=1, le=1000, description="quality gate for language models (logits "
+                                        "[N, T, vocab] on integer ids [N, T]): the most the held-out perplexity may be, "
+                                        "as a multiple of the original's (1.10: at most 10% higher); such models are "
+                                        "gated on this alone")
 
 
 class JobSpec(StrictModel):

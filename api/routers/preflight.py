@@ -74,6 +74,8 @@ class PreflightGate(BaseModel):
     enabled: bool
     max_drop_pt: float
     min_cosine: float
+    max_perplexity_ratio: float = Field(description="language models: the most a step's perplexity may be, as a "
+                                                    "multiple of the original's")
     summary: str = Field(description="the budget every step's model is held to, in words")
 
 
@@ -84,7 +86,8 @@ class PreflightReport(BaseModel):
     runnable: bool = Field(description="every step applies and submit would accept the request")
     queue: str = Field(description="the queue the job would be sent to")
     cost: PreflightCost
-    quality_gate: PreflightGate = Field(description="eval.gate / eval.max_drop / eval.min_cosine as they apply here")
+    quality_gate: PreflightGate = Field(description="eval.gate / eval.max_drop / eval.min_cosine / "
+                                                          "eval.max_perplexity_ratio as they apply here")
     rejection: PreflightRejection | None = Field(
         None, description="why POST /v1/jobs would refuse this body (422), when preflight could still analyse it")
 

@@ -266,6 +266,9 @@ const METRIC_ROWS = [
   ["accuracy", (m) => m.accuracy, fmtNum(4)],
   ["agreement", (m) => m.agreement, fmtNum(4)],
   ["output cosine", (m) => m.output_cosine, fmtNum(4)],
+  ["perplexity", (m) => m.perplexity, fmtNum(4)],
+  ["token agreement", (m) => m.token_agreement, fmtNum(4)],
+  ["KL to original (nats)", (m) => m.kl, fmtNum(5)],
 ];
 
 function renderVerdict(job) {
@@ -291,8 +294,10 @@ function renderMetrics(job) {
   for (const [label, get, fmt] of METRIC_ROWS) {
     const values = cols.map(([, c]) => (c ? get(c) : null));
     if (values.every((v) => v == null)) continue;
-    const r = label === "accuracy" ? ratios.accuracy_delta : ratios[ratioKey[label]];
-    const ratioText = r == null ? "" : label === "accuracy" ? (r >= 0 ? "+" : "") + r.toFixed(4) : `${r.toFixed(2)}×`;
+    const r = label === "accuracy" ? ratios.accuracy_delta : label === "perplexity" ? ratios.perplexity_ratio : ratios[ratioKey[label]];
+    // perplexity's ratio is result / original: > 1 is worse, so it is written the other way round (×1.006)
+    const ratioText = r == null ? "" : label === "accuracy" ? (r >= 0 ? "+" : "") + r.toFixed(4)
+      : label === "perplexity" ? `×${r.toFixed(3)} (result / original)` : `${r.toFixed(2)}×`;
     rows.push(el("tr", {}, el("td", {}, label), ...values.map((v) => el("td", {class: "num"}, fmt(v))),
                  el("td", {class: "num"}, ratioText)));
   }
@@ -430,15 +435,21 @@ async function renderLayers(job) {
     const layers = (step.report && step.report.layers) || [];
     if (!layers.length) continue;
     const hasSparsity = layers.some((l) => l.sparsity != null), hasBits = layers.some((l) => l.bits_per_weight != null);
-    const head = ["layer", "params"].concat(hasSparsity ? ["sparsity"] : [], hasBits ? ["bits / weight"] : []);
+    // weight-only quantizers (int4) list bits, block size and algorithm per weight; any column a step fills is shown
+    const extra = [["bits", "bits"], ["block_size", "block"], ["algorithm", "algorithm"], ["op", "op"]]
+      .filter(([k]) => layers.some((l) => l[k] != null));
+    const params = (l) => (l.params != null ? l.params : Array.isArray(l.shape) ? l.shape.reduce((a, b) => a * b, 1) : null);
+    const head = ["layer", "params"].concat(hasSparsity ? ["sparsity"] : [], hasBits ? ["bits / weight"] : [],
+                                            extra.map(([, h]) => h));
     box.append(el("h4", {}, `${i + 1}. ${step.method}`),
       el("table", {class: "grid layers", "data-step": i},
         el("thead", {}, el("tr", {}, head.map((h) => el("th", {}, h)))),
         el("tbody", {}, layers.map((l) => el("tr", {},
-          el("td", {}, l.layer || l.weight || ""), el("td", {class: "num"}, fmtCount(l.params)),
+          el("td", {}, l.layer || l.name || l.weight || ""), el("td", {class: "num"}, fmtCount(params(l))),
           hasSparsity ? el("td", {}, el("span", {class: "layerbar", style: `width:${Math.round(100 * (l.sparsity || 0))}px`}),
                            ` ${l.sparsity != null ? (100 * l.sparsity).toFixed(1) + "%" : "–"}`) : [],
-          hasBits ? el("td", {class: "num"}, l.bits_per_weight != null ? l.bits_per_weight.toFixed(2) : "–") : [])))));
+          hasBits ? el("td", {class: "num"}, l.bits_per_weight != null ? l.bits_per_weight.toFixed(2) : "–") : [],
+          extra.map(([k]) => el("td", {class: typeof l[k] === "number" ? "num" : ""}, l[k] != null ? String(l[k]) : "–")))))));
   }
   if (!box.children.length) box.append(el("p", {}, "No per-layer facts for these steps."));
 }

@@ -238,3 +238,16 @@ def test_sdk_retries_503_with_backoff(stack):
     with pytest.raises(Unavailable) as e:
         nc_no_retry.models(limit=1)
     assert e.value.detail == "try again shortly" and len(calls) == 2
+
+
+def test_sdk_upload_texts_sends_the_windows_as_an_npz(stack, tiny, tmp_path):
+    """Client.upload_texts: byte windows of a text file, with the mask unless the model lacks that input."""
+    text = tmp_path / "t.txt"
+    text.write_bytes(bytes(range(32, 127)) * 2)  # 190 bytes: 5 windows of 40, the last one 30 long
+    with Client(stack.url, stack.key) as nc:
+        ds = nc.upload_texts(text, seq_len=40, byte_level=True)
+        assert ds.samples == 5 and {k: v["shape"] for k, v in ds.arrays.items()} == {
+            "input_ids": [5, 40], "attention_mask": [5, 40]} and ds.arrays["input_ids"]["dtype"] == "int64"
+        model = nc.upload_model(tiny[0])  # no attention_mask input: none is sent, the last window ends the text
+        ds = nc.upload_texts(text, seq_len=40, byte_level=True, model=model, name="bytes")
+        assert set(ds.arrays) == {"input_ids"} and ds.samples == 5 and ds.name == "bytes"

@@ -102,3 +102,44 @@ def test_the_centred_cosine_gates_outputs_with_a_constant_part():
     with pytest.raises(QualityGateFailed, match="centred"):
         check_gate(0, "prune", m, DETECTOR, EvalSpec())
     assert fidelity([ref + 0.01 * rng.normal(size=ref.shape)], [ref], None)["centered_cosine"] > 0.99
+
+
+LM_ORIG = {"perplexity": 4.99, "output_cosine": 1.0, "token_agreement": 1.0, "kl": 0.0}
+
+
+def test_language_models_are_gated_on_the_perplexity_ratio_alone():
+    """Perplexity at most ×1.10 the original's (eval.max_perplexity_ratio), whatever the cosine says."""
+    ok = {"perplexity": 5.02, "output_cosine": 0.5, "ratios": {"file_bytes": 3.9}}  # a low cosine does not fail it
+    res = check_gate(0, "quantize", ok, LM_ORIG, EvalSpec())
+    assert res == {"metric": "perplexity", "value": 5.02, "original": 4.99, "ratio": round(5.02 / 4.99, 6),
+                   "max_ratio": 1.1, "within": True}
+    assert verdict(ok, LM_ORIG, EvalSpec())["summary"] == "3.9× smaller, perplexity 5.02 vs 4.99 (×1.006, within ×1.10)"
+    bad = {"perplexity": 5.6, "output_cosine": 0.999, "ratios": {"file_bytes": 3.9}}
+    with pytest.raises(QualityGateFailed) as err:
+        check_gate(1, "quantize", bad, LM_ORIG, EvalSpec())
+    assert str(err.value) == ("step 2 (quantize): perplexity 5.6 vs 4.99 original (×1.122 > max_perplexity_ratio "
+                              "×1.10); set eval.max_perplexity_ratio or eval.gate: false to publish anyway")
+    d = err.value.details
+    assert d["metric"] == "perplexity" and d["ratio"] == pytest.approx(5.6 / 4.99) and d["max_ratio"] == 1.1
+    assert d["step"] == 1 and not d["within"]
+    v = verdict(bad, LM_ORIG, EvalSpec())
+    assert v["within_budget"] is False and v["summary"].endswith("perplexity 5.60 vs 4.99 (×1.122, over budget ×1.10)")
+    assert check_gate(1, "quantize", bad, LM_ORIG, EvalSpec(max_perplexity_ratio=1.2))["within"]
+    # a search's perplexity target wider than the gate wins; an accuracy target does not touch it
+    wide = {"metric": "perplexity", "max_perplexity_ratio": 1.5, "max_accuracy_drop": 0.01}
+    assert check_gate(1, "search", bad, LM_ORIG, EvalSpec(), target=wide)["max_ratio"] == 1.5
+    with pytest.raises(QualityGateFailed):
+        check_gate(1, "search", bad, LM_ORIG, EvalSpec(), target={**wide, "metric": "accuracy"})
+    with pytest.raises(QualityGateFailed, match="perplexity is not measurable"):
+        check_gate(0, "quantize", {"output_cosine": 1.0}, LM_ORIG, EvalSpec())
+
+
+def test_a_perplexity_target_ranks_candidates_by_their_relative_rise():
+    from compression.search import metric_drop
+    from compression.search_space import TargetSpec
+
+    assert metric_drop({"perplexity": 5.5}, {"perplexity": 5.0}, "perplexity") == pytest.approx(0.1)
+    t = TargetSpec(metric="perplexity", max_perplexity_ratio=1.05)
+    assert t.allowed_drop() == pytest.approx(0.05) and TargetSpec().allowed_drop() == 0.01
+    with pytest.raises(Exception, match="needs a language model"):
+        metric_drop({"accuracy": 0.9}, {"accuracy": 0.9}, "perplexity")

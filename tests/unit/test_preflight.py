@@ -104,6 +104,7 @@ def test_preflight_states_the_quality_gate_budget():
     gate = analyse(spec, facts, model_params=1000, dataset_samples=100, labels=True)["quality_gate"]
     assert gate["enabled"] and gate["max_drop_pt"] == 2 and gate["min_cosine"] == 0.9
     assert "accuracy may fall at most 2 pt" in gate["summary"] and "quality_gate" in gate["summary"]
+    assert gate["max_perplexity_ratio"] == 1.1 and "language models: perplexity at most ×1.10" in gate["summary"]
     unlabelled = analyse(spec, facts, model_params=1000, dataset_samples=None, labels=False)["quality_gate"]
     assert "top-1 agreement with the original at least 98%" in unlabelled["summary"]
     off = parse_spec({"steps": [{"method": "prune"}], "eval": {"gate": False}})

@@ -172,3 +172,50 @@ def test_no_candidate_meets_target_still_returns_closest(lenet, tmp_path):
     s = run_pipeline(model, spec, data, tmp_path).metrics["search"]
     assert not s["target_met"]
     assert s["best"]["drop"] == min(c["drop"] for c in s["candidates"])
+
+
+def _tiny_lm():
+    """logits = emb[ids] @ W (V 64, D 48) and text it predicts fairly well: each next token the argmax of the
+    current one's logits, 30% of them replaced by noise."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from compression.data import Arrays, split
+
+    rng = np.random.default_rng(0)
+    emb, w = rng.standard_normal((64, 48)).astype(np.float32), (rng.standard_normal((48, 64)) * 0.5).astype(np.float32)
+    g = helper.make_graph([helper.make_node("Gather", ["emb", "input_ids"], ["h"]),
+                           helper.make_node("MatMul", ["h", "W"], ["logits"])], "lm",
+                          [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["n", "t"])],
+                          [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", "t", 64])],
+                          [numpy_helper.from_array(emb, "emb"), numpy_helper.from_array(w, "W")])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 8
+    x = np.zeros((60, 16), np.int64)
+    x[:, 0] = rng.integers(0, 64, 60)
+    for t in range(1, 16):
+        x[:, t] = np.where(rng.random(60) < 0.3, rng.integers(0, 64, 60), (emb @ w)[x[:, t - 1]].argmax(-1))
+    return model, split(Arrays({"input_ids": x}), holdout=0.5, seed=0, max_eval=2000)
+
+
+def test_a_perplexity_target_keeps_the_smallest_candidate_within_its_ratio(tmp_path):
+    """target metric perplexity: a candidate's drop is its perplexity's relative rise, it meets the target
+    within max_perplexity_ratio, and the best is the smallest file among those that do."""
+    model, data = _tiny_lm()
+    met = {}
+    for ratio in (1.01, 1.5):
+        spec = parse_spec({"steps": [{"method": "quantize", "mode": "dynamic"}], "eval": EVAL,
+                           "search": {"quantize.scheme": ["int8", "cluster"], "cluster.bits": [2]},
+                           "target": {"metric": "perplexity", "max_perplexity_ratio": ratio, "optimize": "file_bytes"}})
+        wd = tmp_path / str(ratio)
+        wd.mkdir()
+        res = run_pipeline(model, spec, data, wd).metrics
+        s, ppl0 = res["search"], res["original"]["perplexity"]
+        assert s["allowed_drop"] == pytest.approx(ratio - 1)
+        for c in s["candidates"]:
+            assert c["drop"] == pytest.approx(c["metrics"]["perplexity"] / ppl0 - 1, abs=1e-6)
+            met[ratio, c["values"]["quantize.scheme"]] = c["meets_target"]
+        meeting = [c for c in s["candidates"] if c["meets_target"]]
+        assert s["best"]["id"] == min(meeting, key=lambda c: c["objective"])["id"]
+        assert "perplexity" in res["result"]["verdict"]["summary"]
+    # 2-bit clusters raise the perplexity by more than 1% but less than 50% (measured: 17%); int8 keeps it
+    assert met == {(1.01, "int8"): True, (1.01, "cluster"): False, (1.5, "int8"): True, (1.5, "cluster"): True}
