@@ -55,7 +55,7 @@ def test_int4_defaults_through_rest(stack, gpt):
     # the held-out split the service measured on, and the numbers computed here from the artifact
     held = split(Arrays(dict(built.inputs)), holdout=EVAL["holdout"], seed=EVAL["seed"], max_eval=2000).holdout
     ids = held.inputs["input_ids"]
-    run = lambda m: ort.InferenceSession(m, providers=["CPUExecutionProvider"]).run(None, {"input_ids": ids})[0]  # noqa: E731
+    run = lambda m: ort.InferenceSession(m, providers=["CPUExecutionProvider"]).run(None, {"input_ids": ids})[0]
     ref, out = run(str(built.path)), run(q.SerializeToString())
     mine = lm_fidelity(out, ref, ids)
     assert orig["perplexity"] == pytest.approx(perplexity(ref, ids), rel=1e-3)
