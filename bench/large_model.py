@@ -128,6 +128,8 @@ def main() -> None:
             sampler.stop.set()
             sampler.join()
             stack.stop()
+            print("peak RSS (GiB):", {k: round(v / GIB, 2) for k, v in sampler.peaks.items()}, "times (s):",
+                  {k: round(v, 1) for k, v in times.items()}, flush=True)  # also when the job failed
         import numpy as np
         import onnxruntime as ort
 
