@@ -349,7 +349,7 @@ def save(model: onnx.ModelProto, path: Path, *, external_above: int = PROTOBUF_L
         ['model.onnx', 'model.onnx.data']
     """
     path = Path(path)
-    if model.ByteSize() <= external_above:
+    if weight_bytes(model) <= external_above:  # not model.ByteSize(): protobuf raises on a model over 2 GiB
         onnx.save_model(model, str(path))
         return [path]
     data = path.with_name(path.name + ".data")
@@ -407,12 +407,10 @@ def weight_bytes(model: onnx.ModelProto) -> int:
     """
     total = 0
     for t in all_tensors(model):
-        if external_data_helper.uses_external_data(t):
-            total += _tensor_nbytes(t)
-        elif t.HasField("raw_data"):
-            total += len(t.raw_data)
+        if external_data_helper.uses_external_data(t) or t.HasField("raw_data"):
+            total += _tensor_nbytes(t)  # from its shape: its raw bytes are not copied to count them
         else:
-            total += t.ByteSize()
+            total += t.ByteSize()  # typed fields (float_data, ...): one tensor is under 2 GiB
     return total
 
 

@@ -110,12 +110,20 @@ def pipeline(args: dict[str, Any], channel: Any, limits: dict[str, Any]) -> dict
             raise KeyError(model_id)
         return load_stored(inside(workdir, reply["path"]), workdir / "inputs" / model_id)
 
+    from google.protobuf.message import EncodeError
+
     (workdir / "out").mkdir(exist_ok=True)
-    result = run_pipeline(original, spec, data, workdir / "out", progress=progress,
-                          input_sha256=args.get("input_sha256"), device=args.get("device", "cpu"),
-                          threads=args.get("threads", 0), load_model=load_model,
-                          checkpoint=ChannelCheckpoint(channel, workdir / "checkpoint") if spec.is_search else None,
-                          **({"external_above": args["external_above"]} if args.get("external_above") is not None else {}))
+    try:
+        result = run_pipeline(original, spec, data, workdir / "out", progress=progress,
+                              input_sha256=args.get("input_sha256"), device=args.get("device", "cpu"),
+                              threads=args.get("threads", 0), load_model=load_model,
+                              checkpoint=ChannelCheckpoint(channel, workdir / "checkpoint") if spec.is_search else None,
+                              **({"external_above": args["external_above"]} if args.get("external_above") is not None
+                                 else {}))
+    except EncodeError:  # an engine serialized a model over 2 GiB whole (the pipeline itself never does)
+        raise errors.CompressionError(
+            "a step serialized the model whole, which protobuf cannot do over 2 GiB: this step does not run on a "
+            "model this large yet") from None
     return {"metrics": result.metrics,
             "files": [{"name": f.name, "path": str(f.path), "kind": f.kind} for f in result.files]}
 
