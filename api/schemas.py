@@ -21,6 +21,7 @@ class ModelPublic(BaseModel):
     sha256: str
     size_bytes: int
     params: int
+    weight_bytes: int | None = None
     inputs: list[TensorInfo]
     outputs: list[TensorInfo]
     created_at: datetime

@@ -46,8 +46,10 @@ def ingest_model(*, upload: Upload, settings: Settings, store: ArtifactStore) ->
     }, limits=sandbox.Limits(**settings.sandbox_limits("check")), workdir=upload.folder)
     if info["params"] > settings.max_model_params:
         raise Problem(413, "too_large", "model too large", f"{info['params']} params; limit {settings.max_model_params}")
-    if info["files"] > 1:
-        raise Problem(413, "too_large", "model too large", "models over 2 GB are not supported yet")
+    if info["files"] > 1:  # a converted .pt2 whose ONNX needs external data: torch's export cannot write it here
+        raise Problem(413, "too_large", "model too large", "a .pt2 program over 2 GB: export it to ONNX with "
+                      "external data (torch.onnx.export(..., external_data=True)) and upload the .onnx and its data "
+                      "as one .zip")
     model_id = new_id()
     key = f"models/{model_id}/model.onnx"
     if info["store"] == "out":
@@ -58,7 +60,7 @@ def ingest_model(*, upload: Upload, settings: Settings, store: ArtifactStore) ->
     else:
         store.put_file(key, upload.path)  # keep the user's bytes exactly
     return {"id": model_id, "format": info["format"], "storage_key": key, "params": info["params"],
-            "inputs": info["inputs"], "outputs": info["outputs"]}
+            "weight_bytes": info["weight_bytes"], "inputs": info["inputs"], "outputs": info["outputs"]}
 
 
 def ingest_dataset(*, upload: Upload, settings: Settings, store: ArtifactStore) -> dict[str, Any]:
@@ -101,8 +103,10 @@ def _search_needs(spec: ParsedSpec, dataset: DatasetRecord | None, model: ModelR
     return errors
 
 
-def validate_job(*, session: Session, team: Team, body: JobCreate) -> tuple[ModelRecord, DatasetRecord | None, dict]:
-    """Everything that can be checked before queueing: ownership, spec, dataset vs model inputs."""
+def validate_job(*, session: Session, team: Team, body: JobCreate,
+                 settings: Settings) -> tuple[ModelRecord, DatasetRecord | None, dict]:
+    """Everything that can be checked before queueing: ownership, spec, steps that cannot run on a large model,
+    dataset vs model inputs."""
     model = session.get(ModelRecord, body.model_id)
     if model is None or model.team_id != team.id:
         raise Problem(404, "not_found", "model not found", "no model with this id in your team",
@@ -118,6 +122,7 @@ def validate_job(*, session: Session, team: Team, body: JobCreate) -> tuple[Mode
     except InvalidSpec as e:
         raise Problem(422, "invalid_spec", "invalid spec", str(e), validation_errors(["spec"], e.errors)) from None
     _check_model_refs(session=session, team=team, spec=spec)  # a 404 before any 422 (preflight relies on it)
+    _check_large_model(model, spec, settings)
     if dataset is not None:
         problems = check_against_model(dataset.arrays, model.inputs)
         if problems:
@@ -132,6 +137,23 @@ def validate_job(*, session: Session, team: Team, body: JobCreate) -> tuple[Mode
     if errors:
         raise Problem(422, "invalid_spec", "invalid spec", "a step needs a dataset", validation_errors(["spec"], errors))
     return model, dataset, spec.to_json()
+
+
+def _check_large_model(model: ModelRecord, spec: ParsedSpec, settings: Settings) -> None:
+    """A 422 ``too_large`` naming each step that cannot run on ``model`` when its weights exceed
+    ``external_data_above_bytes`` (the step's own ``handles_large`` says; a search's candidates are its steps)."""
+    size = model.weight_bytes or 0
+    if size <= settings.external_data_above_bytes:
+        return
+    errors = [{"loc": ["steps", i], "msg": f"{step.method} with these settings does not run on a model of "
+                                           f"{size / 1024**3:.2f} GiB (weights in external data): it holds the "
+                                           "model as one protobuf or in torch"}
+              for i, step in enumerate(spec.steps) if not step.handles_large]
+    if errors:
+        raise Problem(422, "too_large", "model too large for these steps",
+                      f"the model's weights are {size} bytes, over {settings.external_data_above_bytes}: only steps "
+                      "that act on its tensors without training or a torch conversion run on it",
+                      validation_errors(["spec"], errors))
 
 
 def _check_model_refs(*, session: Session, team: Team, spec: ParsedSpec) -> None:
@@ -176,7 +198,7 @@ def create_job(*, session: Session, team: Team, body: JobCreate, idempotency_key
         if existing is not None:
             return _replayed(existing, digest), False
     check_queue_cap(session=session, team=team, settings=settings)  # cheap, before the spec is expanded
-    model, dataset, spec = validate_job(session=session, team=team, body=body)
+    model, dataset, spec = validate_job(session=session, team=team, body=body, settings=settings)
     job = Job(team_id=team.id, model_id=model.id, dataset_id=dataset.id if dataset else None, name=body.name,
               spec=spec, status=JobStatus.queued.value, progress={"phase": "queued", "fraction": 0.0},
               idempotency_key=idempotency_key, request_sha256=digest, queue=queue_for(spec, settings))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -167,7 +168,7 @@ MAC_OPS = _CONV_OPS | _MATMUL_OPS | {"LSTM", "GRU", "RNN"}
 
 
 def measured_shapes(model: onnx.ModelProto, sample: dict[str, np.ndarray], *,
-                    every_value: bool = False) -> dict[str, list[int]]:
+                    every_value: bool = False, path: Path | None = None) -> dict[str, list[int]]:
     """Shapes of the main graph's values as ONNX Runtime produces them on ``sample`` (batch 1).
 
     Measured rather than inferred: shape inference cannot follow every reshape or dynamic dimension, and
@@ -178,6 +179,9 @@ def measured_shapes(model: onnx.ModelProto, sample: dict[str, np.ndarray], *,
         sample: one array per graph input, batch 1.
         every_value: expose every node output (what cut-point search needs), not only the operands and
             results of the MAC ops (``Conv``, ``Gemm``, ``MatMul`` and their integer variants).
+        path: ``model`` as written with its weights in external data beside it (:func:`compression.modelio.save`):
+            the probe is then its graph alone, written next to it and run from that file, so a model over
+            protobuf's 2 GiB is neither copied nor serialized.
 
     Returns:
         Value name -> shape.
@@ -188,8 +192,11 @@ def measured_shapes(model: onnx.ModelProto, sample: dict[str, np.ndarray], *,
     """
     import onnxruntime as ort
 
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
+    if path is not None:
+        probe = onnx.load_model(str(path), load_external_data=False)
+    else:
+        probe = onnx.ModelProto()
+        probe.CopyFrom(model)
     g = probe.graph
     inits = {t.name: [int(d) for d in t.dims] for t in g.initializer}
     skip = set(inits) | {o.name for o in g.output}
@@ -221,9 +228,18 @@ def measured_shapes(model: onnx.ModelProto, sample: dict[str, np.ndarray], *,
                         types[out], changed = typed, True
     for name in wanted:
         g.output.append(helper.make_tensor_value_info(name, types.get(name, onnx.TensorProto.UNDEFINED), None))
-    sess = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    if path is None:
+        sess = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    else:  # beside the model, so its external-data locations resolve
+        probe_path = Path(path).with_name(f".probe-{Path(path).name}")
+        onnx.save_model(probe, str(probe_path))
+        try:
+            sess = ort.InferenceSession(str(probe_path), providers=["CPUExecutionProvider"])
+        finally:
+            probe_path.unlink(missing_ok=True)
     out_names = [o.name for o in sess.get_outputs()]
     shapes = {k: list(np.shape(v)) for k, v in zip(out_names, sess.run(out_names, sample))}
+    del sess
     shapes.update(inits)
     shapes.update({k: list(np.shape(v)) for k, v in sample.items()})
     return shapes
@@ -262,9 +278,10 @@ def node_macs(node: onnx.NodeProto, shapes: dict[str, list[int]]) -> int:
     return 0
 
 
-def macs(model: onnx.ModelProto, sample: dict[str, np.ndarray]) -> int:
-    """Multiply-accumulates for one sample (``sample`` arrays have batch 1), Conv/Gemm/MatMul only."""
-    shapes = measured_shapes(model, sample)
+def macs(model: onnx.ModelProto, sample: dict[str, np.ndarray], *, path: Path | None = None) -> int:
+    """Multiply-accumulates for one sample (``sample`` arrays have batch 1), Conv/Gemm/MatMul only; ``path``:
+    the model as written with external data (see :func:`measured_shapes`)."""
+    shapes = measured_shapes(model, sample, path=path)
     return sum(node_macs(n, shapes) for n in model.graph.node)
 
 

@@ -22,8 +22,11 @@ from compression.analysis import graph_io, param_counts
 from compression.archives import ZIP_ERRORS, check_zip_sizes
 from compression.errors import InvalidModel, UnsupportedModelFormat
 
-# ONNX protobuf cannot exceed 2 GiB in one file; above this we keep weights as external data.
+# ONNX protobuf cannot exceed 2 GiB in one file; above this we keep weights as external data (the service's
+# ``external_data_above_bytes`` setting, lowered in tests so a small model takes the same road).
 PROTOBUF_LIMIT = 1_900_000_000
+EXTERNAL_TENSOR_MIN_BYTES = 1024  # smaller tensors (shapes, scales) stay in the graph
+EXTERNAL_ALIGN = 4096  # a page: ONNX Runtime maps page-aligned external data rather than copying it
 
 
 @dataclass
@@ -223,8 +226,7 @@ def _check_external_size(t: onnx.TensorProto, info: external_data_helper.Externa
         raise InvalidModel(f"tensor {t.name!r} declares an impossible shape {list(t.dims)}")
     if t.data_type == onnx.TensorProto.STRING:
         raise InvalidModel(f"tensor {t.name!r}: string tensors cannot be external data")
-    bits = {onnx.TensorProto.INT4: 4, onnx.TensorProto.UINT4: 4}.get(t.data_type)
-    want = (numel * bits + 7) // 8 if bits else numel * helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+    want = _tensor_nbytes(t)
     offset = info.offset or 0
     have = info.length if info.length is not None else target.stat().st_size - offset
     if have != want or offset + want > target.stat().st_size:
@@ -333,16 +335,89 @@ def serialize(model: onnx.ModelProto) -> bytes:
     return model.SerializeToString()
 
 
-def save(model: onnx.ModelProto, path: Path) -> list[Path]:
-    """Write a model; beyond protobuf's 2 GiB its weights go to ``<name>.data`` beside it. Returns files."""
+def save(model: onnx.ModelProto, path: Path, *, external_above: int = PROTOBUF_LIMIT) -> list[Path]:
+    """Write a model; one of more than ``external_above`` bytes keeps its weights in ``<name>.data`` beside
+    it (protobuf cannot hold 2 GiB in one file). Returns the files written, the ``.onnx`` first.
+
+    ``model`` is left as it was: onnx's own external-data save strips the weights out of the proto it writes,
+    which would leave the caller (the pipeline goes on with the same model) holding references to a file.
+    Here each tensor's bytes go to the file one at a time and come back after the graph is written, so the
+    process never holds a second copy of the weights.
+
+    Example:
+        >>> [p.name for p in save(model, tmp / "model.onnx", external_above=0)]  # doctest: +SKIP
+        ['model.onnx', 'model.onnx.data']
+    """
     path = Path(path)
-    if model.ByteSize() < PROTOBUF_LIMIT:
+    if weight_bytes(model) <= external_above:  # not model.ByteSize(): protobuf raises on a model over 2 GiB
         onnx.save_model(model, str(path))
         return [path]
     data = path.with_name(path.name + ".data")
-    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=data.name, size_threshold=1024)
+    moved = _move_to_external(model, data)
+    try:
+        onnx.save_model(model, str(path))  # the graph alone: its big tensors point into ``data``
+    finally:
+        _bring_back(model, moved, data)
     return [path, data]
+
+
+def _move_to_external(model: onnx.ModelProto, data: Path) -> list[tuple[onnx.TensorProto, int, int]]:
+    """Write every tensor of at least ``EXTERNAL_TENSOR_MIN_BYTES`` to ``data`` (offsets page-aligned, so ONNX
+    Runtime may map them instead of copying) and point it there; returns ``(tensor, offset, length)``."""
+    moved: list[tuple[onnx.TensorProto, int, int]] = []
+    try:
+        with open(data, "wb") as f:
+            for t in all_tensors(model):
+                if not t.HasField("raw_data"):
+                    continue
+                raw = t.raw_data
+                if len(raw) < EXTERNAL_TENSOR_MIN_BYTES:
+                    continue
+                pos = f.tell()
+                offset = pos + (-pos) % EXTERNAL_ALIGN
+                f.seek(offset)
+                f.write(raw)
+                del raw
+                moved.append((t, offset, f.tell() - offset))
+                external_data_helper.set_external_data(t, data.name, offset=offset, length=moved[-1][2])
+                t.ClearField("raw_data")
+    except BaseException:
+        _bring_back(model, moved, data)
+        raise
+    return moved
+
+
+def _bring_back(model: onnx.ModelProto, moved: list[tuple[onnx.TensorProto, int, int]], data: Path) -> None:
+    """Undo :func:`_move_to_external`: each tensor's bytes read back from ``data``, its references dropped."""
+    with open(data, "rb") as f:
+        for t, offset, length in moved:
+            f.seek(offset)
+            t.raw_data = f.read(length)
+            del t.external_data[:]
+            t.data_location = onnx.TensorProto.DEFAULT
+
+
+def weight_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of the model's tensors, loaded or still in external files (what :func:`save` measures against
+    its limit, without serializing anything).
+
+    Example:
+        >>> weight_bytes(onnx.load("lenet.onnx"))  # doctest: +SKIP
+        1066440
+    """
+    total = 0
+    for t in all_tensors(model):
+        if external_data_helper.uses_external_data(t) or t.HasField("raw_data"):
+            total += _tensor_nbytes(t)  # from its shape: its raw bytes are not copied to count them
+        else:
+            total += t.ByteSize()  # typed fields (float_data, ...): one tensor is under 2 GiB
+    return total
+
+
+def _tensor_nbytes(t: onnx.TensorProto) -> int:
+    numel = int(np.prod([int(d) for d in t.dims], dtype=np.float64)) if t.dims else 1
+    bits = {onnx.TensorProto.INT4: 4, onnx.TensorProto.UINT4: 4}.get(t.data_type)
+    return (numel * bits + 7) // 8 if bits else numel * helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
 
 
 def describe(model: onnx.ModelProto) -> dict[str, Any]:

@@ -51,13 +51,15 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def eval_data(original: onnx.ModelProto, data: DataSplit | None, *, threads: int, seed: int) -> EvalData:
-    """Held-out inputs (or synthetic ones when there is no dataset) and the original's outputs on them."""
+def eval_data(original: onnx.ModelProto, data: DataSplit | None, *, threads: int, seed: int,
+              path: Path | None = None) -> EvalData:
+    """Held-out inputs (or synthetic ones when there is no dataset) and the original's outputs on them
+    (run from ``path``, the original as written, when given: a model over 2 GiB cannot be serialized)."""
     if data is not None:
         inputs, labels = data.holdout.inputs, data.holdout.labels
     else:
         inputs, labels = synthetic_inputs(modelio.describe(original)["inputs"], 64, seed=seed), None
-    reference = run_batched(session(original, threads), inputs)
+    reference = run_batched(session(path if path is not None else original, threads), inputs)
     return EvalData(inputs=inputs, labels=labels, reference=reference)
 
 
@@ -73,6 +75,7 @@ def run_pipeline(
     threads: int = 0,
     load_model: Callable[[str], onnx.ModelProto] | None = None,
     checkpoint: Any = None,
+    external_above: int = modelio.PROTOBUF_LIMIT,
 ) -> PipelineResult:
     """Apply ``spec`` to ``original`` and measure everything.
 
@@ -86,6 +89,9 @@ def run_pipeline(
         load_model: resolves model ids named in steps (teachers, students, rewind inits); None: none can be.
         checkpoint: a search's durable store of finished candidates (:class:`compression.search.Checkpoint`),
             so a retried job resumes; None: a search starts over.
+        external_above: every model written (the original measured, each step's, the result) keeps its
+            weights in a ``.data`` file beside its ``.onnx`` above this many bytes (:func:`modelio.save`);
+            models are measured from their files, so nothing is serialized whole.
 
     Returns:
         PipelineResult with ``metrics = {original, steps[], result}`` (each step and the result with its
@@ -107,10 +113,13 @@ def run_pipeline(
         progress({"phase": phase, "step": step, "steps": n, "fraction": round(overall, 4), "message": message})
 
     report_progress("evaluating", 0, 0.0, "measuring the original")
-    ev = eval_data(original, data, threads=threads, seed=seed)
+
+    def save(model: onnx.ModelProto, path: Path) -> list[Path]:
+        return modelio.save(model, path, external_above=external_above)
+
     files: list[OutputFile] = []
-    orig_path = workdir / "original.onnx"
-    orig_files = modelio.save(original, orig_path)
+    orig_files = save(original, workdir / "original.onnx")
+    ev = eval_data(original, data, threads=threads, seed=seed, path=orig_files[0])
     m_orig = measure(original, orig_files, ev, latency_runs=spec.eval.latency_runs, threads=threads)
     metrics: dict[str, Any] = {"original": m_orig, "steps": []}
     current = original
@@ -140,7 +149,7 @@ def run_pipeline(
         current = result.model
         step_progress("benchmarking", 1.0, "measuring")
         name = f"step{i + 1}-{step.method}.onnx"
-        step_files = modelio.save(current, workdir / name)
+        step_files = save(current, workdir / name)
         m = measure(current, step_files, ev, latency_runs=spec.eval.latency_runs, threads=threads)
         m["ratios"] = ratios(m, m_orig)
         m["verdict"] = verdict(m, m_orig, spec.eval)
@@ -149,11 +158,11 @@ def run_pipeline(
         reports.append({"method": step.method, "spec": step.model_dump(mode="json"), "report": result.report})
         files.extend(OutputFile(f.name, f, "step_model") for f in step_files)
         for extra_name, extra_model in result.extra_models.items():
-            for f in modelio.save(extra_model, workdir / extra_name):
+            for f in save(extra_model, workdir / extra_name):
                 files.append(OutputFile(f.name, f, "model"))
     files.extend(files_extra)
     report_progress("exporting", n, 0.5, "writing artifacts")
-    final_files = modelio.save(current, workdir / "model.onnx")
+    final_files = save(current, workdir / "model.onnx")
     result_metrics = dict(metrics["steps"][-1])
     result_metrics.pop("method", None)
     metrics["result"] = result_metrics
@@ -178,7 +187,7 @@ def run_pipeline(
             "eval": {"samples": int(len(next(iter(ev.inputs.values())))),
                      "source": "holdout split" if data is not None else "synthetic inputs (no dataset)",
                      **(data.meta if data is not None else {})},
-            "result_sha256": hashlib.sha256(b"".join(p.read_bytes() for p in final_files)).hexdigest(),
+            "result_sha256": _sha256_files(final_files),
         },
     }
     report_path = workdir / "report.json"
@@ -186,6 +195,16 @@ def run_pipeline(
     files.append(OutputFile("report.json", report_path, "report"))
     report_progress("exporting", n, 1.0, "done")
     return PipelineResult(metrics=json.loads(json.dumps(metrics, default=json_default)), report=report, files=files)
+
+
+def _sha256_files(paths: list[Path]) -> str:
+    """sha256 of the files' bytes one after another, read in chunks (a model with external data is GiBs)."""
+    h = hashlib.sha256()
+    for p in paths:
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
 
 
 def _search(original: onnx.ModelProto, spec: ParsedSpec, data: DataSplit | None, workdir: Path, ev: EvalData,

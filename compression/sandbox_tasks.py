@@ -20,9 +20,10 @@ def read_upload(args: dict[str, Any], channel: Any, limits: dict[str, Any]) -> d
     """Validate an uploaded model (ONNX, zip of ONNX + external data, ``.pt2``) and describe it.
 
     Writes ``args["out"]`` when the stored form is not the upload itself (a converted ``.pt2``, a small zip
-    inlined into one ``.onnx``). Returns ``{format, store: "upload" | "out", inputs, outputs, params, files}``.
+    inlined into one ``.onnx``). Returns ``{format, store: "upload" | "out", inputs, outputs, params, files,
+    weight_bytes}`` (``weight_bytes``: the tensors' bytes, counted from their headers: nothing more is loaded).
     """
-    from compression.modelio import describe, read_upload as read, save, uses_external_data
+    from compression.modelio import describe, read_upload as read, save, uses_external_data, weight_bytes
 
     workdir = Path(args["workdir"])
     loaded = read(Path(args["path"]), args["filename"], workdir, max_unpacked_bytes=args["max_unpacked_bytes"],
@@ -31,7 +32,8 @@ def read_upload(args: dict[str, Any], channel: Any, limits: dict[str, Any]) -> d
     store, files = "upload", 1
     if loaded.format == "pt2" or (loaded.format == "onnx_zip" and not uses_external_data(loaded.model)):
         store, files = "out", len(save(loaded.model, Path(args["out"])))
-    return {"format": loaded.format, "store": store, "files": files, **info}
+    return {"format": loaded.format, "store": store, "files": files, "weight_bytes": weight_bytes(loaded.model),
+            **info}
 
 
 def preflight_probe(args: dict[str, Any], channel: Any, limits: dict[str, Any]) -> dict[str, Any]:
@@ -108,11 +110,20 @@ def pipeline(args: dict[str, Any], channel: Any, limits: dict[str, Any]) -> dict
             raise KeyError(model_id)
         return load_stored(inside(workdir, reply["path"]), workdir / "inputs" / model_id)
 
+    from google.protobuf.message import EncodeError
+
     (workdir / "out").mkdir(exist_ok=True)
-    result = run_pipeline(original, spec, data, workdir / "out", progress=progress,
-                          input_sha256=args.get("input_sha256"), device=args.get("device", "cpu"),
-                          threads=args.get("threads", 0), load_model=load_model,
-                          checkpoint=ChannelCheckpoint(channel, workdir / "checkpoint") if spec.is_search else None)
+    try:
+        result = run_pipeline(original, spec, data, workdir / "out", progress=progress,
+                              input_sha256=args.get("input_sha256"), device=args.get("device", "cpu"),
+                              threads=args.get("threads", 0), load_model=load_model,
+                              checkpoint=ChannelCheckpoint(channel, workdir / "checkpoint") if spec.is_search else None,
+                              **({"external_above": args["external_above"]} if args.get("external_above") is not None
+                                 else {}))
+    except EncodeError:  # an engine serialized a model over 2 GiB whole (the pipeline itself never does)
+        raise errors.CompressionError(
+            "a step serialized the model whole, which protobuf cannot do over 2 GiB: this step does not run on a "
+            "model this large yet") from None
     return {"metrics": result.metrics,
             "files": [{"name": f.name, "path": str(f.path), "kind": f.kind} for f in result.files]}
 

@@ -7,6 +7,8 @@ the technique instead of from a table of method names:
 - ``needs_data`` — it needs the job's dataset (training, calibration, measuring on the held-out split);
 - ``needs_torch`` — the ONNX graph must be converted to a trainable torch module (ops the converter lacks
   block it);
+- ``handles_large`` — it runs on a model over protobuf's 2 GiB (weights in external data): submit refuses
+  the others on such a model;
 - ``preflight(facts)`` — what the step can act on in a model, from what preflight's probe measured;
 - ``forward_passes(train_n)`` — a rough count of the sample forward passes it runs (preflight's cost);
 - ``auto_grid(raw_step)`` — the values ``search: auto`` tries for the step's fields.
@@ -133,6 +135,19 @@ class StepSpec(StrictModel):
     def needs_torch(self) -> bool:
         """Whether the graph must be converted to a trainable torch module (blocked by ops the converter lacks)."""
         return self.trains
+
+    @property
+    def handles_large(self) -> bool:
+        """Whether the step runs on a model whose weights exceed protobuf's 2 GiB (stored with external data).
+
+        The pipeline hands every step the model with its weights loaded (protobuf holds more than 2 GiB in
+        memory; only serializing fails) and writes and measures models from files. By default a step that
+        neither trains nor converts to torch: it acts on the graph's tensors. One that does holds the weights
+        again in torch (with gradients and optimizer state when it trains); an engine that serializes the
+        whole model (a session from bytes, ``onnx.shape_inference.infer_shapes`` on the proto) must say False
+        for the settings that do.
+        """
+        return not (self.trains or self.needs_torch)
 
     def preflight(self, facts: ModelFacts) -> StepCheck:
         """The step against the model preflight probed: by default it acts on the weighted layers."""

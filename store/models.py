@@ -76,6 +76,9 @@ class ModelRecord(Base):
     sha256: Mapped[str] = mapped_column(String(64))
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     params: Mapped[int] = mapped_column(BigInteger)
+    # the tensors' bytes (None for rows from before it was counted): above the service's
+    # external_data_above_bytes the model is large and only steps that handle large models run on it
+    weight_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     inputs: Mapped[list[Any]] = mapped_column(JSON)
     outputs: Mapped[list[Any]] = mapped_column(JSON)
     storage_key: Mapped[str] = mapped_column(String(300))

@@ -41,6 +41,12 @@ class Settings(BaseSettings):
     model_inline_max_bytes: int = Field(
         16 * 1024**2, ge=0, description="A .zip upload whose external data is larger is validated without loading its "
                                         "weights into the API and stored as the zip; smaller ones become one .onnx.")
+    external_data_above_bytes: int = Field(
+        1_900_000_000, ge=0, le=1_900_000_000,
+        description="Models whose weights exceed this are written as .onnx + .onnx.data (each model a job writes: "
+                    "the measured original, each step's, the result); an upload over it is large, and only steps "
+                    "that handle large models run on it (others: 413 too_large at submit). At most protobuf's "
+                    "2 GiB; lowered in tests so a small model takes the same road.")
     job_time_limit_s: int = Field(6 * 3600, ge=10, le=7 * 24 * 3600, description="Wall-clock limit of one job.")
     max_attempts: int = Field(3, ge=1, le=20, description="Attempts before a repeatedly lost job fails.")
     heartbeat_s: float = Field(10.0, gt=0, le=600, description="How often a worker touches its job row.")

@@ -216,6 +216,7 @@ def run_job(job_id: str, settings: Settings) -> str:
         out = sandbox.run("pipeline", {
             "workdir": str(workdir), "model_path": str(model_path), "dataset_path": str(ds_path) if ds_path else None,
             "spec": spec_raw, "device": device, "threads": settings.worker_threads,
+            "external_above": settings.external_data_above_bytes,
             "input_sha256": {"model": model_sha, **({"dataset": ds_sha} if ds_sha else {})},
         }, limits=sandbox.Limits(**settings.sandbox_limits("job"), gpu=device == "cuda"), workdir=workdir,
             on_ask=relay.answer)

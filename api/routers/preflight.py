@@ -98,7 +98,7 @@ def preflight(body: JobCreate, team: TeamDep, session: SessionDep, settings: Set
     """Dry run: per step whether it applies, which ops block training or structured pruning, a rough cost."""
     rejection = None
     try:
-        model, dataset, _ = validate_job(session=session, team=team, body=body)
+        model, dataset, _ = validate_job(session=session, team=team, body=body, settings=settings)
         spec = parse_spec(body.spec)
     except Problem as p:
         if p.status != 422:
