@@ -25,7 +25,7 @@ _QPARAM_OPS = {"QuantizeLinear", "DequantizeLinear"}
 # everything) in a Constant node. Integer shapes, axes and pads are not weight types in the first place.
 _CONFIG_INPUTS = {"Resize": {1, 2}, "Upsample": {1}, "Clip": {1, 2}, "Pad": {1, 2, 3}}
 _CONV_OPS = {"Conv", "ConvInteger", "ConvTranspose"}
-_MATMUL_OPS = {"MatMul", "MatMulInteger", "Gemm"}
+_MATMUL_OPS = {"MatMul", "MatMulInteger", "Gemm", "MatMulNBits"}
 # metadata_props key under which quantization's packing records the weights it packed (codes name -> entry)
 PACKED_KEY = "netcompress.packed_weights"
 
@@ -249,8 +249,9 @@ def node_macs(node: onnx.NodeProto, shapes: dict[str, list[int]]) -> int:
     """Multiply-accumulates per sample of one node, from measured shapes (:func:`measured_shapes`).
 
     The one counting rule of the project: Conv (and ConvInteger) = output elements × weight elements per
-    output channel; ConvTranspose = input elements × the same; MatMul (and MatMulInteger) and Gemm =
-    output elements × the reduced dimension; LSTM / GRU / RNN = time steps × batch × directions × gates ×
+    output channel; ConvTranspose = input elements × the same; MatMul (and MatMulInteger, and ONNX Runtime's
+    weight-only MatMulNBits, whose packed weight's shape is not ``[K, N]``) and Gemm = output elements × the
+    reduced dimension; LSTM / GRU / RNN = time steps × batch × directions × gates ×
     hidden × (input + hidden), the input and recurrent projections of every step. Every other op counts 0.
 
     Raises:
@@ -264,7 +265,7 @@ def node_macs(node: onnx.NodeProto, shapes: dict[str, list[int]]) -> int:
         return int(np.prod(shapes[node.output[0]])) * int(np.prod(shapes[node.input[1]][1:]))
     if node.op_type == "ConvTranspose":
         return int(np.prod(shapes[node.input[0]])) * int(np.prod(shapes[node.input[1]][1:]))
-    if node.op_type in ("MatMul", "MatMulInteger"):
+    if node.op_type in ("MatMul", "MatMulInteger", "MatMulNBits"):
         return int(np.prod(shapes[node.output[0]])) * int(shapes[node.input[0]][-1])
     if node.op_type == "Gemm":
         a = shapes[node.input[0]]

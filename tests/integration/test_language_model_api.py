@@ -1,5 +1,8 @@
-"""A language model through the CLI and the API (issue 15): the zoo's byte-level GPT and a text file given as
-``--texts FILE --bytes``, quantized int8 dynamic by the worker. The job's perplexity (original and result),
+"""A language model through the CLI and the API (issue 15): the zoo's byte-level GPT (TorchScript export) and a
+text file given as ``--texts FILE --bytes``, quantized weight-only int4 with its defaults by the worker. The
+artifact holds MatMulNBits and GatherBlockQuantized nodes, loads in ONNX Runtime and is ≥ 4× smaller than
+float32; the LM head is kept at 8 bits and the SDK reads the bits per layer the CLI prints. The job's
+perplexity (original and result),
 token agreement and KL are what this test computes itself, with torch's cross_entropy and kl_div, from the
 downloaded artifact run in ONNX Runtime on the held-out split (``compression.data.split`` with the job's
 ``eval.seed`` and ``eval.holdout``), over windows it cuts from the raw bytes itself."""
@@ -17,6 +20,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from client import Client
+from client.cli import layer_bits_lines
 from compression.data import Arrays, split
 from testkit import real_zoo
 from testkit.stack import NC
@@ -30,13 +35,13 @@ def _logits(model: bytes | str, ids: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(sess.run(None, {"input_ids": ids})[0]).double()
 
 
-def test_gpt_int8_perplexity_agreement_and_kl_match_onnx_runtime(stack, zoo_folder, tmp_path):
+def test_gpt_int4_through_the_cli_perplexity_agreement_and_kl_match_onnx_runtime(stack, zoo_folder, tmp_path):
     built = real_zoo.build("gpt", "legacy17", zoo_folder)  # the matrix's build (cached); input_ids [batch, 32] → logits [batch, 32, 256]
     raw = "\n".join(pydoc_data.topics.topics.values()).encode()[:SEQ * WINDOWS]
     text = tmp_path / "topics.txt"
     text.write_bytes(raw)
     spec = tmp_path / "spec.json"
-    spec.write_text(json.dumps({"steps": [{"method": "quantize", "mode": "dynamic"}],
+    spec.write_text(json.dumps({"steps": [{"method": "quantize", "scheme": "int4"}],
                                 "eval": {"latency_runs": 5, "holdout": 0.2, "seed": 3}}))
     env = {**stack.env, "NETCOMPRESS_URL": stack.url, "NETCOMPRESS_API_KEY": stack.key}
     r = subprocess.run(NC + ["submit", str(built.path), "--texts", str(text), "--bytes", "--seq-len", str(SEQ),
@@ -52,7 +57,10 @@ def test_gpt_int8_perplexity_agreement_and_kl_match_onnx_runtime(stack, zoo_fold
     ids = np.frombuffer(raw, np.uint8).astype(np.int64).reshape(WINDOWS, SEQ)
     held = split(Arrays({"input_ids": ids}), holdout=0.2, seed=3, max_eval=2000).holdout.inputs["input_ids"]
     artifact = stack.client().get(f"/v1/jobs/{job['id']}/artifacts/model.onnx").content
-    onnx.checker.check_model(onnx.load_model(io.BytesIO(artifact)))
+    q = onnx.load_model(io.BytesIO(artifact))
+    onnx.checker.check_model(q)
+    assert {"MatMulNBits", "GatherBlockQuantized"} <= {n.op_type for n in q.graph.node}
+    assert res["ratios"]["file_bytes"] >= 4.0, res["ratios"]
     ref, out = _logits(str(built.path), held), _logits(artifact, held)
     target = torch.from_numpy(held[:, 1:]).reshape(-1)
 
@@ -65,8 +73,17 @@ def test_gpt_int8_perplexity_agreement_and_kl_match_onnx_runtime(stack, zoo_fold
     assert orig["perplexity"] == pytest.approx(ppl(ref), rel=1e-4)
     assert res["perplexity"] == pytest.approx(ppl(out), rel=1e-4)
     assert res["token_agreement"] == pytest.approx(agree, abs=1.5 / held.size)  # one position at most
-    assert res["kl"] == pytest.approx(float(kl), rel=1e-2) and res["kl"] > 0  # int8 moves the distribution
+    assert res["kl"] == pytest.approx(float(kl), rel=1e-2) and res["kl"] > 0  # int4 moves the distribution
+    assert agree >= 0.9
     assert res["sequence_length"] == orig["sequence_length"] == SEQ and "agreement" not in res
     assert res["ratios"]["perplexity_ratio"] == pytest.approx(res["perplexity"] / orig["perplexity"], rel=1e-5)
     summary = res["verdict"]["summary"]
     assert f"perplexity {res['perplexity']:.2f} vs {orig['perplexity']:.2f}" in summary and "within ×1.10" in summary
+
+    # bits per layer: the LM head at 8 bits, the other MatMuls and the tables at 4 (the SDK, the CLI's lines)
+    with Client(stack.url, stack.key) as nc:
+        report = nc.job(job["id"]).report()
+    layers = report["steps"][0]["report"]["layers"]
+    assert {entry["bits"] for entry in layers} == {4, 8} and sum(e["bits"] == 8 for e in layers) == 1, layers
+    line = layer_bits_lines(report)[0]
+    assert "at 4 bits" in line and "1 at 8 bits" in line and "block 32" in line, line

@@ -15,9 +15,8 @@ from testkit.large_model import decoder_params, write_decoder, zip_folder
 from testkit.stack import expect_problem, start_embedded, upload, wait_job
 
 HIDDEN, LAYERS = 64, 6
-LIMIT = 256 * 1024
-# the weight-only step this test runs; switch to {"method": "quantize", "scheme": "int4"} once that scheme is in
-STEP = {"method": "quantize", "scheme": "fp16"}
+LIMIT = 64 * 1024  # the int4 result (~0.25 MB) is over it too: written with external data
+STEP = {"method": "quantize", "scheme": "int4"}
 
 
 @pytest.fixture(scope="module")
@@ -56,5 +55,5 @@ def test_large_model_upload_job_download(large_stack, tmp_path):
     assert y.shape == (2, HIDDEN) and np.isfinite(y).all()
     orig, result = job["metrics"]["original"], job["metrics"]["result"]
     assert orig["file_bytes"] >= params * 4 and orig["macs"] == params == result["macs"]
-    assert orig["zip_bytes"] > 0 and result["zip_bytes"] > 0 and result["output_cosine"] > 0.999
-    assert result["file_bytes"] < orig["file_bytes"] and result["ratios"]["file_bytes"] > 1.5
+    assert orig["zip_bytes"] > 0 and result["zip_bytes"] > 0 and result["output_cosine"] > 0.95
+    assert result["file_bytes"] < orig["file_bytes"] and result["ratios"]["file_bytes"] > 4

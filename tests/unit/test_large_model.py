@@ -75,8 +75,12 @@ def test_pipeline_writes_every_model_with_external_data(decoder, tmp_path):
 
 
 def test_which_steps_handle_large_models():
-    steps = parse_spec({"steps": [{"method": "quantize", "scheme": "fp16"},
+    steps = parse_spec({"steps": [{"method": "quantize", "scheme": "int4"},
+                                  {"method": "quantize", "scheme": "int8", "mode": "weight_only"},
+                                  {"method": "quantize", "scheme": "int4", "algorithm": "gptq"},
+                                  {"method": "quantize", "scheme": "int4", "format": "qdq"},
+                                  {"method": "quantize", "scheme": "fp16"},
                                   {"method": "quantize", "scheme": "int8", "mode": "dynamic"},
                                   {"method": "prune", "sparsity": 0.5, "finetune": {"epochs": 1}},
                                   {"method": "prune", "granularity": "channel", "sparsity": 0.5}]}).steps
-    assert [s.handles_large for s in steps] == [True, True, False, False]
+    assert [s.handles_large for s in steps] == [True, True, False, False, False, False, False, False]

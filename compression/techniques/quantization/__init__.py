@@ -252,6 +252,13 @@ class QuantizeSpec(StepSpec):
             return self.mode in ("static", "qat")
         return self.recovery is not None
 
+    @property
+    def handles_large(self) -> bool:
+        """Weight-only rtn/hqq in MatMulNBits form acts on tensors in memory and checks its result from files:
+        it runs on a model over 2 GiB. The other schemes serialize the whole model (fp16's shape inference,
+        the int8 quantizer's save, GPTQ's calibration sessions, qdq's version converter) or train."""
+        return self.weight_only and self.format == "matmulnbits" and self.algorithm != "gptq"
+
     def preflight(self, facts: ModelFacts) -> StepCheck:
         if self.weight_only:
             from compression.techniques.quantization.weight_only import preflight_check

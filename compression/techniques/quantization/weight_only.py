@@ -29,6 +29,7 @@ import contextlib
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -279,6 +280,11 @@ def quantize_weight_only(model: onnx.ModelProto, ctx: StepContext, *, options: W
     if options.format == "qdq" and original_opset < QDQ_BLOCK_OPSET:
         prepared = _to_opset(prepared, sample)
         notes.append(f"opset {original_opset} converted to {QDQ_BLOCK_OPSET} (blocked DequantizeLinear)")
+    # the passes below work in place on ``prepared`` (prepare() made it: never the caller's model), so a
+    # multi-GiB model is not copied once per pass; what the report compares is taken first
+    before_names = {t.name for t in prepared.graph.initializer}
+    quantized_names = {w.weight for w in chosen}
+    before_bytes = {t.name: _nbytes(t) for t in prepared.graph.initializer if t.name in quantized_names}
     bits: dict[str, int] = {}
     out = prepared
     four = [w for w in chosen if w.op == "MatMul" and w.node not in eight]
@@ -307,16 +313,15 @@ def quantize_weight_only(model: onnx.ModelProto, ctx: StepContext, *, options: W
             else:
                 out = _checked(out, gathers, 4, bits, lambda m: _rtn_pass(m, gathers, 4, options, ("Gather",)))
     out = _finish(out, original_opset, options, notes)
-    _check_runs(out, sample)
+    _check_runs(out, sample, ctx.workdir)
     rows = [{"name": w.node, "weight": w.weight, "op": w.op, "shape": list(w.shape), "bits": bits.get(w.node, 32),
              "block_size": options.block_size if w.node in bits else None,
              "algorithm": (options.algorithm if bits.get(w.node) == 4 and w.op == "MatMul" else "rtn")
              if w.node in bits else None,
              "params": int(np.prod(w.shape)), "bits_per_weight": _bits_per_weight(bits.get(w.node, 32), options)}
             for w in found]
-    before_names = {t.name for t in prepared.graph.initializer}
     quantized = {w.weight for w in found if w.node in bits}
-    before = sum(_nbytes(t) for t in prepared.graph.initializer if t.name in quantized)
+    before = sum(n for name, n in before_bytes.items() if name in quantized)
     after = sum(_nbytes(t) for t in out.graph.initializer if t.name not in before_names)
     report = {"layers": rows, "bytes_before": before, "bytes_after": after,
               "quantized_weights": len(bits), "left_float": [w.node for w in found if w.node not in bits],
@@ -343,7 +348,7 @@ def _four_bit_pass(model: onnx.ModelProto, targets: list[Weight], options: Weigh
         from onnxruntime.quantization.matmul_nbits_quantizer import HQQWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
         cfg = HQQWeightOnlyQuantConfig(block_size=options.block_size, bits=4, op_types_to_quantize=("MatMul",))
-        q = MatMulNBitsQuantizer(_copy(model), bits=4, block_size=options.block_size, is_symmetric=False,
+        q = MatMulNBitsQuantizer(model, bits=4, block_size=options.block_size, is_symmetric=False,
                                  accuracy_level=options.accuracy_level, nodes_to_exclude=_others(model, targets),
                                  algo_config=cfg)
         q.process()
@@ -362,7 +367,7 @@ def _rtn_pass(model: onnx.ModelProto, targets: list[Weight], nbits: int, options
     cfg = DefaultWeightOnlyQuantConfig(block_size=options.block_size, is_symmetric=options.symmetric,
                                        accuracy_level=options.accuracy_level, quant_format=fmt,
                                        op_types_to_quantize=ops, bits=nbits)
-    q = MatMulNBitsQuantizer(_copy(model), bits=nbits, block_size=options.block_size,
+    q = MatMulNBitsQuantizer(model, bits=nbits, block_size=options.block_size,
                              is_symmetric=options.symmetric, accuracy_level=options.accuracy_level,
                              nodes_to_exclude=_others(model, targets), algo_config=cfg)
     q.process()
@@ -398,8 +403,8 @@ def _dq_pass(model: onnx.ModelProto, targets: list[Weight], nbits: int, options:
              bits: dict[str, int], *, table: bool = False, blocked: bool = True) -> onnx.ModelProto:
     """Blocked ``DequantizeLinear`` (opset 21) in front of each target: the 8-bit head in QDQ form, and the
     tables where ORT has no writer (QDQ Gather, 8-bit Gather). ``blocked=False``: a scale per table row
-    (``axis`` 0, opset 13), for 8-bit tables of a model below opset 21."""
-    out = _copy(model)
+    (``axis`` 0, opset 13), for 8-bit tables of a model below opset 21. In place: ``model`` is the engine's."""
+    out = model
     g = out.graph
     inits = {t.name: t for t in g.initializer}
     by_name = {n.name: n for n in g.node}
@@ -526,11 +531,20 @@ def _to_opset(model: onnx.ModelProto, sample: dict[str, np.ndarray] | None) -> o
                               f"this model ({_reason(e)}); use format: matmulnbits") from None
 
 
-def _check_runs(model: onnx.ModelProto, sample: dict[str, np.ndarray] | None) -> None:
+def _check_runs(model: onnx.ModelProto, sample: dict[str, np.ndarray] | None, workdir: Path) -> None:
+    """The result must load and run; one too big to serialize (over protobuf's 2 GiB) is checked from files."""
     import onnxruntime as ort
 
+    from compression.modelio import PROTOBUF_LIMIT, save, weight_bytes
+
     try:
-        sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        if weight_bytes(model) > PROTOBUF_LIMIT:
+            check = Path(workdir) / "weight-only-check" / "model.onnx"
+            check.parent.mkdir(parents=True, exist_ok=True)
+            save(model, check)
+            sess = ort.InferenceSession(str(check), providers=["CPUExecutionProvider"])
+        else:
+            sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
         if sample is not None:
             sess.run(None, sample)
     except Exception as e:
