@@ -39,11 +39,15 @@ from onnx import TensorProto, helper, numpy_helper
 from compression.analysis import fixed_batch, input_specs
 from compression.context import StepContext, StepResult
 from compression.errors import CompressionError, InvalidSpec, NotApplicable, QuantizerFailed, scrub_paths
-from compression.graph_prep import PER_CHANNEL_QDQ_OPSET, lift_constants, opset, upgrade_opset
+from compression.graph_prep import lift_constants, opset, upgrade_opset
 from compression.step_spec import ModelFacts, StepCheck
 from compression.techniques.quantization.int8 import gemm_to_matmul
 
 QDQ_BLOCK_OPSET = 21  # DequantizeLinear's block_size and the int4 type
+# block of the 8-bit codes inside an int4 step (the LM head, 8-bit tables): 8-bit rounding error is small
+# against a coarse block's range, and at block 32 the float32 scales would be an eighth of the codes' bytes
+# (NNCF keeps these layers per-channel int8: one scale per column)
+EIGHT_BIT_BLOCK = 128
 GPTQ_SAMPLES = 128  # calibration inputs GPTQ's Hessians are built from (capped by the training split)
 _FLOAT = (TensorProto.FLOAT, TensorProto.FLOAT16)
 
@@ -58,6 +62,7 @@ class WeightOnlyOptions:
     symmetric: bool = True
     accuracy_level: int | None = None
     embeddings: bool = True
+    embedding_bits: Literal[4, 8] = 8
     layers: list[str] | None = None
     exclude_layers: list[str] = field(default_factory=list)
     keep_8bit: list[str] | None = None  # None: the LM head (when there is one); []: none
@@ -212,7 +217,7 @@ def expected_bytes(op: str, k: int, n: int, bits: int, block: int, symmetric: bo
 
 
 def preflight_check(facts: ModelFacts, *, bits: int, block_size: int, embeddings: bool,
-                    keep_8bit: list[str] | str | None) -> StepCheck:
+                    keep_8bit: list[str] | str | None, embedding_bits: int = 8) -> StepCheck:
     """The weight-only step against preflight's facts: qualifying MatMuls, padded blocks, the expected size."""
     summary = facts.weight_only
     if summary is None:
@@ -226,8 +231,14 @@ def preflight_check(facts: ModelFacts, *, bits: int, block_size: int, embeddings
     chosen = mats + ([r for r in rows if r[0] == "Gather"] if embeddings else [])
     head_8 = keep_8bit == "lm_head" or keep_8bit is None
     before = sum(r[1] * r[2] * 4 for r in chosen)
-    after = sum(expected_bytes(r[0], r[1], r[2], 8 if (bits == 8 or (r[3] and head_8)) else bits, block_size)
-                for r in chosen)
+    def width(r: list) -> int:
+        return 8 if bits == 8 or (r[3] and head_8) or (r[0] == "Gather" and embedding_bits == 8) else 4
+
+    def block(r: list) -> int:
+        eight_in_int4 = bits == 4 and width(r) == 8
+        return coarse_block(r[1] if r[0] == "MatMul" else r[2]) if eight_in_int4 else block_size
+
+    after = sum(expected_bytes(r[0], r[1], r[2], width(r), block(r)) for r in chosen)
     padded = [r for r in mats if r[1] % block_size]
     notes = [f"{len(mats)} MatMuls with constant 2-D weights qualify"
              + (f", and {len(chosen) - len(mats)} embedding tables" if len(chosen) > len(mats) else "")
@@ -299,26 +310,29 @@ def quantize_weight_only(model: onnx.ModelProto, ctx: StepContext, *, options: W
             if options.format == "qdq":
                 out = _dq_pass(out, mats8, 8, options, bits)
             else:
-                out = _checked(out, mats8, 8, bits, lambda m: _rtn_pass(m, mats8, 8, options, ("MatMul",)))
+                groups: dict[int, list[Weight]] = {}  # int8 weight_only: the options' block; int4: coarse blocks
+                for w in mats8:
+                    groups.setdefault(block_of(w, 8, options), []).append(w)
+                for block8, group in groups.items():
+                    out = _checked(out, group, 8, bits,
+                                   lambda m, g=group, b=block8: _rtn_pass(m, g, 8, options, ("MatMul",), block=b))
         if gathers:
-            ctx.progress("quantizing", 0.8, f"{len(gathers)} embedding tables at {options.bits} bits")
-            if options.format == "qdq" or (options.bits == 8 and opset(out) >= QDQ_BLOCK_OPSET):
-                out = _dq_pass(out, gathers, options.bits, options, bits, table=True)
-            elif options.bits == 8 and opset(out) >= PER_CHANNEL_QDQ_OPSET:
-                out = _dq_pass(out, gathers, 8, options, bits, table=True, blocked=False)
-                notes.append(f"8-bit tables with a scale per row: blocked DequantizeLinear needs opset "
-                             f"{QDQ_BLOCK_OPSET}, the model is at {opset(out)}")
-            elif options.bits == 8:
-                notes.append(f"embedding tables left float: 8-bit tables need opset {PER_CHANNEL_QDQ_OPSET}")
+            tb = options.embedding_bits if options.bits == 4 else 8
+            ctx.progress("quantizing", 0.8, f"{len(gathers)} embedding tables at {tb} bits")
+            if options.format == "qdq":
+                out = _dq_pass(out, gathers, tb, options, bits, table=True)
+            elif tb == 8:
+                out = _gather8_pass(out, gathers, options, bits)
             else:
                 out = _checked(out, gathers, 4, bits, lambda m: _rtn_pass(m, gathers, 4, options, ("Gather",)))
     out = _finish(out, original_opset, options, notes)
     _check_runs(out, sample, ctx.workdir)
     rows = [{"name": w.node, "weight": w.weight, "op": w.op, "shape": list(w.shape), "bits": bits.get(w.node, 32),
-             "block_size": options.block_size if w.node in bits else None,
+             "block_size": block_of(w, bits[w.node], options) if w.node in bits else None,
              "algorithm": (options.algorithm if bits.get(w.node) == 4 and w.op == "MatMul" else "rtn")
              if w.node in bits else None,
-             "params": int(np.prod(w.shape)), "bits_per_weight": _bits_per_weight(bits.get(w.node, 32), options)}
+             "params": int(np.prod(w.shape)), "bits_per_weight": _bits_per_weight(bits.get(w.node, 32), options,
+                                                 block_of(w, bits.get(w.node, 4), options))}
             for w in found]
     quantized = {w.weight for w in found if w.node in bits}
     before = sum(n for name, n in before_bytes.items() if name in quantized)
@@ -330,13 +344,13 @@ def quantize_weight_only(model: onnx.ModelProto, ctx: StepContext, *, options: W
     return StepResult(out, report)
 
 
-def _bits_per_weight(bits: int, options: WeightOnlyOptions) -> float:
+def _bits_per_weight(bits: int, options: WeightOnlyOptions, block: int) -> float:
     """Stored bits per weight with the block's scale (float32) and zero point (hqq: float32; other asymmetric
     codes: one code) spread over the block — what the dashboard's per-layer table shows."""
     if bits == 32:
         return 32.0
     zero = 0 if options.symmetric and options.algorithm != "hqq" else (32 if options.algorithm == "hqq" else bits)
-    return round(bits + (32 + zero) / options.block_size, 3)
+    return round(bits + (32 + zero) / block, 3)
 
 
 def _four_bit_pass(model: onnx.ModelProto, targets: list[Weight], options: WeightOnlyOptions,
@@ -356,18 +370,38 @@ def _four_bit_pass(model: onnx.ModelProto, targets: list[Weight], options: Weigh
     return _gptq(model, targets, options, ctx)
 
 
+def block_of(w: Weight, nbits: int, options: WeightOnlyOptions) -> int:
+    """The block a weight's codes use: the options' for 4-bit codes and in an int8 weight_only step; for the
+    8-bit layers of an int4 step, :func:`coarse_block` of the axis the blocks run along (K, a table's width)."""
+    if nbits == 4 or options.bits == 8 or options.format == "qdq":
+        return options.block_size
+    return coarse_block(w.shape[0] if w.op == "MatMul" else w.shape[1])
+
+
+def coarse_block(dim: int) -> int:
+    """The block of 8-bit codes in an int4 step: :data:`EIGHT_BIT_BLOCK`, or the largest power of two (≥ 16)
+    not above ``dim`` so a narrow layer is not padded to a block it does not fill."""
+    block = EIGHT_BIT_BLOCK
+    while block > 16 and block > dim:
+        block //= 2
+    return block
+
+
 def _rtn_pass(model: onnx.ModelProto, targets: list[Weight], nbits: int, options: WeightOnlyOptions,
-              ops: tuple[str, ...]) -> onnx.ModelProto:
+              ops: tuple[str, ...], *, block: int | None = None) -> onnx.ModelProto:
     """ORT's round-to-nearest on ``targets`` only (every other node excluded: ``nodes_to_include`` adds to the
-    op types rather than restricting them)."""
+    op types rather than restricting them). ``block`` None: the options' (4-bit) or :func:`coarse_block` of
+    the narrowest target's K (8-bit codes in an int4 step)."""
     from onnxruntime.quantization import QuantFormat
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
+    if block is None:
+        block = options.block_size if nbits == 4 else coarse_block(min(w.shape[0] for w in targets))
     fmt = QuantFormat.QDQ if options.format == "qdq" else QuantFormat.QOperator
-    cfg = DefaultWeightOnlyQuantConfig(block_size=options.block_size, is_symmetric=options.symmetric,
+    cfg = DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=options.symmetric,
                                        accuracy_level=options.accuracy_level, quant_format=fmt,
                                        op_types_to_quantize=ops, bits=nbits)
-    q = MatMulNBitsQuantizer(model, bits=nbits, block_size=options.block_size,
+    q = MatMulNBitsQuantizer(model, bits=nbits, block_size=block,
                              is_symmetric=options.symmetric, accuracy_level=options.accuracy_level,
                              nodes_to_exclude=_others(model, targets), algo_config=cfg)
     q.process()
@@ -399,11 +433,41 @@ def _gptq(model: onnx.ModelProto, targets: list[Weight], options: WeightOnlyOpti
     return out.model if hasattr(out, "model") else out
 
 
+def _gather8_pass(model: onnx.ModelProto, targets: list[Weight], options: WeightOnlyOptions,
+                  bits: dict[str, int]) -> onnx.ModelProto:
+    """8-bit tables as ONNX Runtime's ``GatherBlockQuantized`` (uint8 codes, ``bits`` 8, blocks along the
+    embedding dimension, the default zero point 128: symmetric): a row is dequantized when it is gathered,
+    where a ``DequantizeLinear`` in front of a ``Gather`` would expand the whole table on every run. ORT's
+    quantizer writes only 4-bit tables. Blocks: :func:`block_of`."""
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    by_name = {n.name: n for n in g.node}
+    for w in targets:
+        node = by_name[w.node]
+        if _attr(node, "axis", 0) != 0:
+            continue  # GatherBlockQuantized gathers uint8 rows on axis 0 only: the table stays float
+        table = numpy_helper.to_array(inits[w.weight]).astype(np.float32)
+        b = block_of(w, 8, options)
+        codes, scale, _ = _block_quantize(table, 1, b, 8, True)
+        base = f"{w.weight}_G8"
+        g.initializer.append(numpy_helper.from_array((codes + 128).astype(np.uint8), base))
+        dtype = helper.tensor_dtype_to_np_dtype(inits[w.weight].data_type)
+        g.initializer.append(numpy_helper.from_array(scale.astype(dtype), base + "_scales"))
+        new = helper.make_node("GatherBlockQuantized", [base, node.input[1], base + "_scales"], list(node.output),
+                               name=node.name, domain="com.microsoft", bits=8, block_size=b, gather_axis=0,
+                               quantize_axis=1)
+        node.CopyFrom(new)
+        bits[w.node] = 8
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    _drop_unused(model)
+    return model
+
+
 def _dq_pass(model: onnx.ModelProto, targets: list[Weight], nbits: int, options: WeightOnlyOptions,
-             bits: dict[str, int], *, table: bool = False, blocked: bool = True) -> onnx.ModelProto:
+             bits: dict[str, int], *, table: bool = False) -> onnx.ModelProto:
     """Blocked ``DequantizeLinear`` (opset 21) in front of each target: the 8-bit head in QDQ form, and the
-    tables where ORT has no writer (QDQ Gather, 8-bit Gather). ``blocked=False``: a scale per table row
-    (``axis`` 0, opset 13), for 8-bit tables of a model below opset 21. In place: ``model`` is the engine's."""
+    tables in QDQ form (ORT writes no QDQ Gather). In place: ``model`` is the engine's."""
     out = model
     g = out.graph
     inits = {t.name: t for t in g.initializer}
@@ -412,10 +476,8 @@ def _dq_pass(model: onnx.ModelProto, targets: list[Weight], nbits: int, options:
     for w in targets:
         array = numpy_helper.to_array(inits[w.weight]).astype(np.float32)
         axis = 1 if table else 0  # blocks along K for a MatMul, along the embedding dim for a table
-        block = options.block_size if blocked else array.shape[1]
+        block = options.block_size
         q, scale, zp = _block_quantize(array, axis, block, nbits, options.symmetric)
-        if not blocked:
-            scale, zp = scale[:, 0], None if zp is None else zp[:, 0]
         qtype = {(4, True): TensorProto.INT4, (4, False): TensorProto.UINT4,
                  (8, True): TensorProto.INT8, (8, False): TensorProto.UINT8}[(nbits, options.symmetric)]
         base = f"{w.weight}_DQ_Q{nbits}"
@@ -426,7 +488,7 @@ def _dq_pass(model: onnx.ModelProto, targets: list[Weight], nbits: int, options:
         if zp is not None:
             g.initializer.append(_codes_tensor(base + "_zp", qtype, zp, nbits))
             ins.append(base + "_zp")
-        attrs = {"axis": axis, "block_size": options.block_size} if blocked else {"axis": 0}
+        attrs = {"axis": axis, "block_size": options.block_size}
         dq = helper.make_node("DequantizeLinear", ins, [base + "_float"], name=f"{w.node}_DQ_Q{nbits}", **attrs)
         node = by_name[w.node]
         node.input[0 if table else 1] = dq.output[0]

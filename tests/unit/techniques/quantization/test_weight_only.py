@@ -45,13 +45,17 @@ def test_int4_writes_matmulnbits_keeps_tokens_and_the_head_at_8_bits(gpt, tmp_pa
         assert len(model.SerializeToString()) >= 4 * len(res.model.SerializeToString())
     rows = {r["name"]: r for r in report["layers"]}
     assert rows[report["lm_head"]]["bits"] == 8 and rows[report["lm_head"]]["op"] == "MatMul"
-    assert {r["bits"] for r in rows.values() if r["name"] != report["lm_head"]} == {4}
-    assert any(r["op"] == "Gather" for r in rows.values())
+    assert {r["bits"] for r in rows.values() if r["op"] == "MatMul" and r["name"] != report["lm_head"]} == {4}
+    tables = [r for r in rows.values() if r["op"] == "Gather"]
+    assert tables and {r["bits"] for r in tables} == {8}  # tables at 8 bits by default (embedding_bits)
+    assert rows[report["lm_head"]]["block_size"] == 64  # 8-bit codes in coarse blocks: K = 64 here
     assert report["settings"]["algorithm"] == "rtn" and report["settings"]["block_size"] == 32
     assert report["opset"]["quantized"] == report["opset"]["original"]  # no forced opset 21 for contrib ops
-    # keep_8bit off: the head at 4 bits too
-    off = apply_step({"method": "quantize", "scheme": "int4", "keep_8bit": []}, model, data, tmp_path)
+    # keep_8bit off and 4-bit tables: every weight at 4 bits, a smaller file
+    off = apply_step({"method": "quantize", "scheme": "int4", "keep_8bit": [], "embedding_bits": 4}, model, data,
+                     tmp_path)
     assert {r["bits"] for r in off.report["layers"]} == {4}
+    assert off.report["bytes_after"] < report["bytes_after"]
 
 
 def test_int4_qdq_is_blocked_dequantize_linear_at_opset_21(gpt, tmp_path):
@@ -109,9 +113,12 @@ def test_gemm_rewritten_and_tied_embeddings_quantized_once_each(tmp_path):
     ops = [n.op_type for n in res.model.graph.node]
     assert "Gemm" not in ops and ops.count("MatMulNBits") == 2 and "GatherBlockQuantized" in ops
     assert any("Gemm rewritten" in n for n in res.report["notes"])
-    assert {r["name"]: r["bits"] for r in res.report["layers"]} == {"embed": 4, "fc_MatMul": 4, "head_MatMul": 8}
+    assert {r["name"]: r["bits"] for r in res.report["layers"]} == {"embed": 8, "fc_MatMul": 4, "head_MatMul": 8}
     ref, got = run_ort(model, ids), run_ort(res.model, ids)
     assert (ref.argmax(1) == got.argmax(1)).mean() >= 0.9
+    four = apply_step({"method": "quantize", "scheme": "int4", "embedding_bits": 4}, model, data, tmp_path)
+    assert {r["name"]: r["bits"] for r in four.report["layers"]}["embed"] == 4
+    assert (run_ort(four.model, ids).argmax(1) == ref.argmax(1)).mean() >= 0.9
 
 
 def test_preflight_says_what_qualifies_and_refuses_a_model_without_matmul(gpt, tmp_path):
