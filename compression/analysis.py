@@ -165,6 +165,9 @@ def param_counts(model: onnx.ModelProto) -> tuple[int, int]:
 
 _RECURRENT_GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}  # W is [directions, gates × hidden, input]
 MAC_OPS = _CONV_OPS | _MATMUL_OPS | {"LSTM", "GRU", "RNN"}
+# contrib ops ONNX's shape inference does not know whose output type is not their first input's: a quantized
+# Gather's output has its scales' type (input 2), not its codes'
+_TYPE_FROM_INPUT = {"GatherBlockQuantized": 2}
 
 
 def measured_shapes(model: onnx.ModelProto, sample: dict[str, np.ndarray], *,
@@ -223,7 +226,8 @@ def measured_shapes(model: onnx.ModelProto, sample: dict[str, np.ndarray], *,
             cast_to = next((a.i for a in n.attribute if a.name == "to"), None) if n.op_type == "Cast" else None
             for out in n.output:
                 if out and not types.get(out):
-                    typed = cast_to or next((types[i] for i in n.input if types.get(i)), 0)
+                    src = n.input[_TYPE_FROM_INPUT[n.op_type]:] if n.op_type in _TYPE_FROM_INPUT else n.input
+                    typed = cast_to or next((types[i] for i in src if types.get(i)), 0)
                     if typed:
                         types[out], changed = typed, True
     for name in wanted:
