@@ -4,7 +4,7 @@ with the peak memory of the API and the worker processes.
 The model is :mod:`testkit.large_model`'s random-weight decoder (constant ``[K, N]`` MatMul weights, float32,
 in one external data file), written tensor by tensor and zipped stored, as an exporter's folder would be. It
 goes through the REST API of ``netcompress serve`` (SQLite, filesystem broker, one worker): ``POST /v1/models``,
-one job (``scheme: int4`` when the quantizer has it, else ``fp16``), then every ``model`` artifact streamed to
+one job (``scheme: int4``, its defaults), then every ``model`` artifact streamed to
 disk and loaded in ONNX Runtime from its path. Every process of the service is sampled (psutil, every 0.2 s)
 for its resident memory; peaks are given per role: the API (``serve``), the API's sandboxed upload check, the
 Celery worker, the worker's sandboxed pipeline (which holds the model).
@@ -27,15 +27,6 @@ from testkit.large_model import decoder_params, layers_for, write_decoder, zip_f
 from testkit.stack import start_embedded, wait_job
 
 GIB = 1024**3
-
-
-def _scheme() -> str:
-    """``int4`` when the quantize step knows it (issue 15's weight-only engine), else ``fp16``."""
-    from typing import get_args
-
-    from compression.techniques.quantization import QuantizeSpec
-
-    return "int4" if "int4" in get_args(QuantizeSpec.model_fields["scheme"].annotation) else "fp16"
 
 
 class PeakSampler(threading.Thread):
@@ -83,10 +74,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--gib", type=float, default=2.1, help="float32 weight size of the model")
     ap.add_argument("--hidden", type=int, default=2048)
-    ap.add_argument("--scheme", default=None, help="quantize scheme (default: int4 if available, else fp16)")
+    ap.add_argument("--scheme", default=None, help="quantize scheme (default int4)")
     ap.add_argument("--no-write", action="store_true", help="print the table, leave BENCHMARKS.md alone")
     args = ap.parse_args()
-    scheme = args.scheme or _scheme()
+    scheme = args.scheme or "int4"
     layers = layers_for(args.gib, args.hidden)
     work = Path(tempfile.mkdtemp(prefix="bench-large-"))
     times: dict[str, float] = {}

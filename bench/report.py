@@ -1,9 +1,9 @@
 """Write a benchmark's markdown section into BENCHMARKS.md between markers (re-runs replace it)."""
 from __future__ import annotations
 
+import os
 import platform
 import re
-import subprocess
 from datetime import date
 from pathlib import Path
 
@@ -16,7 +16,7 @@ def machine() -> str:
         cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
     except (OSError, StopIteration):
         cpu = platform.processor() or "unknown CPU"
-    cores = subprocess.run(["nproc"], capture_output=True, text=True).stdout.strip()
+    cores = os.cpu_count()  # not ``nproc``: it reports OMP_NUM_THREADS, which benches set to 1
     return f"{cpu}, {cores} cores, Linux {platform.release()}, Python {platform.python_version()}"
 
 

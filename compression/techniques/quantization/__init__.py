@@ -138,8 +138,8 @@ class QuantizeSpec(StepSpec):
         None, ge=0, le=4, description="int4/int8 weight_only: MatMulNBits compute type (0 unset = float, the "
         "default; 4 = int8 activations, reported to pick wrong tokens on small language models)")
     embeddings: bool | None = Field(None, description="int4/int8 weight_only: quantize embedding tables "
-                                    "(Gather; default true: 4 bits GatherBlockQuantized, blocks along the "
-                                    "embedding dimension)")
+                                    "(Gather; default true: GatherBlockQuantized at embedding_bits, blocks along "
+                                    "the embedding dimension)")
     embedding_bits: Literal[4, 8] | None = Field(
         None, description="int4: bits of the embedding tables (default 8, GatherBlockQuantized either way). On "
         "the benchmark's byte-level GPT, 4-bit tables cost more perplexity than every 4-bit MatMul together "
