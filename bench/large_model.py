@@ -103,7 +103,9 @@ def main() -> None:
             model = r.json()
             t = time.perf_counter()
             r = c.post("/v1/jobs", json={"model_id": model["id"], "spec": {
-                "steps": [{"method": "quantize", "scheme": scheme}], "eval": {"latency_runs": 5}}})
+                # random weights: 18 layers of noise make fidelity meaningless (int4 measured 0.70 top-1
+                # agreement on this [N, 2048] output), so the gate is off; size and memory are what is measured
+                "steps": [{"method": "quantize", "scheme": scheme}], "eval": {"latency_runs": 5, "gate": False}}})
             assert r.status_code == 202, r.text
             job = wait_job(c, r.json()["id"], timeout=3600)
             times[f"job ({scheme})"] = time.perf_counter() - t
