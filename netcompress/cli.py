@@ -81,21 +81,52 @@ def cmd_api(args: argparse.Namespace) -> int:
     return 0
 
 
+def _root_note() -> str | None:
+    """One line for a root user (Celery's own warning is a paragraph), None otherwise."""
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        return None
+    return ("note: running as root, so jobs (untrusted models, sandboxed) run as root too; run "
+            "`netcompress serve` as an unprivileged user to avoid it")
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
-    """The embedded default: SQLite, filesystem broker, local artifacts, the API and one worker."""
+    """The embedded default: SQLite, filesystem broker, local artifacts, the API and one worker.
+
+    What a new user needs comes first and alone: the URL, the key (once), the home folder and where the logs
+    go. The worker's output (Celery's banner, its root warning, task logs) and the API's go to
+    ``$NETCOMPRESS_HOME/logs/`` unless ``--verbose`` keeps them on the console.
+    """
+    import logging
+
     from store.settings import get_settings
 
     settings = get_settings()
     os.environ.setdefault("NETCOMPRESS_HOME", str(settings.home))  # children resolve the same home
-    settings.home.mkdir(parents=True, exist_ok=True)
+    logs = settings.home / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    if not args.verbose:
+        logging.getLogger("alembic").setLevel(logging.WARNING)  # its INFO lines on every start
     _migrate()
     key = _create_key(args.team)
-    worker = subprocess.Popen([sys.executable, "-m", "netcompress.cli", "worker", "--concurrency", "1"])
+    worker_log = None if args.verbose else open(logs / "worker.log", "ab")
+    worker = subprocess.Popen([sys.executable, "-m", "netcompress.cli", "worker", "--concurrency", "1"],
+                              stdout=worker_log, stderr=subprocess.STDOUT if worker_log else None)
     url = f"http://{args.host}:{args.port}"
-    print(f"netcompress is serving on {url}  (home: {settings.home})", flush=True)
-    print(f"database: {settings.sqlalchemy_url}  broker: {settings.celery_broker_url}", flush=True)
-    print(f"API key for team {args.team!r}:", flush=True)
+    print(f"netcompress is serving on {url}", flush=True)
+    print(f"API key for team {args.team!r} (shown once; export NETCOMPRESS_API_KEY=...):", flush=True)
     print(key, flush=True)
+    db, broker = settings.sqlalchemy_url.split(":", 1)[0], settings.celery_broker_url.split(":", 1)[0]
+    print(f"home:  {settings.home}  (database: {db}, broker: {broker})", flush=True)
+    print("logs:  on this console (--verbose)" if args.verbose else
+          f"logs:  {logs / 'api.log'}, {logs / 'worker.log'}  (--verbose: on the console)", flush=True)
+    print(f"try:   NETCOMPRESS_URL={url} NETCOMPRESS_API_KEY=<key> netcompress jobs list", flush=True)
+    note = _root_note()
+    if note:
+        print(note, flush=True)
+    if not args.verbose:  # from here on this process's output is the API's log
+        api_log = open(logs / "api.log", "ab")
+        os.dup2(api_log.fileno(), sys.stdout.fileno())
+        os.dup2(api_log.fileno(), sys.stderr.fileno())
     # uvicorn re-raises the SIGTERM it caught once it has shut down: make that a SystemExit, so the
     # finally below stops the worker instead of the process dying and orphaning it.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
@@ -132,6 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--port", type=int, default=8000)
         if name == "serve":
             sp.add_argument("--team", default="default", help="team the printed key belongs to")
+            sp.add_argument("--verbose", action="store_true",
+                            help="keep the API's and the worker's logs on the console (default: NETCOMPRESS_HOME/logs/)")
         else:
             sp.add_argument("--workers", type=int, default=1, help="API processes (uvicorn workers)")
         sp.set_defaults(fn=fn)

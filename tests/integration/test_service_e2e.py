@@ -118,3 +118,17 @@ def test_embedded_default_end_to_end(embedded, cnn_onnx, mnist_npz):
     run_flow(embedded, cnn_onnx["dynamo"], mnist_npz, X, y)
     assert (embedded.home / "netcompress.db").is_file()
     assert any((embedded.home / "artifacts" / "jobs").iterdir())
+
+
+def test_serve_opens_with_url_key_home_and_logs_and_no_banner(embedded):
+    """``netcompress serve``'s first screen (issue 16): the URL, the key once, the home folder and where the logs
+    go — Celery's banner and its root paragraph are in the worker's log, not on the console."""
+    console = (embedded.home.parent / "serve.log").read_text()
+    first = console.splitlines()[:10]
+    assert embedded.url in first[0]
+    assert first.count(embedded.key) == 1 and console.count(embedded.key) == 1
+    assert any(line.startswith("home:") and str(embedded.home) in line for line in first)
+    logs = embedded.home / "logs"
+    assert any(line.startswith("logs:") and str(logs / "worker.log") in line for line in first)
+    assert "celery" not in console.lower() and "superuser" not in console and "-------------- " not in console
+    assert (logs / "worker.log").exists() and (logs / "api.log").exists()
