@@ -285,18 +285,65 @@ def _text_dataset(nc: Client, model: Any, tokens: tuple[Any, int], args: argpars
     return nc.upload_dataset(arrays, name=f"{Path(args.texts).name} ({args.seq_len}-token windows)")
 
 
+def _image_options(args: argparse.Namespace) -> dict[str, Any] | None:
+    """``--images``: its options checked and the folder searched before anything is uploaded; None without it."""
+    from client.images import ImageDataError, find_images, parse_size
+
+    image_flags = (args.size, args.layout, args.mean, args.std, args.labels_from_folders)
+    if args.images is None:
+        if any(v not in (None, False) for v in image_flags):
+            raise UsageError("--size, --layout, --mean, --std and --labels-from-folders go with --images DIR")
+        return None
+    if args.data is not None or args.texts is not None:
+        raise UsageError("give one of --data, --texts, --images")
+
+    def floats(text: str | None, flag: str) -> list[float] | None:
+        if text is None:
+            return None
+        try:
+            return [float(v) for v in text.split(",")]
+        except ValueError:
+            raise UsageError(f"{flag} takes comma-separated numbers, e.g. 0.485,0.456,0.406, not {text!r}") from None
+
+    try:
+        find_images(args.images, limit=args.limit)
+        size = parse_size(args.size) if args.size else None
+    except ImageDataError as e:
+        raise UsageError(f"--images: {e}") from None
+    return {"size": size, "layout": args.layout, "order": args.channels, "scale": args.scale,
+            "mean": floats(args.mean, "--mean"), "std": floats(args.std, "--std"),
+            "labels_from_folders": args.labels_from_folders, "limit": args.limit}
+
+
+def _image_dataset(nc: Client, model: Any, options: dict[str, Any], args: argparse.Namespace) -> Any:
+    """The ``--images`` folder uploaded for ``model`` (a Model): named after its image input, in its layout and
+    size; every mistake a one-line UsageError before the dataset is uploaded."""
+    from client.images import ImageDataError
+
+    try:
+        ds = nc.upload_images(args.images, model=model, **options)
+    except ImageDataError as e:
+        raise UsageError(f"--images: {e}") from None
+    classes = ds.data.get("classes")
+    print(f"{args.images}: {ds.samples} images as {', '.join(ds.arrays)}"
+          + (f"; labels from folders: {', '.join(f'{i}={c}' for i, c in enumerate(classes))}" if classes else ""),
+          file=sys.stderr)
+    return ds
+
+
 def cmd_submit(args: argparse.Namespace) -> int:
-    spec = _spec(args, has_data=args.data is not None or args.texts is not None)
+    spec = _spec(args, has_data=args.data is not None or args.texts is not None or args.images is not None)
     tokens = _text_tokens(args)
+    images = _image_options(args)
     nc = _client(args)
     model, data = args.model, args.data
     if not Path(model).is_file() and (os.sep in model or model.endswith((".onnx", ".zip", ".pt2"))):
         raise UsageError(f"no such model file: {model}")
     if args.data is not None and not Path(args.data).is_file() and args.data.endswith(".npz"):
         raise UsageError(f"no such dataset file: {args.data}")
-    if tokens is not None:  # the windows are named after the model's inputs: the model first
+    if tokens is not None or images is not None:  # the arrays are named after the model's inputs: the model first
         model = nc.upload_model(model) if Path(model).is_file() else nc.model(model)
-        data = _text_dataset(nc, model, tokens, args)
+        data = _text_dataset(nc, model, tokens, args) if tokens is not None else _image_dataset(nc, model, images, args)
     if args.dry_run:
         report = nc.preflight(model, spec, data)
         print_preflight(report) if not args.json else _print_json(report)
@@ -435,10 +482,20 @@ def _submit_flags(p: argparse.ArgumentParser) -> None:
     t.add_argument("--bytes", action="store_true", help="byte-level ids 0-255 (no tokenizer)")
     t.add_argument("--seq-len", type=int, default=128, help="tokens per window (default 128)")
     t.add_argument("--stride", type=int, default=None, help="tokens between window starts (default: --seq-len)")
-    t.add_argument("--limit", type=int, default=None, help="at most this many windows")
+    t.add_argument("--limit", type=int, default=None, help="at most this many windows (or, with --images, pictures)")
     t.add_argument("--attention-mask", default="auto", choices=["auto", "yes", "no"],
                    help="include attention_mask (0 on a short last window's padding); auto: when the model has "
                         "that input (read from the uploaded model's inputs)")
+    i = p.add_argument_group("image dataset (instead of --data): a folder of JPEG/PNG/BMP/WebP, recursively")
+    i.add_argument("--images", default=None, metavar="DIR", help="folder of pictures to upload as the dataset")
+    i.add_argument("--size", default=None, metavar="HxW", help="resize to this (default: the model's fixed input size)")
+    i.add_argument("--layout", default=None, choices=["nchw", "nhwc"], help="default: from the model's input shape")
+    i.add_argument("--scale", type=float, default=1 / 255, help="pixel values times this (default 1/255)")
+    i.add_argument("--mean", default=None, help="then minus this per channel, e.g. 0.485,0.456,0.406")
+    i.add_argument("--std", default=None, help="then divided by this per channel, e.g. 0.229,0.224,0.225")
+    i.add_argument("--channels", default="rgb", choices=["rgb", "bgr"], help="channel order (default rgb)")
+    i.add_argument("--labels-from-folders", action="store_true",
+                   help="each sub-folder is a class (sorted names -> 0, 1, ...), as torchvision's ImageFolder")
     g = p.add_argument_group("shorthand recipe (instead of --spec): prune → distill → quantize")
     g.add_argument("--prune", type=float, default=None, metavar="SPARSITY", help="prune this fraction")
     g.add_argument("--granularity", default="weight", choices=["weight", "channel"])

@@ -353,6 +353,41 @@ class Client:
         arrays[ids_name] = arrays.pop(IDS)
         return self.upload_dataset(arrays, name=name or f"{Path(path).name} ({seq_len}-token windows)")
 
+    def upload_images(self, root: str | os.PathLike, *, model: Model | str | None = None,
+                      size: tuple[int, int] | None = None, layout: str | None = None, order: str = "rgb",
+                      scale: float = 1 / 255, mean: list[float] | None = None, std: list[float] | None = None,
+                      labels_from_folders: bool = False, limit: int | None = None,
+                      name: str | None = None) -> Dataset:
+        """Upload a folder of pictures (JPEG/PNG/BMP/WebP, recursively) as a vision dataset
+        (:func:`client.images.image_dataset`): resized to the model's static input size (or ``size``, H×W),
+        in its layout, scaled by ``scale`` then ``(x - mean) / std``; with ``labels_from_folders`` each
+        sub-folder is a class (sorted names → 0, 1, ...; the mapping is in the dataset's name and the
+        returned ``Dataset``'s ``classes``).
+
+        Args:
+            model: the model (or its id) the data is for: its image input names the array and gives layout,
+                channels and size. Without one the array is ``input``, ``layout`` defaults to nchw, RGB.
+
+        Raises:
+            client.images.ImageDataError: no pictures, mixed sizes without ``size``, a model without an image
+                input..., before anything is uploaded.
+        """
+        from client.images import find_images, image_arrays, image_dataset
+
+        if model is not None:
+            record = model if isinstance(model, Model) else self.model(str(model))
+            arrays, classes = image_dataset(root, record.inputs, size=size, layout=layout, order=order, scale=scale,
+                                            mean=mean, std=std, labels_from_folders=labels_from_folders, limit=limit)
+        else:
+            arrays, classes = image_arrays(find_images(root, limit=limit), size=size, layout=layout or "nchw",
+                                           order=order, scale=scale, mean=mean, std=std,
+                                           labels_from_folders=labels_from_folders, root=root)
+        n = len(next(iter(arrays.values())))
+        label = name or f"{Path(root).name} ({n} images" + (f", classes {classes}" if classes else "") + ")"
+        ds = self.upload_dataset(arrays, name=label[:200])
+        ds.data["classes"] = classes
+        return ds
+
     def model(self, model_id: str) -> Model:
         return Model(self._json("GET", f"/v1/models/{model_id}"))
 
