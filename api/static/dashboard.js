@@ -110,6 +110,19 @@ async function loadModels() {
   return page.items;
 }
 
+// a finished job's result in one cell: the key ratios in plain words, the server's verdict on hover
+function resultCell(j) {
+  const res = j.metrics && j.metrics.result;
+  if (!res || !res.ratios) return el("td", {class: "result"}, "–");
+  const r = res.ratios, v = res.verdict || {};
+  const parts = [];
+  if (r.file_bytes != null) parts.push(r.file_bytes >= 1 ? `${r.file_bytes.toFixed(2)}× smaller` : `${(1 / r.file_bytes).toFixed(2)}× larger`);
+  if (r.latency_p50_speedup != null) parts.push(r.latency_p50_speedup >= 1 ? `${r.latency_p50_speedup.toFixed(2)}× faster`
+                                                                         : `${(1 / r.latency_p50_speedup).toFixed(2)}× slower`);
+  if (v.within_budget != null) parts.push(v.within_budget ? "within budget" : "over budget");
+  return el("td", {class: `result${v.within_budget === false ? " over" : ""}`, title: v.summary || ""}, parts.join(" · "));
+}
+
 async function refreshJobs() {
   try {
     const [page] = await Promise.all([apiJson("/v1/jobs?limit=50"), loadModels()]);
@@ -122,6 +135,7 @@ async function refreshJobs() {
         el("td", {}, model ? model.name : shortId(j.model_id)),
         el("td", {}, j.spec.steps.map(stepLabel).join(" → ")),
         el("td", {}, el("span", {class: `badge ${j.status}`}, j.status)),
+        resultCell(j),
         el("td", {}, el("div", {class: "bar"}, el("div", {style: `width:${(100 * frac).toFixed(0)}%`})),
            ` ${(100 * frac).toFixed(0)}% ${j.status === "running" ? (j.progress.phase || "") : ""}`),
         el("td", {}, new Date(j.created_at).toLocaleString()));

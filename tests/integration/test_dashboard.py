@@ -141,6 +141,15 @@ def test_dashboard_submit_watch_and_charts(stack, browser, tmp_path):
               and "401" not in e["message"]]
     assert severe == [], severe
 
+    # the jobs list gives each finished job's key ratios in words, the verdict on hover
+    d.get(stack.url + "/dashboard#/")
+    cell = wait_for(d, f"const c = document.querySelector('#jobs-table tr[data-job=\"{job_id}\"] td.result'); "
+                       "return c && c.textContent !== '–' && [c.textContent, c.title]", what="the job's result cell")
+    ratios = job["metrics"]["result"]["ratios"]
+    size = ratios["file_bytes"]
+    assert (f"{size:.2f}× smaller" if size >= 1 else f"{1 / size:.2f}× larger") in cell[0], cell
+    assert "budget" in cell[0] and cell[1] == job["metrics"]["result"]["verdict"]["summary"]
+
 
 def test_dashboard_shows_a_search_front(stack, browser, tmp_path):
     """A search job: the chart plots its candidates and front, the table lists the front's downloads."""
