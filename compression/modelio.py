@@ -341,8 +341,10 @@ def save(model: onnx.ModelProto, path: Path, *, external_above: int = PROTOBUF_L
 
     ``model`` is left as it was: onnx's own external-data save strips the weights out of the proto it writes,
     which would leave the caller (the pipeline goes on with the same model) holding references to a file.
-    Here each tensor's bytes go to the file one at a time and come back after the graph is written, so the
-    process never holds a second copy of the weights.
+    Here a skeleton of the model (every field but the initializers, which get only their name, type, shape
+    and external reference) is what gets written, each weight's bytes streamed to ``data`` one tensor at a
+    time. Clearing and restoring the weights in place, as first written, cost a whole second copy: protobuf
+    keeps a cleared field's bytes in its arena until the message is freed, and the restored bytes are new.
 
     Example:
         >>> [p.name for p in save(model, tmp / "model.onnx", external_above=0)]  # doctest: +SKIP
@@ -353,48 +355,53 @@ def save(model: onnx.ModelProto, path: Path, *, external_above: int = PROTOBUF_L
         onnx.save_model(model, str(path))
         return [path]
     data = path.with_name(path.name + ".data")
-    moved = _move_to_external(model, data)
-    try:
-        onnx.save_model(model, str(path))  # the graph alone: its big tensors point into ``data``
-    finally:
-        _bring_back(model, moved, data)
+    skeleton = onnx.ModelProto()
+    for fd, value in model.ListFields():
+        if fd.name != "graph":
+            _copy_field(skeleton, fd, value)
+    for fd, value in model.graph.ListFields():
+        if fd.name != "initializer":
+            _copy_field(skeleton.graph, fd, value)
+    with open(data, "wb") as f:
+        for t in model.graph.initializer:
+            if not t.HasField("raw_data") or _tensor_nbytes(t) < EXTERNAL_TENSOR_MIN_BYTES:
+                skeleton.graph.initializer.add().CopyFrom(t)  # small, or typed fields: kept inline
+                continue
+            ref = skeleton.graph.initializer.add()
+            ref.name, ref.data_type, ref.doc_string = t.name, t.data_type, t.doc_string
+            ref.dims.extend(t.dims)
+            _write_external(f, ref, t.raw_data, data.name)
+        for t in all_tensors(skeleton):  # big tensors elsewhere (Constant nodes, subgraphs): the skeleton's own
+            if t.HasField("raw_data") and len(t.raw_data) >= EXTERNAL_TENSOR_MIN_BYTES:
+                _write_external(f, t, t.raw_data, data.name)
+                t.ClearField("raw_data")
+    onnx.save_model(skeleton, str(path))  # the graph alone: its big tensors point into ``data``
     return [path, data]
 
 
-def _move_to_external(model: onnx.ModelProto, data: Path) -> list[tuple[onnx.TensorProto, int, int]]:
-    """Write every tensor of at least ``EXTERNAL_TENSOR_MIN_BYTES`` to ``data`` (offsets page-aligned, so ONNX
-    Runtime may map them instead of copying) and point it there; returns ``(tensor, offset, length)``."""
-    moved: list[tuple[onnx.TensorProto, int, int]] = []
-    try:
-        with open(data, "wb") as f:
-            for t in all_tensors(model):
-                if not t.HasField("raw_data"):
-                    continue
-                raw = t.raw_data
-                if len(raw) < EXTERNAL_TENSOR_MIN_BYTES:
-                    continue
-                pos = f.tell()
-                offset = pos + (-pos) % EXTERNAL_ALIGN
-                f.seek(offset)
-                f.write(raw)
-                del raw
-                moved.append((t, offset, f.tell() - offset))
-                external_data_helper.set_external_data(t, data.name, offset=offset, length=moved[-1][2])
-                t.ClearField("raw_data")
-    except BaseException:
-        _bring_back(model, moved, data)
-        raise
-    return moved
+def _copy_field(dst: Any, fd: Any, value: Any) -> None:
+    """Copy one set field of a protobuf message (``ListFields``' pair) into ``dst``."""
+    repeated = fd.is_repeated if hasattr(fd, "is_repeated") else fd.label == fd.LABEL_REPEATED
+    if repeated:
+        getattr(dst, fd.name).extend(value)
+    elif fd.message_type is not None:
+        getattr(dst, fd.name).CopyFrom(value)
+    else:
+        setattr(dst, fd.name, value)
 
 
-def _bring_back(model: onnx.ModelProto, moved: list[tuple[onnx.TensorProto, int, int]], data: Path) -> None:
-    """Undo :func:`_move_to_external`: each tensor's bytes read back from ``data``, its references dropped."""
-    with open(data, "rb") as f:
-        for t, offset, length in moved:
-            f.seek(offset)
-            t.raw_data = f.read(length)
-            del t.external_data[:]
-            t.data_location = onnx.TensorProto.DEFAULT
+def _write_external(f: Any, t: onnx.TensorProto, raw: bytes, location: str) -> None:
+    """Append ``raw`` to the open data file at a page-aligned offset (so ONNX Runtime may map it instead of
+    copying) and point ``t`` there."""
+    pos = f.tell()
+    offset = pos + (-pos) % EXTERNAL_ALIGN
+    f.seek(offset)
+    f.write(raw)
+    del t.external_data[:]  # not onnx's set_external_data: it insists on raw_data, which a reference lacks
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(len(raw)))):
+        entry = t.external_data.add()
+        entry.key, entry.value = key, value
+    t.data_location = onnx.TensorProto.EXTERNAL
 
 
 def weight_bytes(model: onnx.ModelProto) -> int:
