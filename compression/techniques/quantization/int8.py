@@ -8,6 +8,8 @@ of a small transformer's bytes are its word embeddings.
 """
 from __future__ import annotations
 
+import functools
+
 import contextlib
 import os
 import re
@@ -94,6 +96,7 @@ class CalibrationReader:
         self._pos = 0
 
 
+@functools.cache  # the CPU does not change under a running process: /proc/cpuinfo is read once
 def needs_reduce_range() -> bool:
     """Whether int8 weights should use 7 bits (ORT's ``reduce_range``) on this CPU.
 
