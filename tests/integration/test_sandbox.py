@@ -7,7 +7,6 @@ API process itself (peak RSS from ``/proc/<pid>/status``, CPU time from ``/proc/
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 
 import pytest
@@ -16,9 +15,9 @@ from testkit.hostile import constant_bomb, poison_program, run_time_bomb, save_p
 from testkit.stack import expect_problem, send_upload, start_stack, tiny_classifier, upload, wait_job
 
 MiB = 1024 * 1024
-UPLOAD_S = 2.0
-# Preflight's child imports the torch converter's op registry (~1.5 s of the budget) to name blocking ops.
-PREFLIGHT_S = 5.0
+# What a hostile model may cost the API process itself, in its own CPU-seconds (utime + stime, children
+# excluded): the sandboxed child does the work. CPU time, not wall time, so a busy machine cannot fail it.
+API_CPU_S = 1.0
 
 
 def _peak_rss(pid: int) -> int:
@@ -80,15 +79,15 @@ def test_constant_bomb_costs_the_api_nothing_on_upload_or_preflight(tight):
     In the 1 GiB sandbox ONNX Runtime skips the fold: accepted at once, and the API never holds it."""
     api = tight.procs[0].pid
     peak = _peak_rss(api)
-    t0 = time.monotonic()
+    cpu = _cpu_s(api)
     r = send_upload(tight.client(), "bomb.onnx", constant_bomb(2**28))
     assert r.status_code == 201, r.text
-    assert time.monotonic() - t0 < UPLOAD_S
+    assert _cpu_s(api) - cpu < API_CPU_S
     for _ in range(3):
-        t0 = time.monotonic()
+        cpu = _cpu_s(api)
         pre = _preflight(tight, r.json()["id"])
         assert pre.status_code == 200, pre.text
-        assert time.monotonic() - t0 < PREFLIGHT_S
+        assert _cpu_s(api) - cpu < API_CPU_S
     assert _peak_rss(api) - peak < 128 * MiB
 
 
@@ -98,10 +97,10 @@ def test_preflight_of_a_model_that_needs_gigabytes_to_run_names_the_memory_limit
     r = send_upload(tight.client(), "runbomb.onnx", run_time_bomb(2**31))
     assert r.status_code == 201, r.text
     peak = _peak_rss(api)
-    t0 = time.monotonic()
+    cpu = _cpu_s(api)
     pre = _preflight(tight, r.json()["id"])
     assert pre.status_code == 200, pre.text
-    assert time.monotonic() - t0 < PREFLIGHT_S
+    assert _cpu_s(api) - cpu < API_CPU_S
     report = pre.json()
     assert report["model"]["macs_source"] == "estimated"
     assert any("memory limit of 1024 MiB" in n for n in report["steps"][0]["notes"]), report["steps"][0]["notes"]
@@ -115,16 +114,13 @@ def test_spinning_loop_costs_the_api_no_cpu_in_preflight(tight):
     assert r.status_code == 201, r.text
     api = tight.procs[0].pid
     cpu = _cpu_s(api)
-    t0 = time.monotonic()
     pre = _preflight(tight, r.json()["id"])
-    took = time.monotonic() - t0
     assert pre.status_code == 200, pre.text
     report = pre.json()
     assert report["model"]["macs_source"] == "estimated"
     assert report["model"]["op_types"] == {"Add": 1, "Identity": 1, "Loop": 1}
     assert any("CPU-time limit of 1 s" in n for n in report["steps"][0]["notes"]), report["steps"][0]["notes"]
-    assert took < 10.0
-    assert _cpu_s(api) - cpu < 1.0
+    assert _cpu_s(api) - cpu < API_CPU_S
 
 
 def test_hostile_model_fails_its_own_job_and_the_next_job_succeeds(tight, tmp_path):
