@@ -186,17 +186,27 @@ def build_parser() -> argparse.ArgumentParser:
     sr = sub.add_parser("spec-reference", help="print the spec reference (Markdown) generated from the techniques")
     sr.add_argument("--write", default=None, metavar="FILE", help="replace the marked block in FILE (README.md)")
     sr.set_defaults(fn=cmd_spec_reference)
-    from client.cli import add_commands
+    from client.cli import _common, add_commands
 
     add_commands(sub)
+    dm = sub.add_parser("demo", help="train a small CNN on digits, compress it on the running service, show the result")
+    dm.add_argument("--out", default="demo", help="folder for the model, its data and the artifacts (default: ./demo)")
+    _common(dm)
+    dm.set_defaults(fn=_demo)
     return p
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from netcompress.demo import cmd_demo
+
+    return cmd_demo(args)
 
 
 def main(argv: list[str] | None = None) -> int:
     from client.cli import CLIENT_COMMANDS, run
 
     args = build_parser().parse_args(argv)
-    if args.fn in CLIENT_COMMANDS:
+    if args.fn in CLIENT_COMMANDS or args.fn is _demo:
         return run(args.fn, args)
     return int(args.fn(args) or 0)
 
