@@ -156,11 +156,158 @@ async function prepareSubmit() {
   } catch (e) { /* shown on submit */ }
 }
 
-async function upload(path, file) {
+async function upload(path, file, name) {
   const form = new FormData();
   form.append("file", file, file.name);
-  form.append("name", file.name);
-  return apiJson(path, {method: "POST", body: form});
+  form.append("name", name || file.name);
+  const made = await apiJson(path, {method: "POST", body: form});
+  if (path === "/v1/models") state.models[made.id] = made;
+  return made;
+}
+
+// -- a dataset from a folder of images, built in the browser ---------------------------------------------
+// The same rules as the CLI's --images (client/images.py): the model's one 4-D float input gives the name, the
+// layout (channels 1 or 3 on axis 1 or 3) and a static H×W every picture is resized to (else "Size");
+// pixels × scale, then (x − mean) / std per channel; sub-folder names → labels in sorted order. The arrays go
+// up as the .npz the API takes (a stored zip of .npy files), so the REST contract is unchanged.
+
+const IMAGE_EXT = /\.(jpe?g|png|bmp|webp)$/i;
+const MAX_IMAGE_BYTES = 1 << 30;  // the float32 array the tab would build; past it, use the CLI
+
+function imageError(msg) { return new Error(`images: ${msg}`); }
+
+function imageInput(model) {
+  const inputs = model.inputs || [];
+  const ins = inputs.filter((i) => (i.shape || []).length === 4 && String(i.dtype || "").startsWith("float"));
+  if (ins.length !== 1) throw imageError(`the model has no single 4-D float image input (its inputs: ${inputs.map((i) => i.name).join(", ")})`);
+  const shape = ins[0].shape, first = [1, 3].includes(shape[1]), last = [1, 3].includes(shape[3]);
+  const layout = first && !last ? "nchw" : last && !first ? "nhwc" : null;
+  if (!layout) throw imageError("the model's input does not say its layout (nchw or nhwc): use the CLI's --layout");
+  const hw = layout === "nchw" ? [shape[2], shape[3]] : [shape[1], shape[2]];
+  const fixed = hw.every((v) => Number.isInteger(v) && v > 0);
+  return {name: ins[0].name, layout, channels: layout === "nchw" ? shape[1] : shape[3], size: fixed ? hw : null};
+}
+
+function parseNumbers(text, what) {
+  if (!text.trim()) return null;
+  const vals = text.split(",").map((v) => Number(v.trim()));
+  if (vals.some((v) => !Number.isFinite(v))) throw imageError(`${what} must be numbers separated by commas, not "${text}"`);
+  return vals;
+}
+
+async function imageDataset(files, model, say) {
+  if (!files.length) throw imageError("no images (jpg, jpeg, png, bmp, webp) in the folder");
+  const inp = imageInput(model);
+  let size = inp.size;
+  const sizeText = $("#images-size").value.trim();
+  if (sizeText) {
+    const m = sizeText.match(/^(\d+)\s*[x×]\s*(\d+)$/i);
+    if (!m || +m[1] < 1 || +m[2] < 1) throw imageError(`size must be HxW, e.g. 224x224, not "${sizeText}"`);
+    if (size && (size[0] !== +m[1] || size[1] !== +m[2])) throw imageError(`size ${sizeText}: the model's input is fixed at ${size[0]}x${size[1]}`);
+    size = [+m[1], +m[2]];
+  }
+  const scaleText = $("#images-scale").value.trim() || "1/255";
+  const sm = scaleText.match(/^([\d.]+)(?:\/([\d.]+))?$/);
+  const scale = sm ? Number(sm[1]) / (sm[2] ? Number(sm[2]) : 1) : NaN;
+  if (!Number.isFinite(scale)) throw imageError(`scale must be a number or a fraction like 1/255, not "${scaleText}"`);
+  const C = inp.channels, mean = parseNumbers($("#images-mean").value, "mean"), std = parseNumbers($("#images-std").value, "std");
+  for (const [what, v] of [["mean", mean], ["std", std]]) if (v && v.length !== 1 && v.length !== C) throw imageError(`${what} needs 1 or ${C} values, not ${v.length}`);
+  if (std && std.some((v) => v === 0)) throw imageError("std values must not be 0");
+  const bgr = $("#images-order").value === "bgr";
+  const rel = (f) => f.webkitRelativePath || f.name;
+  files = [...files].sort((a, b) => (rel(a) < rel(b) ? -1 : rel(a) > rel(b) ? 1 : 0));  // the CLI's sorted order
+  const limit = parseInt($("#images-limit").value, 10);
+  if (limit > 0) files = files.slice(0, limit);
+
+  const bitmaps = [];
+  for (const [i, f] of files.entries()) {
+    say(`reading image ${i + 1}/${files.length}…`);
+    try { bitmaps.push(await createImageBitmap(f)); } catch (e) { throw imageError(`${rel(f)}: not a readable image`); }
+  }
+  const sizes = new Set(bitmaps.map((b) => `${b.height}x${b.width}`));
+  if (!size && sizes.size > 1) throw imageError(`the images have ${sizes.size} different sizes (e.g. ${[...sizes].slice(0, 3).join(", ")} as HxW) and the model's input size is not fixed: give a size`);
+  const [H, W] = size || [bitmaps[0].height, bitmaps[0].width];
+  if (files.length * C * H * W * 4 > MAX_IMAGE_BYTES) throw imageError(`${files.length} images of ${H}x${W} are more than the browser should build (1 GiB): use the CLI's --images`);
+
+  const x = new Float32Array(files.length * C * H * W), plane = H * W;
+  const canvas = document.createElement("canvas");
+  canvas.width = W; canvas.height = H;
+  const ctx = canvas.getContext("2d", {willReadFrequently: true});
+  ctx.imageSmoothingEnabled = true; ctx.imageSmoothingQuality = "medium";
+  const m = (c) => (mean ? mean[mean.length === 1 ? 0 : c] : 0), s = (c) => (std ? std[std.length === 1 ? 0 : c] : 1);
+  for (const [n, bmp] of bitmaps.entries()) {
+    ctx.clearRect(0, 0, W, H);
+    ctx.drawImage(bmp, 0, 0, W, H);
+    const px = ctx.getImageData(0, 0, W, H).data;
+    for (let p = 0; p < plane; p++) {
+      const r = px[4 * p], g = px[4 * p + 1], b = px[4 * p + 2];
+      const vals = C === 1 ? [(r * 299 + g * 587 + b * 114) / 1000] : bgr ? [b, g, r] : [r, g, b];  // PIL's "L"
+      for (let c = 0; c < C; c++) {
+        const v = (vals[c] * scale - m(c)) / s(c);
+        x[inp.layout === "nchw" ? n * C * plane + c * plane + p : (n * plane + p) * C + c] = v;
+      }
+    }
+    bmp.close();
+  }
+  const arrays = [[inp.name, x, "<f4", inp.layout === "nchw" ? [files.length, C, H, W] : [files.length, H, W, C]]];
+  let name = `${files.length} images ${H}x${W}`;
+  if ($("#images-labels").checked) {
+    const folder = files.map((f) => { const parts = rel(f).split("/"); return parts.length > 2 ? parts[1] : ""; });
+    if (folder.includes("")) throw imageError("labels from sub-folders: pictures directly in the chosen folder have no class folder");
+    const classes = [...new Set(folder)].sort();
+    if (classes.length < 2) throw imageError(`labels from sub-folders: one class folder only (${classes[0]})`);
+    const labels = new BigInt64Array(folder.map((f) => BigInt(classes.indexOf(f))));
+    arrays.push(["labels", labels, "<i8", [files.length]]);
+    name += ` (labels: ${classes.map((c, i) => `${i}=${c}`).join(", ")})`;
+  }
+  say("packing the dataset…");
+  return {blob: npz(arrays), name: name.slice(0, 200)};
+}
+
+function npy(data, descr, shape) {
+  // .npy v1.0: magic, version, a little-endian uint16 header length, the header dict padded with spaces to 64 bytes
+  const dict = `{'descr': '${descr}', 'fortran_order': False, 'shape': (${shape.join(", ")}${shape.length === 1 ? "," : ""}), }`;
+  const pad = 64 - ((10 + dict.length + 1) % 64);
+  const header = dict + " ".repeat(pad % 64) + "\n";
+  const out = new Uint8Array(10 + header.length + data.byteLength);
+  out.set([0x93, 0x4e, 0x55, 0x4d, 0x50, 0x59, 1, 0, header.length & 0xff, header.length >> 8]);
+  for (let i = 0; i < header.length; i++) out[10 + i] = header.charCodeAt(i);
+  out.set(new Uint8Array(data.buffer, data.byteOffset, data.byteLength), 10 + header.length);
+  return out;
+}
+
+const CRC_TABLE = (() => {
+  const t = new Uint32Array(256);
+  for (let n = 0; n < 256; n++) { let c = n; for (let k = 0; k < 8; k++) c = c & 1 ? 0xedb88320 ^ (c >>> 1) : c >>> 1; t[n] = c >>> 0; }
+  return t;
+})();
+function crc32(bytes) {
+  let c = 0xffffffff;
+  for (let i = 0; i < bytes.length; i++) c = CRC_TABLE[(c ^ bytes[i]) & 0xff] ^ (c >>> 8);
+  return (c ^ 0xffffffff) >>> 0;
+}
+
+function npz(arrays) {
+  // a zip of stored (uncompressed) .npy members, as numpy.savez writes: local headers, data, central directory
+  const parts = [], central = [];
+  let offset = 0;
+  for (const [name, data, descr, shape] of arrays) {
+    const body = npy(data, descr, shape), fname = new TextEncoder().encode(`${name}.npy`), crc = crc32(body);
+    const local = new DataView(new ArrayBuffer(30));
+    [[0, 0x04034b50, 4], [4, 20, 2], [6, 0, 2], [8, 0, 2], [10, 0, 2], [12, 0x21, 2], [14, crc, 4], [18, body.length, 4],
+     [22, body.length, 4], [26, fname.length, 2], [28, 0, 2]].forEach(([o, v, n]) => (n === 4 ? local.setUint32(o, v, true) : local.setUint16(o, v, true)));
+    const dir = new DataView(new ArrayBuffer(46));
+    [[0, 0x02014b50, 4], [4, 20, 2], [6, 20, 2], [8, 0, 2], [10, 0, 2], [12, 0, 2], [14, 0x21, 2], [16, crc, 4],
+     [20, body.length, 4], [24, body.length, 4], [28, fname.length, 2], [30, 0, 2], [32, 0, 2], [34, 0, 2], [36, 0, 2],
+     [38, 0, 4], [42, offset, 4]].forEach(([o, v, n]) => (n === 4 ? dir.setUint32(o, v, true) : dir.setUint16(o, v, true)));
+    parts.push(new Uint8Array(local.buffer), fname, body);
+    central.push(new Uint8Array(dir.buffer), fname);
+    offset += 30 + fname.length + body.length;
+  }
+  const size = central.reduce((a, b) => a + b.length, 0), end = new DataView(new ArrayBuffer(22));
+  [[0, 0x06054b50, 4], [4, 0, 2], [6, 0, 2], [8, arrays.length, 2], [10, arrays.length, 2], [12, size, 4], [16, offset, 4],
+   [20, 0, 2]].forEach(([o, v, n]) => (n === 4 ? end.setUint32(o, v, true) : end.setUint16(o, v, true)));
+  return new Blob([...parts, ...central, new Uint8Array(end.buffer)], {type: "application/octet-stream"});
 }
 
 async function submitJob(ev) {
@@ -176,7 +323,15 @@ async function submitJob(ev) {
     if (!modelId) throw new Error("choose a model file or an uploaded model");
     const body = {model_id: modelId, spec};
     const dataFile = $("#data-file").files[0];
+    const images = [...$("#images-dir").files].filter((f) => IMAGE_EXT.test(f.name));
+    if (dataFile && $("#images-dir").files.length) throw new Error("give a dataset file or a folder of images, not both");
     if (dataFile) { status.textContent = "uploading dataset…"; body.dataset_id = (await upload("/v1/datasets", dataFile)).id; }
+    else if ($("#images-dir").files.length) {
+      const model = modelFile ? state.models[modelId] : await apiJson(`/v1/models/${modelId}`);
+      const {blob, name} = await imageDataset(images, model, (text) => { status.textContent = text; });
+      status.textContent = "uploading dataset…";
+      body.dataset_id = (await upload("/v1/datasets", new File([blob], "images.npz"), name)).id;
+    }
     if ($("#job-name").value) body.name = $("#job-name").value;
     status.textContent = "submitting…";
     const job = await apiJson("/v1/jobs", {method: "POST", body: JSON.stringify(body),

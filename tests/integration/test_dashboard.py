@@ -181,3 +181,46 @@ def test_dashboard_shows_a_search_front(stack, browser, tmp_path):
     assert d.find_element(By.ID, "chart-pareto-caption").text.startswith(f"Search: {s['finished']} of 3 candidates")
     links = [a.get_attribute("data-artifact") for a in d.find_elements(By.CSS_SELECTOR, "#search-front-table a")]
     assert links and all(name.startswith("front-") for name in links)
+
+
+def test_dashboard_submit_builds_the_dataset_from_a_folder_of_images(stack, browser, tmp_path):
+    """The submit page takes a folder of pictures (issue 16): the browser decodes them, builds the float32 array
+    named after the model's input at its fixed size, labels from the sub-folders, and uploads it as an .npz.
+    The crops are 64×64, the model's size, so nothing is resampled and the pixels must match PIL's decode."""
+    import numpy as np
+    from PIL import Image
+    from selenium.webdriver.common.by import By
+
+    from testkit.images import conv_model, photo_crops
+
+    folder = tmp_path / "crops"
+    expected = photo_crops(folder, crop=64)
+    model = conv_model(tmp_path / "conv.onnx")
+    d = browser
+    d.get(stack.url + "/dashboard")
+    d.execute_script("localStorage.setItem('netcompress.key', arguments[0])", stack.key)
+    d.get(stack.url + "/dashboard#/submit")
+    d.refresh()  # the page reads the key when it loads
+    wait_for(d, "return !document.querySelector('#submit-view').hidden", what="submit view")
+    d.find_element(By.ID, "model-file").send_keys(str(model))
+    d.find_element(By.ID, "images-dir").send_keys(str(folder))
+    d.find_element(By.ID, "images-labels").click()
+    d.execute_script("document.querySelector('#spec').value = arguments[0]",
+                     json.dumps({"steps": [{"method": "quantize", "scheme": "fp16"}], "eval": {"latency_runs": 5}}))
+    d.find_element(By.ID, "job-name").send_keys("images-from-the-browser")
+    d.find_element(By.ID, "submit-btn").click()
+    job_id = wait_for(d, "const m = location.hash.match(/^#\\/jobs\\/([0-9a-f]+)$/); return m && m[1]", timeout=60,
+                      what=f"navigated to the job (status: {d.find_element(By.ID, 'submit-status').text})")
+    job = stack.client().get(f"/v1/jobs/{job_id}").json()
+    ds = stack.client().get(f"/v1/datasets/{job['dataset_id']}").json()
+    assert ds["samples"] == 20 and ds["arrays"]["images"] == {"shape": [20, 3, 64, 64], "dtype": "float32"}, ds
+    assert "0=china" in ds["name"] and "1=flower" in ds["name"], ds["name"]
+    stored = np.load(stack.home / "artifacts" / "datasets" / ds["id"] / "data.npz")
+    order = sorted(expected)
+    assert stored["labels"].tolist() == [0 if expected[p] == "china" else 1 for p in order]
+    x = stored["images"]
+    pil = np.stack([np.asarray(Image.open(p).convert("RGB"), np.float32).transpose(2, 0, 1) / 255 for p in order])
+    assert np.abs(x - pil).mean() < 2 / 255, np.abs(x - pil).mean()  # two JPEG decoders, scaled by 1/255
+    assert 0.0 <= x.min() and x.max() <= 1.0
+    wait_for(d, f"return document.body.dataset.rendered === '{job_id}'", timeout=150, what="job finished and rendered")
+    assert stack.client().get(f"/v1/jobs/{job_id}").json()["status"] == "succeeded"

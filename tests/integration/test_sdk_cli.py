@@ -17,6 +17,7 @@ import pytest
 
 from client import Client, NotFound, Unauthorized, ValidationFailed
 from client.errors import Conflict
+from testkit.images import conv_model, photo_crops
 from testkit.stack import NC, Pause, tiny_classifier
 
 FAST_EVAL = {"holdout": 0.3, "latency_runs": 5}
@@ -253,43 +254,15 @@ def test_sdk_upload_texts_sends_the_windows_as_an_npz(stack, tiny, tmp_path):
         assert set(ds.arrays) == {"input_ids"} and ds.samples == 5 and ds.name == "bytes"
 
 
-def _conv_model(path, hw: int = 64):
-    """A small classifier whose input is fixed at [N, 3, hw, hw] (as an exporter writes a vision model)."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    rng = np.random.default_rng(0)
-    k = numpy_helper.from_array(rng.normal(0, 0.3, (4, 3, 3, 3)).astype(np.float32), "k")
-    w = numpy_helper.from_array(rng.normal(0, 0.3, (4, 2)).astype(np.float32), "w")
-    nodes = [helper.make_node("Conv", ["images", "k"], ["c"], pads=[1, 1, 1, 1]),
-             helper.make_node("GlobalAveragePool", ["c"], ["g"]), helper.make_node("Flatten", ["g"], ["f"]),
-             helper.make_node("MatMul", ["f", "w"], ["logits"])]
-    graph = helper.make_graph(nodes, "conv", [helper.make_tensor_value_info("images", TensorProto.FLOAT,
-                                                                            ["N", 3, hw, hw])],
-                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 2])], [k, w])
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
-    return path
-
-
 def test_cli_images_builds_the_dataset_from_photo_crops(stack, tmp_path):
     """``--images DIR --labels-from-folders``: 20 JPEG crops of scikit-learn's two sample photos, one folder per
     photo, against a model fixed at [N, 3, 64, 64]: the API receives 20 samples named after the model's input,
     resized, scaled to [0, 1], in NCHW, labelled by folder."""
     from PIL import Image
-    from sklearn.datasets import load_sample_images
 
-    photos = load_sample_images()
     folder = tmp_path / "crops"
-    rng = np.random.default_rng(0)
-    expected = {}
-    for i in range(20):
-        src, name = photos.images[i % 2], photos.filenames[i % 2].rsplit("/", 1)[-1].split(".")[0]
-        y, x = int(rng.integers(0, src.shape[0] - 96)), int(rng.integers(0, src.shape[1] - 96))
-        path = folder / name / f"crop{i:02d}.jpg"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(src[y:y + 96, x:x + 96]).save(path, quality=95)
-        expected[path] = name
-    model = _conv_model(tmp_path / "conv.onnx")
+    expected = photo_crops(folder)
+    model = conv_model(tmp_path / "conv.onnx")
     out = cli(stack, "submit", str(model), "--images", str(folder), "--labels-from-folders", "--quantize", "int8",
               "--dry-run", "--json")
     assert "20 images as images, labels; labels from folders: 0=china, 1=flower" in out.stderr, out.stderr
@@ -309,7 +282,7 @@ def test_cli_images_builds_the_dataset_from_photo_crops(stack, tmp_path):
 def test_cli_images_mistakes_exit_2_before_any_upload(stack, tmp_path):
     with Client(stack.url, stack.key) as nc:
         before = len(nc.datasets())
-    model = _conv_model(tmp_path / "conv.onnx")
+    model = conv_model(tmp_path / "conv.onnx")
     empty = tmp_path / "empty"
     empty.mkdir()
     r = cli(stack, "submit", str(model), "--images", str(empty), "--quantize", "int8", check=False)
