@@ -100,13 +100,15 @@ def export(model: nn.Module, path: Path) -> Path:
     return path
 
 
-def build(out: Path, *, holdout: float = 0.2, seed: int = 0) -> tuple[Path, Path, float]:
+def build(out: Path) -> tuple[Path, Path, float]:
     """Train and export the demo model; write the dataset the service gets. Returns (model, data, accuracy
-    of the torch model on the held-out part)."""
+    of the torch model on the held-out part). The split is the service's own under the default ``eval``."""
     from compression.data import Arrays, split
+    from compression.spec import EvalSpec
 
     x, y = load_digits()
-    parts = split(Arrays({INPUT: x}, y), holdout=holdout, seed=seed, max_eval=len(x))
+    ev = EvalSpec()
+    parts = split(Arrays({INPUT: x}, y), holdout=ev.holdout, seed=ev.seed, max_eval=ev.max_eval_samples)
     model = train(parts.train.inputs[INPUT], parts.train.labels)
     acc = accuracy(model, parts.holdout.inputs[INPUT], parts.holdout.labels)
     out.mkdir(parents=True, exist_ok=True)

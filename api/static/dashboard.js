@@ -293,21 +293,25 @@ function npz(arrays) {
   let offset = 0;
   for (const [name, data, descr, shape] of arrays) {
     const body = npy(data, descr, shape), fname = new TextEncoder().encode(`${name}.npy`), crc = crc32(body);
-    const local = new DataView(new ArrayBuffer(30));
-    [[0, 0x04034b50, 4], [4, 20, 2], [6, 0, 2], [8, 0, 2], [10, 0, 2], [12, 0x21, 2], [14, crc, 4], [18, body.length, 4],
-     [22, body.length, 4], [26, fname.length, 2], [28, 0, 2]].forEach(([o, v, n]) => (n === 4 ? local.setUint32(o, v, true) : local.setUint16(o, v, true)));
-    const dir = new DataView(new ArrayBuffer(46));
-    [[0, 0x02014b50, 4], [4, 20, 2], [6, 20, 2], [8, 0, 2], [10, 0, 2], [12, 0, 2], [14, 0x21, 2], [16, crc, 4],
-     [20, body.length, 4], [24, body.length, 4], [28, fname.length, 2], [30, 0, 2], [32, 0, 2], [34, 0, 2], [36, 0, 2],
-     [38, 0, 4], [42, offset, 4]].forEach(([o, v, n]) => (n === 4 ? dir.setUint32(o, v, true) : dir.setUint16(o, v, true)));
-    parts.push(new Uint8Array(local.buffer), fname, body);
-    central.push(new Uint8Array(dir.buffer), fname);
+    const local = record(30, [[0, 0x04034b50, 4], [4, 20, 2], [12, 0x21, 2], [14, crc, 4], [18, body.length, 4],
+                              [22, body.length, 4], [26, fname.length, 2]]);
+    const dir = record(46, [[0, 0x02014b50, 4], [4, 20, 2], [6, 20, 2], [14, 0x21, 2], [16, crc, 4],
+                            [20, body.length, 4], [24, body.length, 4], [28, fname.length, 2], [42, offset, 4]]);
+    parts.push(local, fname, body);
+    central.push(dir, fname);
     offset += 30 + fname.length + body.length;
   }
-  const size = central.reduce((a, b) => a + b.length, 0), end = new DataView(new ArrayBuffer(22));
-  [[0, 0x06054b50, 4], [4, 0, 2], [6, 0, 2], [8, arrays.length, 2], [10, arrays.length, 2], [12, size, 4], [16, offset, 4],
-   [20, 0, 2]].forEach(([o, v, n]) => (n === 4 ? end.setUint32(o, v, true) : end.setUint16(o, v, true)));
-  return new Blob([...parts, ...central, new Uint8Array(end.buffer)], {type: "application/octet-stream"});
+  const size = central.reduce((a, b) => a + b.length, 0);
+  const end = record(22, [[0, 0x06054b50, 4], [8, arrays.length, 2], [10, arrays.length, 2], [12, size, 4],
+                          [16, offset, 4]]);
+  return new Blob([...parts, ...central, end], {type: "application/octet-stream"});
+}
+
+function record(length, fields) {
+  // a zip header of `length` bytes, zero but for its [offset, value, width] little-endian fields
+  const view = new DataView(new ArrayBuffer(length));
+  for (const [o, v, n] of fields) n === 4 ? view.setUint32(o, v, true) : view.setUint16(o, v, true);
+  return new Uint8Array(view.buffer);
 }
 
 async function submitJob(ev) {

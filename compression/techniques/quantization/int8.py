@@ -8,9 +8,8 @@ of a small transformer's bytes are its word embeddings.
 """
 from __future__ import annotations
 
-import functools
-
 import contextlib
+import functools
 import os
 import re
 import tempfile
